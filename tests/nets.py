@@ -1,0 +1,68 @@
+"""Small deterministic CNNs for engine tests (CPU, milliseconds per pass)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+CLASSES = 5
+
+
+def batchnorm_cnn(seed: int = 0) -> nn.Module:
+    """Conv-BN-ReLU x2 with non-trivial running statistics, (N, 3, 16, 16) -> (N, 5)."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 12, 3, stride=2),
+        nn.BatchNorm2d(12),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(48, CLASSES),
+    )
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    return net
+
+
+def groupnorm_cnn(seed: int = 1) -> nn.Module:
+    """Conv-GN-ReLU with a max pool, (N, 3, 16, 16) -> (N, 5)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.GroupNorm(4, 8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.GroupNorm(4, 16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, CLASSES),
+    )
+
+
+def smooth_cnn(seed: int = 2) -> nn.Module:
+    """Softplus activations and average pooling: smooth, so the path integral
+    converges quickly and completeness can be asserted tightly."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.Softplus(),
+        nn.AvgPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.Softplus(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, CLASSES),
+    )
+
+
+def images(batch: int = 3, seed: int = 3) -> torch.Tensor:
+    """(batch, 3, 16, 16) standard-normal inputs."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, 16, 16, generator=generator)
