@@ -1,0 +1,117 @@
+"""Reading checkpoints safely and loading them into a module with errors people can act on."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+_SHOWN = 5  # how many keys of each kind an error lists
+
+
+class ModelError(Exception):
+    """A model could not be loaded; the message names the file and what did not match."""
+
+
+def read_checkpoint(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, every failure a ModelError.
+
+    Weights-only loading refuses pickled Python objects, so a malicious checkpoint
+    cannot run code here.
+    """
+    if not path.is_file():
+        raise ModelError(f"{path}: no such file")
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not head:
+        raise ModelError(f"{path}: the file is empty, not a PyTorch checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if head.startswith(b"PK") or head.startswith(b"\x80"):
+            raise ModelError(
+                f"{path}: refused: the checkpoint holds Python objects that weights-only "
+                f"loading does not allow ({_refused_global(error)}); save plain tensors "
+                "with torch.save(model.state_dict(), path)"
+            ) from None
+        raise ModelError(f"{path}: not a PyTorch checkpoint") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, KeyError, ValueError) as error:
+        if head.startswith(b"PK"):
+            raise ModelError(f"{path}: the checkpoint is truncated or corrupt ({_first_line(error)})") from None
+        raise ModelError(f"{path}: not a PyTorch checkpoint ({_first_line(error)})") from None
+
+
+# Where training scripts keep the weights inside a checkpoint dict.
+_WRAPPER_KEYS = ("model_state_dict", "state_dict", "model")
+
+
+def tensor_dict(value: Any, path: Path, what: str) -> dict[str, Tensor]:
+    """The str -> Tensor state dict in ``value`` (a state dict, or a training checkpoint
+    holding one under model_state_dict/state_dict/model), or a ModelError saying what
+    the file holds instead."""
+    if isinstance(value, Mapping):
+        inner = next((value[k] for k in _WRAPPER_KEYS if isinstance(value.get(k), Mapping)), None)
+        value = inner if inner is not None else value
+    if not isinstance(value, Mapping):
+        raise ModelError(f"{path}: expected {what}, found a {type(value).__name__}")
+    tensors = {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, Tensor)}
+    if not tensors:
+        raise ModelError(f"{path}: expected {what}, found a dict without tensors (keys: {_keys(value)})")
+    return tensors
+
+
+def strip_prefix(state_dict: Mapping[str, Tensor], prefix: str = "module.") -> dict[str, Tensor]:
+    """Drop ``prefix`` from every key if every key has it (checkpoints saved through DataParallel)."""
+    if state_dict and all(key.startswith(prefix) for key in state_dict):
+        return {key[len(prefix) :]: value for key, value in state_dict.items()}
+    return dict(state_dict)
+
+
+def load_strict(module: nn.Module, state_dict: Mapping[str, Tensor], path: Path, what: str) -> None:
+    """``load_state_dict(strict=True)``, reporting missing, unexpected and mis-shaped keys."""
+    expected = module.state_dict()
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    mismatched = [
+        f"{key} {tuple(state_dict[key].shape)} (expected {tuple(value.shape)})"
+        for key, value in expected.items()
+        if key in state_dict and state_dict[key].shape != value.shape
+    ]
+    problems = [
+        f"{label} {_listing(keys)}"
+        for label, keys in (
+            ("missing keys:", missing),
+            ("unexpected keys:", unexpected),
+            ("shape mismatches:", mismatched),
+        )
+        if keys
+    ]
+    if problems:
+        raise ModelError(f"{path} does not fit {what}: " + "; ".join(problems))
+    module.load_state_dict(state_dict, strict=True)
+
+
+def _listing(items: list[str]) -> str:
+    shown = ", ".join(items[:_SHOWN])
+    return shown if len(items) <= _SHOWN else f"{shown} and {len(items) - _SHOWN} more"
+
+
+def _keys(mapping: Mapping[Any, Any]) -> str:
+    return _listing([repr(key) for key in mapping])
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _refused_global(error: BaseException) -> str:
+    for line in str(error).splitlines():
+        if "GLOBAL" in line or "Unsupported" in line:
+            return line.strip().rstrip(".")
+    return "unsupported pickle content"
