@@ -1,0 +1,146 @@
+"""Wire protocol v1: framing, message shapes and error codes (see docs/protocol.md).
+
+Standard library and msgpack only: igctl imports this module, and must stay light.
+
+A frame is an 8-byte header -- magic ``b"IG"``, version (u8), kind (u8), body length
+(u32, big-endian) -- followed by a msgpack map of that many bytes.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+MAGIC = b"IG"
+VERSION = 1
+HEADER = struct.Struct(">2sBBI")
+HEADER_SIZE = HEADER.size  # 8
+
+REQUEST, RESPONSE, EVENT = 0, 1, 2
+KINDS = (REQUEST, RESPONSE, EVENT)
+
+DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
+
+# Stable error codes: clients branch on these strings; new ones may be added.
+BAD_FRAME = "bad_frame"
+FRAME_TOO_LARGE = "frame_too_large"
+UNSUPPORTED_VERSION = "unsupported_version"
+UNKNOWN_OP = "unknown_op"
+BAD_REQUEST = "bad_request"
+BAD_IMAGE = "bad_image"
+IMAGE_TOO_LARGE = "image_too_large"
+UNKNOWN_TARGET = "unknown_target"
+OVERLOADED = "overloaded"
+TIMEOUT = "timeout"
+SHUTTING_DOWN = "shutting_down"
+INTERNAL = "internal"
+ERROR_CODES = (
+    BAD_FRAME, FRAME_TOO_LARGE, UNSUPPORTED_VERSION, UNKNOWN_OP, BAD_REQUEST, BAD_IMAGE,
+    IMAGE_TOO_LARGE, UNKNOWN_TARGET, OVERLOADED, TIMEOUT, SHUTTING_DOWN, INTERNAL,
+)  # fmt: skip
+
+OPS = ("hello", "status", "classify", "attribute")
+
+
+@dataclass
+class ProtocolError(Exception):
+    """An error that travels: ``{"code", "message", "details"}`` on the wire."""
+
+    code: str
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__init__(f"{self.code}: {self.message}")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "details": self.details}
+
+    @classmethod
+    def from_wire(cls, error: Any) -> ProtocolError:
+        if not isinstance(error, dict):
+            return cls(BAD_FRAME, f"malformed error object: {error!r}")
+        details = error.get("details")
+        return cls(
+            str(error.get("code", INTERNAL)),
+            str(error.get("message", "")),
+            details if isinstance(details, dict) else {},
+        )
+
+
+def encode_frame(kind: int, body: dict[str, Any]) -> bytes:
+    """Header + msgpack body (``bytes`` become msgpack bin, ``str`` msgpack str)."""
+    payload = msgpack.packb(body, use_bin_type=True)
+    return HEADER.pack(MAGIC, VERSION, kind, len(payload)) + payload
+
+
+def parse_header(header: bytes, max_body: int, expected_kinds: tuple[int, ...]) -> tuple[int, int]:
+    """Check a header before any body byte is read: returns (kind, body length)."""
+    if len(header) != HEADER_SIZE:
+        raise ProtocolError(BAD_FRAME, f"truncated frame header ({len(header)} of {HEADER_SIZE} bytes)")
+    magic, version, kind, length = HEADER.unpack(header)
+    if magic != MAGIC:
+        raise ProtocolError(BAD_FRAME, f"bad magic {magic!r}; frames start with {MAGIC!r}")
+    if version != VERSION:
+        raise ProtocolError(
+            UNSUPPORTED_VERSION,
+            f"protocol version {version} is not supported; this side speaks version {VERSION}",
+            {"supported": [VERSION]},
+        )
+    if kind not in expected_kinds:
+        raise ProtocolError(BAD_FRAME, f"unexpected frame kind {kind}; expected one of {list(expected_kinds)}")
+    if length > max_body:
+        raise ProtocolError(
+            FRAME_TOO_LARGE,
+            f"frame body of {length:,} bytes is over the limit of {max_body:,}",
+            {"limit": max_body},
+        )
+    return kind, length
+
+
+def decode_body(payload: bytes) -> dict[str, Any]:
+    """A msgpack map with string keys, or ProtocolError(bad_frame)."""
+    try:
+        body = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except Exception as error:  # noqa: BLE001 - msgpack raises several unrelated types
+        raise ProtocolError(BAD_FRAME, f"the body is not valid msgpack ({type(error).__name__})") from None
+    if not isinstance(body, dict):
+        raise ProtocolError(BAD_FRAME, f"the body must be a msgpack map, got {type(body).__name__}")
+    return body
+
+
+def request(request_id: int, op: str, args: dict[str, Any] | None = None) -> bytes:
+    return encode_frame(REQUEST, {"id": request_id, "op": op, "args": args or {}})
+
+
+def ok_response(request_id: int | None, result: dict[str, Any]) -> bytes:
+    return encode_frame(RESPONSE, {"id": request_id, "ok": True, "result": result})
+
+
+def error_response(request_id: int | None, error: ProtocolError) -> bytes:
+    return encode_frame(RESPONSE, {"id": request_id, "ok": False, "error": error.to_wire()})
+
+
+def event(request_id: int, name: str, **fields: Any) -> bytes:
+    return encode_frame(EVENT, {"id": request_id, "event": name, **fields})
+
+
+def read_frame(sock: socket.socket, max_body: int, expected_kinds: tuple[int, ...]) -> tuple[int, dict[str, Any]]:
+    """Blocking read of one frame from ``sock``: (kind, body). EOFError if the peer closed."""
+    kind, length = parse_header(_recv_exactly(sock, HEADER_SIZE), max_body, expected_kinds)
+    return kind, decode_body(_recv_exactly(sock, length))
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    chunks, remaining = [], size
+    while remaining:
+        chunk = sock.recv(min(remaining, 1 << 20))
+        if not chunk:
+            raise EOFError(f"connection closed with {remaining} of {size} bytes unread")
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,60 @@
+"""`igd check`: loads a model as the daemon would, classifies, attributes, reports."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from daemon import IGD
+
+
+def igd_check(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([IGD, "check", *args], capture_output=True, text=True, timeout=600)
+
+
+def fields(stdout: str) -> dict[str, str]:
+    return {line[:12].strip(): line[12:].strip() for line in stdout.splitlines() if line[:12].strip()}
+
+
+def test_default_model(tmp_path: Path) -> None:
+    out = igd_check("--steps", "20", "--cpu")
+    assert out.returncode == 0, out.stderr
+    report = fields(out.stdout)
+    assert report["model"].startswith("efficientnet-lite0: EfficientNet-Lite0 pretrained on ImageNet-1k")
+    assert report["device"] == "cpu"
+    assert report["classes"].startswith("1000: tench")
+    top_class = report["top-5"].split(" (")[0]
+    assert top_class in {"tiger cat", "Egyptian cat", "tabby"}
+    assert "convergence" in report and "chunk tuning" in report["timings"]
+    assert out.stdout.rstrip().endswith("ok")
+
+
+@pytest.mark.parametrize("flag,family", [("-bp", "bit"), ("-lp", "lanet")])
+def test_fixture_checkpoints(fixtures: Path, flag: str, family: str) -> None:
+    image = fixtures / "images" / "chelsea.png"
+    out = igd_check(flag, str(fixtures / f"{family}-tiny.pth"), "--image", str(image), "--max-batch", "25")
+    assert out.returncode == 0, out.stderr
+    report = fields(out.stdout)
+    assert report["model"].startswith(f"{family}-")
+    assert report["classes"].startswith("10: airplane, automobile, bird, cat")
+    assert report["input"].startswith("3x32x32")
+    assert report["image"] == f"{image} (451x300)"
+    assert "chunks of 25" in report["attribution"]
+
+
+def test_problems_exit_non_zero_with_one_clear_line(fixtures: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "model.pth"
+    bad.write_text("not a checkpoint")
+    out = igd_check("-bp", str(bad))
+    assert out.returncode == 1
+    assert out.stderr.strip() == f"Error: {bad}: not a PyTorch checkpoint"
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    out = igd_check("-bp", str(fixtures / "bit-tiny.pth"), "--image", str(text))
+    assert out.returncode == 1 and "is not a JPEG, PNG, WebP, GIF, BMP or TIFF image" in out.stderr
+    out = igd_check("--cuda", "--device", "cpu")
+    assert out.returncode == 2 and "--cuda contradicts --device cpu" in out.stderr
+    out = igd_check("--max-batch", "zero")
+    assert out.returncode == 2 and "'auto' or a positive number" in out.stderr
