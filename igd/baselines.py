@@ -1,0 +1,59 @@
+"""Named IG baselines.
+
+``zero`` is zero in the model's *input* space (after normalisation): the predecessor's
+``input * 0``. The others are made in *pixel* space and pushed through the model's own
+normalisation, so "black" means a black image whatever the model's mean and std.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torchvision.transforms import functional as TF
+
+from igd.models import Preprocessing
+
+BASELINES = ("zero", "black", "white", "blur", "uniform")
+DEFAULT_BASELINE = "zero"
+
+
+def default_blur_sigma(pixels: Tensor) -> float:
+    """A sixteenth of the shorter side: 14 px at 224x224, 2 px at 32x32."""
+    return min(pixels.shape[-2:]) / 16
+
+
+def make_baseline(
+    name: str,
+    pixels: Tensor,
+    preprocessing: Preprocessing,
+    *,
+    blur_sigma: float | None = None,
+    seed: int = 0,
+) -> Tensor:
+    """The baseline (1, C, H, W), in input space, for an image's ``pixels`` (1, C, H, W) in [0, 1]."""
+    if name == "zero":
+        return torch.zeros_like(pixels)
+    if name == "black":
+        return preprocessing.normalize(torch.zeros_like(pixels))
+    if name == "white":
+        return preprocessing.normalize(torch.ones_like(pixels))
+    if name == "blur":
+        sigma = blur_sigma if blur_sigma is not None else default_blur_sigma(pixels)
+        return preprocessing.normalize(gaussian_blur(pixels, sigma))
+    if name == "uniform":
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.rand(pixels.shape, generator=generator, dtype=pixels.dtype)
+        return preprocessing.normalize(noise.to(pixels.device))
+    raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
+
+
+def gaussian_blur(pixels: Tensor, sigma: float) -> Tensor:
+    """Gaussian blur of (1, C, H, W) with standard deviation ``sigma`` pixels (reflect
+    padding; the kernel spans 3 sigma each side, at most the image)."""
+    if sigma <= 0:
+        return pixels.clone()
+    largest = 2 * (min(pixels.shape[-2:]) // 2) - 1  # reflect padding needs kernel < 2 * side
+    kernel = min(2 * math.ceil(3 * sigma) + 1, max(largest, 1))
+    return TF.gaussian_blur(pixels, [kernel, kernel], [sigma, sigma])

@@ -1,0 +1,114 @@
+"""Start-up and lifetime of `igd serve`: socket, model, warm-up, serving, exit.
+
+Order matters: the socket comes first (socket activation hands it over; standalone, a
+path another igd is serving fails fast, before minutes of model loading), then the
+model, then the chunk-size measurement and a warm-up pass, and only then READY=1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from igd import systemd
+from igd.attribution import attribute
+from igd.imaging import decode_image
+from igd.logs import log
+from igd.models import LoadedModel, ModelError, load_model
+from igd.server import Daemon, OwnedPath, SocketInUse, bind_socket, default_socket_path
+from igd.service import Limits, Service
+from igd.tuning import choose_max_batch
+from igd.worker import Worker
+
+
+class StartupError(RuntimeError):
+    """igd cannot start; the message says why."""
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    socket_path: Path | None = None
+    max_batch: int | None = None  # None: measure
+    max_images: int = 32
+    queue_size: int = 64
+    max_frame_bytes: int = 64 * 1024 * 1024
+    max_pixels: int = 50_000_000
+    max_steps: int = 1024
+    request_timeout: float = 600.0
+    idle_timeout: float = 300.0
+    drain_timeout: float = 30.0
+
+    def limits(self) -> Limits:
+        return Limits(
+            max_frame_bytes=self.max_frame_bytes,
+            max_pixels=self.max_pixels,
+            max_steps=self.max_steps,
+            request_timeout=self.request_timeout,
+            idle_timeout=self.idle_timeout,
+        )
+
+
+def serve_forever(options: ServeOptions, model_args: dict[str, Any]) -> None:
+    """Serve until SIGTERM/SIGINT. Raises StartupError if igd cannot start."""
+    listener, owned = _listener(options.socket_path)
+    try:
+        systemd.notify("STATUS=loading the model")
+        started = time.perf_counter()
+        try:
+            model = load_model(**model_args)
+        except ModelError as error:
+            raise StartupError(str(error)) from None
+        log("model_loaded", name=model.name, device=str(model.device), parameters=model.num_parameters,
+            seconds=round(time.perf_counter() - started, 2), source=model.source)
+        systemd.notify(f"STATUS=warming up {model.name}")
+        max_batch = warm_up(model, options.max_batch)
+        worker = Worker(model, max_batch=max_batch, max_images=options.max_images, queue_size=options.queue_size)
+        worker.start()
+        service = Service(model, worker, options.limits())
+        daemon = Daemon(service, listener, owned=owned, drain_timeout=options.drain_timeout)
+        asyncio.run(daemon.run())
+    finally:
+        listener.close()
+        if owned is not None:
+            owned.unlink()  # after serving the daemon has done it; this covers start-up failures
+
+
+def warm_up(model: LoadedModel, max_batch: int | None) -> int:
+    """Measure the chunk size (unless given) and run one small attribution end to end."""
+    sample = resources.files("igd").joinpath("data", "chelsea.jpg").read_bytes()
+    x = model.preprocess(decode_image(sample))
+    started = time.perf_counter()
+    if max_batch is None:
+        choice = choose_max_batch(model.module, x)
+        max_batch = choice.max_batch
+        log("chunk_size_measured", max_batch=max_batch,
+            ms_per_point={size: round(s * 1000, 1) for size, s in choice.seconds_per_point.items()},
+            memory_cap=choice.memory_cap, mb_per_point=round(choice.bytes_per_point / 1e6, 1))
+    attribute(model.module, x, 0, n_steps=2, max_batch=max_batch)
+    log("warmed_up", seconds=round(time.perf_counter() - started, 2), max_batch=max_batch)
+    return max_batch
+
+
+def _listener(socket_path: Path | None) -> tuple[socket.socket, OwnedPath | None]:
+    """(listening socket, the file we created, or None when systemd passed the socket)."""
+    try:
+        activated = systemd.listen_socket()
+    except systemd.ActivationError as error:
+        raise StartupError(str(error)) from None
+    if activated is not None:
+        log("socket_activated", address=str(activated.getsockname()))
+        return activated, None
+    path = socket_path or default_socket_path()
+    try:
+        sock, owned = bind_socket(path)
+    except SocketInUse as error:
+        raise StartupError(str(error)) from None
+    except OSError as error:
+        raise StartupError(f"cannot listen on {path}: {error.strerror or error}") from None
+    log("listening", socket=str(path))
+    return sock, owned

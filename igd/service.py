@@ -1,0 +1,294 @@
+"""The ops of protocol v1: argument checking, decoding, queueing, encoding.
+
+Runs on the event loop; decoding and encoding go to a small thread pool and the model
+work to the compute :class:`~igd.worker.Worker`, so the loop never blocks on either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from igd import __version__
+from igd.attribution import METHODS, quadrature
+from igd.baselines import BASELINES, DEFAULT_BASELINE, make_baseline
+from igd.heatmap import heatmap_png
+from igd.imaging import DEFAULT_MAX_PIXELS, ImageError, ImageTooLarge, decode_image
+from igd.models import LoadedModel, UnknownClass
+from igd.protocol import (
+    BAD_IMAGE,
+    BAD_REQUEST,
+    IMAGE_TOO_LARGE,
+    OPS,
+    UNKNOWN_TARGET,
+    VERSION,
+    ProtocolError,
+)
+from igd.results import FORMATS, encode, result_dict
+from igd.worker import AttributionSlice, Job, Worker
+
+T = TypeVar("T")
+MAX_TOP = 1000
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_frame_bytes: int = 64 * 1024 * 1024
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_steps: int = 1024
+    request_timeout: float = 600.0
+    idle_timeout: float = 300.0
+
+
+class Service:
+    """Answers ``hello``, ``status``, ``classify`` and ``attribute``."""
+
+    def __init__(self, model: LoadedModel, worker: Worker, limits: Limits, io_threads: int = 2) -> None:
+        self.model = model
+        self.worker = worker
+        self.limits = limits
+        self.started = time.monotonic()
+        self.served: collections.Counter[str] = collections.Counter()
+        self.failed: collections.Counter[str] = collections.Counter()
+        self.in_flight = 0
+        self.connections = 0
+        self._pool = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="igd-io")
+
+    async def handle(self, op: str, args: dict[str, Any], notes: dict[str, Any]) -> dict[str, Any]:
+        """The result map of one request; ProtocolError for anything the client did wrong.
+        ``notes`` collects facts for the request's log line."""
+        handler = {
+            "hello": self.hello,
+            "status": self.status,
+            "classify": self.classify,
+            "attribute": self.attribute,
+        }.get(op)
+        if handler is None:
+            raise ProtocolError("unknown_op", f"unknown op {op!r}; this server knows {', '.join(OPS)}", {"ops": list(OPS)})
+        return await handler(args, notes)
+
+    async def hello(self, args: dict[str, Any], notes: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "protocol": VERSION,
+            "server": "igd",
+            "version": __version__,
+            "capabilities": {
+                "ops": list(OPS),
+                "methods": list(METHODS),
+                "baselines": list(BASELINES),
+                "formats": list(FORMATS),
+                "heatmap": True,
+                "limits": {
+                    "max_frame_bytes": self.limits.max_frame_bytes,
+                    "max_pixels": self.limits.max_pixels,
+                    "max_steps": self.limits.max_steps,
+                },
+            },
+            "model": self._model_facts(with_classes=True),
+        }
+
+    async def status(self, args: dict[str, Any], notes: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "pid": os.getpid(),
+            "device": str(self.model.device),
+            "model": self._model_facts(with_classes=False),
+            "requests": {
+                "served": sum(self.served.values()),
+                "failed": sum(self.failed.values()),
+                "served_by_op": dict(self.served),
+                "failed_by_code": dict(self.failed),
+                "in_flight": self.in_flight,
+            },
+            "connections": self.connections,
+            "queue_depth": self.worker.queue_depth,
+            "queue_size": self.worker.queue_size,
+            "batching": self.worker.stats(),
+            "memory": _memory(self.model.device),
+        }
+
+    async def classify(self, args: dict[str, Any], notes: dict[str, Any]) -> dict[str, Any]:
+        data = _arg(args, "image", bytes)
+        top = _int_arg(args, "top", 5, 1, MAX_TOP)
+        image = await self._decode(data, notes)
+        inputs = await self._in_pool(self.model.preprocessing, image)
+        logits = await self._compute(Job("classify", inputs), notes)
+        return {
+            "top": [
+                {"index": index, "name": name, "probability": p}
+                for index, name, p in self.model.top_classes(logits, top)
+            ]
+        }
+
+    async def attribute(self, args: dict[str, Any], notes: dict[str, Any]) -> dict[str, Any]:
+        data = _arg(args, "image", bytes)
+        target = self._target(args.get("target"))
+        n_steps = _int_arg(args, "n_steps", 50, 1, self.limits.max_steps)
+        method = _choice_arg(args, "method", "gausslegendre", METHODS)
+        try:
+            quadrature(method, n_steps)
+        except ValueError as error:
+            raise ProtocolError(BAD_REQUEST, str(error)) from None
+        baseline_name = _choice_arg(args, "baseline", DEFAULT_BASELINE, BASELINES)
+        seed = _int_arg(args, "seed", 0, -(2**63), 2**63 - 1)
+        blur_sigma = _float_arg(args, "blur_sigma", None, 0.0, 1000.0)
+        fmt = _choice_arg(args, "format", "torch", FORMATS)
+        want_heatmap = _arg(args, "heatmap", bool, False)
+        notes.update(target=target, n_steps=n_steps, method=method, baseline=baseline_name)
+
+        image = await self._decode(data, notes)
+
+        def prepare() -> tuple[Tensor, Tensor]:
+            pixels = self.model.preprocessing.to_pixels(image)
+            baseline = make_baseline(baseline_name, pixels, self.model.preprocessing, blur_sigma=blur_sigma, seed=seed)
+            return self.model.preprocessing.normalize(pixels), baseline
+
+        inputs, baseline = await self._in_pool(prepare)
+        job = Job("attribute", inputs, baseline, target, n_steps, method)
+        part: AttributionSlice = await self._compute(job, notes)
+        started = time.perf_counter()
+
+        def finish() -> dict[str, Any]:
+            attribution, i = part.attribution, part.index
+            target_index = int(attribution.targets[i])
+            result = result_dict(
+                attribution, i,
+                model=self.model.name,
+                target_name=self.model.class_names[target_index],
+                baseline_name=baseline_name,
+            )
+            answer: dict[str, Any] = {"data": encode(result, fmt), "format": fmt}
+            if want_heatmap:
+                answer["heatmap_png"] = heatmap_png(attribution.integrated_grads[i], image, self.model.preprocessing)
+            (index, name, probability), = self.model.top_classes(attribution.logits[i], 1)
+            answer.update(
+                target={"index": target_index, "name": self.model.class_names[target_index]},
+                prediction={"index": index, "name": name, "probability": probability},
+                convergence_delta=float(attribution.convergence_delta[i]),
+                baseline=baseline_name,
+                n_steps=n_steps,
+                method=method,
+            )
+            return answer
+
+        answer = await self._in_pool(finish)
+        notes["encode_ms"] = _ms(time.perf_counter() - started)
+        notes["target"] = answer["target"]["name"]
+        answer["timing_ms"] = {k: notes[k] for k in ("decode_ms", "queue_ms", "compute_ms", "encode_ms")}
+        answer["timing_ms"]["batch_size"] = notes["batch_size"]
+        return answer
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _target(self, value: Any) -> int | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise ProtocolError(BAD_REQUEST, f"args.target must be a class name, an index or nil, got {type(value).__name__}")
+        try:
+            return self.model.class_index(value)
+        except UnknownClass as error:
+            raise ProtocolError(UNKNOWN_TARGET, str(error), {"num_classes": len(self.model.class_names)}) from None
+
+    async def _decode(self, data: bytes, notes: dict[str, Any]) -> Image.Image:
+        started = time.perf_counter()
+        notes["image_bytes"] = len(data)
+        try:
+            image = await self._in_pool(decode_image, data, max_pixels=self.limits.max_pixels)
+        except ImageTooLarge as error:
+            raise ProtocolError(IMAGE_TOO_LARGE, str(error), {"max_pixels": self.limits.max_pixels}) from None
+        except ImageError as error:
+            raise ProtocolError(BAD_IMAGE, str(error)) from None
+        notes["image"] = f"{image.width}x{image.height}"
+        notes["decode_ms"] = _ms(time.perf_counter() - started)
+        return image
+
+    async def _compute(self, job: Job, notes: dict[str, Any]) -> Any:
+        future = self.worker.submit(job)
+        result = await asyncio.wrap_future(future)
+        notes.update(queue_ms=_ms(job.queued_s), compute_ms=_ms(job.compute_s), batch_size=job.batch_size)
+        return result
+
+    async def _in_pool(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+
+    def _model_facts(self, *, with_classes: bool) -> dict[str, Any]:
+        facts = self.model.summary()
+        if not with_classes:
+            facts.pop("classes")
+        return facts
+
+
+def _arg(args: dict[str, Any], name: str, kind: type, default: Any = ...) -> Any:
+    if name not in args or args[name] is None:
+        if default is ...:
+            raise ProtocolError(BAD_REQUEST, f"args.{name} is required", {"arg": name})
+        return default
+    value = args[name]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ProtocolError(
+            BAD_REQUEST,
+            f"args.{name} must be {_kind_name(kind)}, got {type(value).__name__}",
+            {"arg": name},
+        )
+    return value
+
+
+def _int_arg(args: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
+    value = _arg(args, name, int, default)
+    if not low <= value <= high:
+        raise ProtocolError(BAD_REQUEST, f"args.{name} must be between {low} and {high}, got {value}", {"arg": name})
+    return value
+
+
+def _float_arg(args: dict[str, Any], name: str, default: float | None, low: float, high: float) -> float | None:
+    value = _arg(args, name, (int, float), default)
+    if value is not None and (isinstance(value, bool) or not low <= value <= high):
+        raise ProtocolError(BAD_REQUEST, f"args.{name} must be a number between {low} and {high}, got {value}", {"arg": name})
+    return None if value is None else float(value)
+
+
+def _choice_arg(args: dict[str, Any], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = _arg(args, name, str, default)
+    if value not in choices:
+        raise ProtocolError(BAD_REQUEST, f"args.{name} must be one of {', '.join(choices)}, got {value!r}", {"arg": name, "choices": list(choices)})
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {bytes: "bytes (msgpack bin)", int: "an int", str: "a string", bool: "a bool", float: "a number"}
+    if isinstance(kind, tuple):
+        return "a number"
+    return names.get(kind, kind.__name__)
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
+
+
+def _memory(device: torch.device) -> dict[str, int]:
+    memory = {"rss_bytes": _rss_bytes()}
+    if device.type == "cuda":
+        memory["cuda_allocated_bytes"] = torch.cuda.memory_allocated(device)
+        memory["cuda_reserved_bytes"] = torch.cuda.memory_reserved(device)
+        memory["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    return memory
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0

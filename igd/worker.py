@@ -1,0 +1,262 @@
+"""The single compute thread: it alone owns the model and the device.
+
+Requests wait in one bounded queue. Each pass takes the oldest job and every queued job
+it can share a pass with (same op, and for attributions the same n_steps and method;
+baselines and targets are per image), up to ``max_images``. Jobs that arrive while a
+pass runs are batched into the next one, so batching costs no waiting. Every image gets
+exactly the result it would get alone: the model runs in eval mode, so images in a pass
+do not interact.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from igd.attribution import Attribution, attribute
+from igd.logs import log
+from igd.models import LoadedModel
+from igd.protocol import INTERNAL, OVERLOADED, SHUTTING_DOWN, ProtocolError
+
+
+@dataclass(eq=False)
+class Job:
+    """One image's work. ``inputs``/``baseline``: (1, C, H, W) on the CPU, input space."""
+
+    op: str  # "attribute" | "classify"
+    inputs: Tensor
+    baseline: Tensor | None = None
+    target: int | None = None  # None: the predicted class
+    n_steps: int = 50
+    method: str = "gausslegendre"
+    future: concurrent.futures.Future[Any] = field(default_factory=concurrent.futures.Future)
+    batch_size: int = 0  # set by the worker: images in the pass that served this job
+    queued_s: float = 0.0
+    compute_s: float = 0.0
+
+    def batch_key(self) -> tuple[Any, ...]:
+        return (self.op, self.n_steps, self.method) if self.op == "attribute" else (self.op,)
+
+
+@dataclass(frozen=True)
+class AttributionSlice:
+    """Image ``index`` of a pass's (CPU) Attribution."""
+
+    attribution: Attribution
+    index: int
+
+
+class Worker:
+    """Owns the model; runs queued jobs in batched passes on one thread."""
+
+    def __init__(self, model: LoadedModel, *, max_batch: int, max_images: int = 32, queue_size: int = 64) -> None:
+        self.model = model
+        self.max_batch = max_batch  # path points per forward pass; lowered on out-of-memory
+        self.max_images = max_images
+        self.queue_size = queue_size
+        self._queue: collections.deque[tuple[Job, float]] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._busy = False
+        self._thread = threading.Thread(target=self._run, name="igd-compute", daemon=True)
+        self.passes = 0
+        self.images = 0
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
+        self.oom_retries = 0
+        self.compute_s = 0.0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> concurrent.futures.Future[Any]:
+        with self._cond:
+            if self._closed:
+                raise ProtocolError(SHUTTING_DOWN, "the daemon is shutting down; no new work is accepted")
+            if len(self._queue) >= self.queue_size:
+                raise ProtocolError(
+                    OVERLOADED,
+                    f"the queue is full ({self.queue_size} requests waiting); try again shortly",
+                    {"queue_size": self.queue_size},
+                )
+            self._queue.append((job, time.monotonic()))
+            self._cond.notify()
+        return job.future
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def close(self) -> None:
+        """Accept no new jobs; queued ones still run (see :meth:`drain`)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def drain(self, timeout: float) -> int:
+        """Wait up to ``timeout`` s for queued and running work to finish, then fail what
+        is still queued with ``shutting_down``. Returns how many jobs were rejected."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while (self._queue or self._busy) and time.monotonic() < deadline:
+                self._cond.wait(timeout=max(0.0, min(0.1, deadline - time.monotonic())))
+            rejected = list(self._queue)
+            self._queue.clear()
+        error = ProtocolError(SHUTTING_DOWN, "the daemon shut down before this request could run")
+        for job, _ in rejected:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(error)
+        return len(rejected)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "passes": self.passes,
+            "images": self.images,
+            "batched_passes": sum(n for size, n in self.batch_sizes.items() if size > 1),
+            "largest_batch": max(self.batch_sizes, default=0),
+            "batch_sizes": {str(size): n for size, n in sorted(self.batch_sizes.items())},
+            "max_batch_points": self.max_batch,
+            "max_images": self.max_images,
+            "oom_retries": self.oom_retries,
+            "compute_s": round(self.compute_s, 3),
+        }
+
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            try:
+                self._run_batch(batch)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _next_batch(self) -> list[Job] | None:
+        """The oldest job and the queued jobs compatible with it; None once closed and empty."""
+        with self._cond:
+            while not self._queue:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            first, queued_at = self._queue.popleft()
+            picked = [(first, queued_at)]
+            key = first.batch_key()
+            for item in list(self._queue):
+                if len(picked) >= self.max_images:
+                    break
+                if item[0].batch_key() == key:
+                    self._queue.remove(item)
+                    picked.append(item)
+            self._busy = True
+        now = time.monotonic()
+        live = []
+        for job, queued in picked:
+            if job.future.set_running_or_notify_cancel():  # False: the client gave up
+                job.queued_s = now - queued
+                live.append(job)
+        return live
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        if not jobs:
+            return
+        started = time.perf_counter()
+        try:
+            results = self._compute(jobs)
+        except Exception as error:  # noqa: BLE001 - one request's failure must not end the daemon
+            if len(jobs) > 1:
+                # Find the culprit: every other image still gets its result.
+                for job in jobs:
+                    self._run_alone(job)
+                return
+            log("compute_failed", level=40, exc_info=True, op=jobs[0].op, error=type(error).__name__)
+            jobs[0].future.set_exception(_internal(error))
+            return
+        elapsed = time.perf_counter() - started
+        self.passes += 1
+        self.images += len(jobs)
+        self.batch_sizes[len(jobs)] += 1
+        self.compute_s += elapsed
+        for job, result in zip(jobs, results):
+            job.batch_size = len(jobs)
+            job.compute_s = elapsed
+            job.future.set_result(result)
+
+    def _run_alone(self, job: Job) -> None:
+        started = time.perf_counter()
+        try:
+            (result,) = self._compute([job])
+        except Exception as error:  # noqa: BLE001
+            log("compute_failed", level=40, exc_info=True, op=job.op, error=type(error).__name__)
+            job.future.set_exception(_internal(error))
+            return
+        self.passes += 1
+        self.images += 1
+        self.batch_sizes[1] += 1
+        job.batch_size, job.compute_s = 1, time.perf_counter() - started
+        job.future.set_result(result)
+
+    def _compute(self, jobs: list[Job]) -> list[Any]:
+        device = self.model.device
+        inputs = torch.cat([job.inputs for job in jobs]).to(device)
+        if jobs[0].op == "classify":
+            with torch.no_grad():
+                logits = self.model.module(inputs).float().cpu()
+            return [logits[i] for i in range(len(jobs))]
+        targets = self._targets(jobs, inputs)
+        baselines = torch.cat([job.baseline for job in jobs]).to(device)  # type: ignore[misc]
+        result = self._attribute(inputs, targets, baselines, jobs[0].n_steps, jobs[0].method)
+        cpu = _to_cpu(result)
+        return [AttributionSlice(cpu, i) for i in range(len(jobs))]
+
+    def _targets(self, jobs: list[Job], inputs: Tensor) -> list[int]:
+        if all(job.target is not None for job in jobs):
+            return [int(job.target) for job in jobs]  # type: ignore[arg-type]
+        with torch.no_grad():
+            predicted = self.model.module(inputs).argmax(dim=1).tolist()
+        return [p if job.target is None else job.target for job, p in zip(jobs, predicted)]
+
+    def _attribute(self, inputs: Tensor, targets: list[int], baselines: Tensor, n_steps: int, method: str) -> Attribution:
+        """One pass; on out-of-memory, halve the chunk size and retry (it stays lowered)."""
+        while True:
+            try:
+                return attribute(
+                    self.model.module, inputs, targets, baselines=baselines,
+                    n_steps=n_steps, method=method, max_batch=self.max_batch,
+                )
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
+                if not _is_out_of_memory(error) or self.max_batch == 1:
+                    raise
+                if inputs.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self.oom_retries += 1
+                self.max_batch = max(1, self.max_batch // 2)
+                log("out_of_memory", level=30, retry_max_batch=self.max_batch)
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    text = str(error)
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def _internal(error: BaseException) -> ProtocolError:
+    if _is_out_of_memory(error):
+        return ProtocolError(INTERNAL, "out of memory even one path point at a time", {"error": "out_of_memory"})
+    return ProtocolError(INTERNAL, "the model failed on this request (logged on the daemon)", {"error": type(error).__name__})
+
+
+def _to_cpu(result: Attribution) -> Attribution:
+    moved = {
+        f.name: getattr(result, f.name).cpu()
+        for f in dataclasses.fields(result)
+        if isinstance(getattr(result, f.name), Tensor)
+    }
+    return dataclasses.replace(result, **moved)

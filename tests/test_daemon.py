@@ -1,0 +1,384 @@
+"""End to end: a real `igd serve` on a real socket, driven by a client written from
+docs/protocol.md alone (tests/wire.py)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import gzip
+import io
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from daemon import IGD, Igd, NotifyListener, short_tempdir
+from test_imaging import encoded, png_declaring
+from wire import WireClient
+
+CAT = 3
+
+
+def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+
+
+def predecessor_reader(data: bytes) -> dict:
+    with gzip.open(io.BytesIO(data), "rb") as fobj:
+        return torch.load(io.BytesIO(fobj.read()))
+
+
+@pytest.fixture(scope="module")
+def bit_daemon(fixtures: Path):
+    with Igd("-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "25", "--max-frame-bytes", "4000000") as igd:
+        yield igd
+
+
+@pytest.fixture(scope="module")
+def chelsea_png(fixtures: Path) -> bytes:
+    return (fixtures / "images" / "chelsea.png").read_bytes()
+
+
+def test_hello_status_classify(bit_daemon: Igd, chelsea_png: bytes) -> None:
+    with WireClient(str(bit_daemon.socket)) as client:
+        hello = client.call("hello", {"client": "test", "future_option": 1})
+        assert hello["ok"] is True
+        result = hello["result"]
+        assert result["protocol"] == 1 and result["server"] == "igd"
+        assert set(result["capabilities"]["ops"]) == {"hello", "status", "classify", "attribute"}
+        assert "gausslegendre" in result["capabilities"]["methods"]
+        assert set(result["capabilities"]["baselines"]) == {"zero", "black", "white", "blur", "uniform"}
+        assert result["capabilities"]["formats"] == ["torch", "npz"]
+        assert result["model"]["classes"][CAT] == "cat"
+        assert result["model"]["input_shape"] == [3, 32, 32] and result["model"]["device"] == "cpu"
+
+        top = client.call("classify", {"image": chelsea_png, "top": 3})["result"]["top"]
+        assert len(top) == 3 and top[0]["probability"] >= top[1]["probability"]
+        assert {"index", "name", "probability"} <= set(top[0])
+
+        status = client.call("status")["result"]
+        assert status["device"] == "cpu" and status["uptime_s"] > 0
+        assert status["requests"]["served"] >= 2 and status["queue_depth"] == 0
+        assert status["memory"]["rss_bytes"] > 10_000_000
+        assert "batch_sizes" in status["batching"]
+
+
+@pytest.mark.parametrize("family", ["bit", "lanet"])
+def test_attribute_equals_the_fixture_reference(fixtures: Path, chelsea_png: bytes, family: str) -> None:
+    reference = np.load(fixtures / f"{family}-tiny.reference.npz")
+    with Igd(f"--{family}-path", str(fixtures / f"{family}-tiny.pth"), "--max-batch", "10") as igd:
+        with WireClient(str(igd.socket)) as client:
+            response = client.call("attribute", {"image": chelsea_png, "target": "cat"})
+        assert igd.stop() == 0
+        log = igd.log()
+    assert response["ok"], response
+    result = response["result"]
+    assert result["format"] == "torch" and result["target"] == {"index": CAT, "name": "cat"}
+    loaded = predecessor_reader(result["data"])
+    assert loaded["target_class"] == CAT
+    for key, ref in [
+        ("integrated_grads", "integrated_grads"),
+        ("integrated_directional_grads", "integrated_directional_grads"),
+        ("step_sizes", "step_sizes"),
+        ("intermediates", "intermediates"),
+        ("output", "logits"),
+    ]:
+        assert rel_l2(loaded[key].numpy(), reference[ref]) < 1e-4, key
+    assert result["convergence_delta"] == pytest.approx(loaded["convergence_delta"])
+    assert set(result["timing_ms"]) >= {"decode_ms", "queue_ms", "compute_ms", "encode_ms"}
+    assert "event=request op=attribute" in log and "outcome=ok" in log and "peer_pid=" in log
+
+
+def test_npz_format_baselines_and_heatmap(bit_daemon: Igd, chelsea_png: bytes) -> None:
+    with WireClient(str(bit_daemon.socket)) as client:
+        npz = client.call("attribute", {"image": chelsea_png, "target": 5, "format": "npz", "n_steps": 8})["result"]
+        with np.load(io.BytesIO(npz["data"])) as arrays:
+            assert arrays["integrated_directional_grads"].shape == (8, 3, 32, 32)
+            assert int(arrays["target_class"]) == 5
+        black = client.call("attribute", {"image": chelsea_png, "baseline": "black", "n_steps": 8})["result"]
+        loaded = predecessor_reader(black["data"])
+        assert loaded["baseline_name"] == "black" and black["baseline"] == "black"
+        torch.testing.assert_close(loaded["baseline"], torch.full((1, 3, 32, 32), -1.0))  # (0 - 0.5) / 0.5
+        assert black["target"]["index"] == black["prediction"]["index"]  # nil target: predicted class
+        first = client.call("attribute", {"image": chelsea_png, "baseline": "uniform", "seed": 7, "n_steps": 4})
+        again = client.call("attribute", {"image": chelsea_png, "baseline": "uniform", "seed": 7, "n_steps": 4})
+        assert first["result"]["data"] == again["result"]["data"]
+        blurred = client.call("attribute", {"image": chelsea_png, "baseline": "blur", "blur_sigma": 1.5, "heatmap": True, "n_steps": 4})
+        png = Image.open(io.BytesIO(blurred["result"]["heatmap_png"]))
+        assert png.format == "PNG" and png.size == (451, 300)
+
+
+def images_and_targets(chelsea_png: bytes, coffee_png: bytes) -> list[tuple[bytes, object]]:
+    base = Image.open(io.BytesIO(chelsea_png)).convert("RGB")
+    coffee = Image.open(io.BytesIO(coffee_png)).convert("RGB")
+    variants = [
+        (base, "cat"), (base.transpose(Image.Transpose.FLIP_LEFT_RIGHT), "dog"),
+        (base.crop((50, 0, 350, 300)), 2), (base.rotate(20), None), (coffee, "Ship"),
+        (coffee.crop((100, 100, 400, 400)), 9), (base.convert("L").convert("RGB"), "frog"), (coffee.rotate(90), None),
+    ]
+    return [(encoded(image, "PNG"), target) for image, target in variants]
+
+
+def test_eight_concurrent_clients_get_their_single_results(bit_daemon: Igd, chelsea_png: bytes, fixtures: Path) -> None:
+    jobs = images_and_targets(chelsea_png, (fixtures / "images" / "coffee.png").read_bytes())
+
+    def attribute(job: tuple[bytes, object]) -> dict:
+        with WireClient(str(bit_daemon.socket)) as client:
+            return client.call("attribute", {"image": job[0], "target": job[1], "n_steps": 40})
+
+    with WireClient(str(bit_daemon.socket)) as client:
+        before = client.call("status")["result"]["batching"]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(attribute, jobs))
+    with WireClient(str(bit_daemon.socket)) as client:
+        after = client.call("status")["result"]["batching"]
+    alone = [attribute(job) for job in jobs]
+    assert after["batched_passes"] > before["batched_passes"], after
+    assert after["largest_batch"] > 1
+    batch_sizes = {r["result"]["timing_ms"]["batch_size"] for r in together}
+    assert max(batch_sizes) > 1
+    for shared, single in zip(together, alone):
+        assert shared["ok"] and single["ok"]
+        a, b = predecessor_reader(shared["result"]["data"]), predecessor_reader(single["result"]["data"])
+        assert a["target_class"] == b["target_class"]
+        for key in ("integrated_grads", "integrated_directional_grads", "output"):
+            assert rel_l2(a[key].numpy(), b[key].numpy()) < 1e-5, key
+
+
+def header(length: int, magic: bytes = b"IG", version: int = 1, kind: int = 0) -> bytes:
+    return struct.pack(">2sBBI", magic, version, kind, length)
+
+
+def body(value: object) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def still_serving(igd: Igd) -> None:
+    with WireClient(str(igd.socket)) as client:
+        assert client.call("hello")["ok"] is True
+
+
+FRAME_ERRORS = [
+    ("wrong magic", header(len(body({"id": 1})), magic=b"XX") + body({"id": 1}), "bad_frame"),
+    ("wrong version", header(len(body({"id": 1})), version=9) + body({"id": 1}), "unsupported_version"),
+    ("wrong kind", header(len(body({"id": 1})), kind=1) + body({"id": 1}), "bad_frame"),
+    ("over the limit", header(5_000_000), "frame_too_large"),
+]
+
+
+@pytest.mark.parametrize("name,data,code", FRAME_ERRORS, ids=[e[0] for e in FRAME_ERRORS])
+def test_header_violations_are_answered_then_closed(bit_daemon: Igd, name: str, data: bytes, code: str) -> None:
+    with WireClient(str(bit_daemon.socket)) as client:
+        client.send_raw(data)
+        response = client.receive()
+        assert response["ok"] is False and response["id"] is None
+        assert response["error"]["code"] == code
+        assert response["error"]["message"]
+        assert client.closed_by_peer()
+    still_serving(bit_daemon)
+
+
+def garbage_png() -> bytes:
+    data = bytearray(encoded(Image.new("RGB", (64, 64), (9, 9, 9)), "PNG"))
+    return bytes(data[: len(data) // 2])
+
+
+BODY_ERRORS = [
+    ("not msgpack", b"\xc1\xc1\xc1", "bad_frame"),
+    ("not a map", body([1, "attribute"]), "bad_frame"),
+    ("no id", body({"op": "hello"}), "bad_request"),
+    ("no op", body({"id": 5}), "bad_request"),
+    ("args not a map", body({"id": 5, "op": "classify", "args": [1]}), "bad_request"),
+    ("unknown op", body({"id": 5, "op": "explain"}), "unknown_op"),
+    ("missing image", body({"id": 5, "op": "attribute", "args": {}}), "bad_request"),
+    ("image as text", body({"id": 5, "op": "attribute", "args": {"image": "cat.jpg"}}), "bad_request"),
+    ("n_steps as text", body({"id": 5, "op": "attribute", "args": {"image": b"x", "n_steps": "50"}}), "bad_request"),
+    ("bad method", body({"id": 5, "op": "attribute", "args": {"image": b"x", "method": "simpson"}}), "bad_request"),
+    ("n_steps 0", body({"id": 5, "op": "attribute", "args": {"image": b"x", "n_steps": 0}}), "bad_request"),
+    ("n_steps 100000", body({"id": 5, "op": "attribute", "args": {"image": b"x", "n_steps": 100000}}), "bad_request"),
+    ("riemann one step", body({"id": 5, "op": "attribute", "args": {"image": b"x", "n_steps": 1, "method": "riemann_left"}}), "bad_request"),
+    ("unknown class", body({"id": 5, "op": "attribute", "args": {"image": b"x", "target": "unicorn"}}), "unknown_target"),
+    ("class index 10", body({"id": 5, "op": "attribute", "args": {"image": b"x", "target": 10}}), "unknown_target"),
+    ("corrupt image", body({"id": 5, "op": "attribute", "args": {"image": garbage_png()}}), "bad_image"),
+    ("text image", body({"id": 5, "op": "classify", "args": {"image": b"hello world"}}), "bad_image"),
+    ("too large image", body({"id": 5, "op": "attribute", "args": {"image": png_declaring(100_000, 100_000)}}), "image_too_large"),
+]
+
+
+@pytest.mark.parametrize("name,payload,code", BODY_ERRORS, ids=[e[0] for e in BODY_ERRORS])
+def test_bad_requests_get_their_code_and_the_connection_stays(bit_daemon: Igd, name: str, payload: bytes, code: str) -> None:
+    with WireClient(str(bit_daemon.socket)) as client:
+        client.send_raw(header(len(payload)) + payload)
+        response = client.receive()
+        assert response["ok"] is False, response
+        assert response["error"]["code"] == code, response
+        assert "Traceback" not in response["error"]["message"]
+        assert response["id"] == (5 if code not in ("bad_frame",) and name != "no id" else None)
+        assert client.call("hello")["ok"] is True  # same connection, still usable
+    still_serving(bit_daemon)
+
+
+def test_client_vanishing_mid_frame_and_mid_compute(bit_daemon: Igd, chelsea_png: bytes) -> None:
+    with WireClient(str(bit_daemon.socket)) as client:
+        payload = body({"id": 1, "op": "attribute", "args": {"image": chelsea_png}})
+        client.send_raw(header(len(payload)) + payload[: len(payload) // 2])
+    with WireClient(str(bit_daemon.socket)) as client:
+        for _ in range(3):  # queue work, then leave while it computes
+            client.request("attribute", {"image": chelsea_png, "n_steps": 200})
+        time.sleep(0.3)
+    still_serving(bit_daemon)
+    with WireClient(str(bit_daemon.socket)) as client:
+        assert client.call("attribute", {"image": chelsea_png, "n_steps": 4})["ok"] is True
+    deadline = time.monotonic() + 30
+    while "disconnected with requests pending" not in bit_daemon.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    log = bit_daemon.log()
+    assert "event=client_gone reason=\"half a frame\"" in log
+    assert "disconnected with requests pending" in log
+
+
+def test_pipelined_requests_on_one_connection(bit_daemon: Igd, chelsea_png: bytes) -> None:
+    with WireClient(str(bit_daemon.socket)) as client:
+        ids = [client.request("classify", {"image": chelsea_png, "top": 1}) for _ in range(3)]
+        ids.append(client.request("hello"))
+        responses = [client.receive() for _ in ids]
+    assert sorted(r["id"] for r in responses) == sorted(ids)
+    assert all(r["ok"] for r in responses)
+
+
+def test_sigterm_with_requests_in_flight(fixtures: Path, chelsea_png: bytes) -> None:
+    igd = Igd("-lp", str(fixtures / "lanet-tiny.pth"), "--max-batch", "10", "--max-images", "1", "--drain-timeout", "2")
+    try:
+        clients = [WireClient(str(igd.socket)) for _ in range(6)]
+        for client in clients:
+            client.request("attribute", {"image": chelsea_png, "n_steps": 100})
+        time.sleep(0.5)
+        igd.process.send_signal(signal.SIGTERM)
+        codes = []
+        for client in clients:
+            response = client.receive()
+            codes.append("ok" if response["ok"] else response["error"]["code"])
+            client.close()
+        assert igd.process.wait(60) == 0
+        assert set(codes) <= {"ok", "shutting_down"}, codes
+        assert "shutting_down" in codes  # 6 x 100 steps cannot finish in a 2 s drain
+        assert not igd.socket.exists()
+        igd.notify.wait_for("STOPPING=1", 5)
+    finally:
+        igd.stop()
+        igd.cleanup()
+
+
+def test_stale_socket_is_replaced_and_a_live_one_is_not(fixtures: Path) -> None:
+    directory = short_tempdir()
+    path = directory / "igd.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()  # the file stays: a crashed daemon's leftover
+    assert path.exists()
+    with Igd("-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "10", env={"IGD_SOCKET": str(path)}) as first:
+        first_socket = first.socket
+        # The fixture's --socket wins over IGD_SOCKET; start a second daemon on the same path.
+        second = subprocess.run(
+            [IGD, "serve", "-bp", str(fixtures / "bit-tiny.pth"), "--socket", str(first_socket)],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert second.returncode == 1
+        assert f"another igd is already serving on {first_socket}" in second.stderr
+        still_serving(first)
+    stale_daemon = subprocess.Popen(
+        [IGD, "serve", "-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "10", "--socket", str(path)],
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with WireClient(str(path), timeout=120) as client:
+                    assert client.call("hello")["ok"]
+                break
+            except (ConnectionRefusedError, FileNotFoundError):
+                time.sleep(0.2)
+    finally:
+        stale_daemon.send_signal(signal.SIGTERM)
+        assert stale_daemon.wait(60) == 0
+    assert "stale_socket_removed" in stale_daemon.stderr.read()
+    regular = directory / "not-a-socket"
+    regular.write_text("keep me")
+    refused = subprocess.run([IGD, "serve", "-bp", str(fixtures / "bit-tiny.pth"), "--socket", str(regular)],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "exists and is not a socket" in refused.stderr
+    assert regular.read_text() == "keep me"
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_standalone_socket_mode_is_0660(bit_daemon: Igd) -> None:
+    assert oct(bit_daemon.socket.stat().st_mode & 0o777) == "0o660"
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="systemd-socket-activate missing")
+def test_socket_activation_and_readiness(fixtures: Path, chelsea_png: bytes) -> None:
+    directory = short_tempdir()
+    path = directory / "activated.sock"
+    notify = NotifyListener(directory)
+    activator = subprocess.Popen(
+        ["systemd-socket-activate", "-l", str(path), f"--setenv=NOTIFY_SOCKET={notify.path}",
+         IGD, "serve", "-bp", str(fixtures / "bit-tiny.pth"), "--socket", str(directory / "unused.sock")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        client = WireClient(str(path), timeout=180)  # the first connection starts igd
+        messages = notify.wait_for("READY=1", 180)
+        ready_at = next(i for i, m in enumerate(messages) if "READY=1" in m.splitlines())
+        assert any("STATUS=warming up" in m for m in messages[:ready_at])
+        assert client.call("attribute", {"image": chelsea_png, "target": "cat", "n_steps": 8})["ok"]
+        client.close()
+        assert not (directory / "unused.sock").exists()  # it used the passed socket
+        activator.send_signal(signal.SIGTERM)
+        notify.wait_for("STOPPING=1", 30)
+        assert activator.wait(60) == 0
+        output = activator.stdout.read().decode()
+        warmed = output.index("event=warmed_up")
+        assert warmed < output.index("event=ready")
+        assert "event=socket_activated" in output
+        assert path.exists()  # systemd's socket, not ours to remove
+    finally:
+        if activator.poll() is None:
+            activator.kill()
+        notify.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_limits_overloaded_timeout_and_idle(fixtures: Path, chelsea_png: bytes) -> None:
+    with Igd("-lp", str(fixtures / "lanet-tiny.pth"), "--max-batch", "10", "--max-images", "1",
+             "--queue-size", "1", "--request-timeout", "3", "--idle-timeout", "1") as igd:
+        with WireClient(str(igd.socket)) as client:
+            ids = [client.request("attribute", {"image": chelsea_png, "n_steps": 300}) for _ in range(4)]
+            codes = {}
+            for _ in ids:
+                response = client.receive()
+                codes[response["id"]] = "ok" if response["ok"] else response["error"]["code"]
+        assert "overloaded" in codes.values(), codes  # one computes, one waits, the rest are refused
+        assert "timeout" in codes.values(), codes  # 300 steps of LaNet take longer than 3 s here
+        with WireClient(str(igd.socket)) as idle:
+            started = time.monotonic()
+            assert idle.closed_by_peer()  # nothing sent: closed after the 1 s idle timeout
+            assert time.monotonic() - started < 10
+        with WireClient(str(igd.socket)) as dripping:
+            dripping.send_raw(b"I")
+            time.sleep(0.6)
+            dripping.send_raw(b"G")  # a frame that arrives too slowly is cut off too
+            assert dripping.closed_by_peer()
+        still_serving(igd)
