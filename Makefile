@@ -1,5 +1,5 @@
-# `make test` is the one command CI runs (.ci/run): it builds the virtual environment
-# on first use, then runs the whole test suite.
+# `make demo` and `make test` are the README's quick start; CI runs `make test` (.ci/run).
+# Both build the virtual environment on first use.
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
@@ -16,6 +16,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 test: install
 	$(BIN)/python -m pytest
+
+demo: install
+	VENV=$(VENV) scripts/demo.sh
 
 bench: install
 	$(BIN)/python bench/engine.py

@@ -20,7 +20,8 @@ from igd.attribution import attribute
 from igd.imaging import decode_image
 from igd.logs import log
 from igd.models import LoadedModel, ModelError, load_model
-from igd.server import Daemon, OwnedPath, SocketInUse, bind_socket, default_socket_path
+from igd.protocol import default_socket_path
+from igd.server import Daemon, OwnedPath, SocketInUse, bind_socket
 from igd.service import Limits, Service
 from igd.tuning import choose_max_batch
 from igd.worker import Worker

@@ -8,9 +8,11 @@ A frame is an 8-byte header -- magic ``b"IG"``, version (u8), kind (u8), body le
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -44,6 +46,18 @@ ERROR_CODES = (
 )  # fmt: skip
 
 OPS = ("hello", "status", "classify", "attribute")
+
+
+def default_socket_path() -> Path:
+    """``$IGD_SOCKET``, else /run/igd/igd.sock for root (the system service), else
+    ``$XDG_RUNTIME_DIR/igd.sock`` (``/tmp/igd-UID/igd.sock`` without one)."""
+    configured = os.environ.get("IGD_SOCKET")
+    if configured:
+        return Path(configured)
+    if os.geteuid() == 0:
+        return Path("/run/igd/igd.sock")
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/igd-{os.getuid()}"
+    return Path(runtime) / "igd.sock"
 
 
 @dataclass

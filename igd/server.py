@@ -55,17 +55,6 @@ class OwnedPath:
             pass
 
 
-def default_socket_path() -> Path:
-    """``$IGD_SOCKET``, else /run/igd/igd.sock for root, else $XDG_RUNTIME_DIR/igd.sock."""
-    configured = os.environ.get("IGD_SOCKET")
-    if configured:
-        return Path(configured)
-    if os.geteuid() == 0:
-        return Path("/run/igd/igd.sock")
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/igd-{os.getuid()}"
-    return Path(runtime) / "igd.sock"
-
-
 def bind_socket(path: Path) -> tuple[socket.socket, OwnedPath]:
     """A listening AF_UNIX socket at ``path``, mode 0660.
 

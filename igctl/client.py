@@ -1,0 +1,110 @@
+"""Blocking socket I/O with one igd: connect, call, read the answer.
+
+Standard library, msgpack and igd's torch-free protocol module only.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from igd import protocol
+from igd.protocol import ProtocolError
+
+# Exit statuses, documented in `igctl --help` and README.
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_DAEMON_FAILED = 0, 1, 2, 3, 4
+
+# Codes that mean "your request was wrong"; everything else means the daemon failed.
+REFUSALS = {
+    protocol.BAD_FRAME, protocol.FRAME_TOO_LARGE, protocol.UNSUPPORTED_VERSION, protocol.UNKNOWN_OP,
+    protocol.BAD_REQUEST, protocol.BAD_IMAGE, protocol.IMAGE_TOO_LARGE, protocol.UNKNOWN_TARGET,
+}  # fmt: skip
+# Responses carry results of up to 4 GiB (the frame header's limit).
+MAX_RESPONSE_BYTES = 2**32 - 1
+
+
+class ClientError(Exception):
+    """A failure with the exit status igctl should end with."""
+
+    exit_status = EXIT_DAEMON_FAILED
+
+
+class NoDaemon(ClientError):
+    exit_status = EXIT_NO_DAEMON
+
+
+class RequestFailed(ClientError):
+    """The daemon answered with an error object."""
+
+    def __init__(self, error: ProtocolError) -> None:
+        super().__init__(f"{error.code}: {error.message}")
+        self.error = error
+        self.exit_status = EXIT_REFUSED if error.code in REFUSALS else EXIT_DAEMON_FAILED
+
+
+class Client:
+    """One connection to igd. Not thread-safe: use one per thread."""
+
+    def __init__(self, path: Path, timeout: float | None = None) -> None:
+        self.path = path
+        self._next_id = 1
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(os.fspath(path))
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as error:
+            self._sock.close()
+            raise NoDaemon(
+                f"no igd is listening on {path} ({error.strerror}); start one with `igd serve` "
+                "(or `systemctl start igd`), or point --socket / IGD_SOCKET at a running one"
+            ) from None
+        except PermissionError:
+            self._sock.close()
+            raise NoDaemon(f"permission denied on {path}: ask to be added to the socket's group (igd)") from None
+        except OSError as error:
+            self._sock.close()
+            raise NoDaemon(f"cannot connect to {path}: {error.strerror or error}") from None
+        self._hello: dict[str, Any] | None = None
+
+    def call(self, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Send one request and return its result map; RequestFailed if the daemon refused."""
+        request_id = self._next_id
+        self._next_id += 1
+        frame = protocol.request(request_id, op, args)
+        try:
+            self._sock.sendall(frame)
+            while True:
+                kind, body = protocol.read_frame(self._sock, MAX_RESPONSE_BYTES, (protocol.RESPONSE, protocol.EVENT))
+                if kind == protocol.RESPONSE and body.get("id") in (request_id, None):
+                    break
+        except TimeoutError:
+            raise ClientError(f"no answer from igd within {self._sock.gettimeout():g} s (--timeout)") from None
+        except (EOFError, ConnectionError) as error:
+            raise ClientError(f"igd closed the connection before answering ({error}); did it stop?") from None
+        except ProtocolError as error:
+            raise ClientError(f"garbled answer from {self.path}: {error.message}") from None
+        if body.get("ok") is True and isinstance(body.get("result"), dict):
+            return body["result"]
+        raise RequestFailed(ProtocolError.from_wire(body.get("error")))
+
+    def hello(self) -> dict[str, Any]:
+        """The daemon's hello (asked once per connection): version, capabilities, model."""
+        if self._hello is None:
+            self._hello = self.call("hello", {"client": "igctl"})
+        return self._hello
+
+    def max_image_bytes(self) -> int:
+        """Largest image that fits the daemon's frame limit (minus room for the other args)."""
+        limits = self.hello().get("capabilities", {}).get("limits", {})
+        return int(limits.get("max_frame_bytes", protocol.DEFAULT_MAX_FRAME_BYTES)) - 4096
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
