@@ -161,7 +161,7 @@ def attribute_points(
     if max_batch is not None and (isinstance(max_batch, bool) or max_batch < 1):
         raise ValueError(f"max_batch must be None or >= 1, got {max_batch!r}")
     batch, device, dtype = inputs.shape[0], inputs.device, inputs.dtype
-    chunk = max_batch or batch * n_steps
+    chunk = balanced_chunk(batch * n_steps, max_batch)
 
     with contextlib.ExitStack() as stack:
         # Gradients must flow even when the caller runs under no_grad or inference_mode;
@@ -212,6 +212,15 @@ def attribute_points(
         targets=targets,
         method=method,
     )
+
+
+def balanced_chunk(total: int, max_batch: int | None) -> int:
+    """The chunk size that splits ``total`` points into the fewest chunks of at most
+    ``max_batch``, all (nearly) equal: 50 points at most 32 go as 25 + 25, not 32 + 18."""
+    if not max_batch or max_batch >= total:
+        return max(total, 1)
+    chunks = -(-total // max_batch)
+    return -(-total // chunks)
 
 
 def _target_gradients(

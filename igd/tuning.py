@@ -32,7 +32,14 @@ class ChunkChoice:
 
 
 def saved_bytes_per_point(module: nn.Module, sample: Tensor) -> int:
-    """Bytes autograd keeps for the backward of one input point, (1, C, H, W)."""
+    """Bytes autograd keeps per extra path point for the backward pass, for points like
+    ``sample`` (1, C, H, W): measured at 1 and 2 points, so what every chunk saves
+    whatever its size (e.g. standardised weights) is not counted per point."""
+    one, two = _saved_bytes(module, sample, 1), _saved_bytes(module, sample, 2)
+    return max(two - one, 1)
+
+
+def _saved_bytes(module: nn.Module, sample: Tensor, points: int) -> int:
     seen: dict[tuple[int, torch.device], int] = {}
 
     def pack(tensor: Tensor) -> Tensor:
@@ -41,11 +48,11 @@ def saved_bytes_per_point(module: nn.Module, sample: Tensor) -> int:
         return tensor
 
     with evaluation_mode([module]), torch.enable_grad():
-        point = sample.detach().clone().requires_grad_(True)
+        batch = sample.detach().expand(points, *sample.shape[1:]).clone().requires_grad_(True)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            out = module(point)
+            out = module(batch)
         del out
-    return max(sum(seen.values()), 1)
+    return sum(seen.values())
 
 
 def memory_budget(device: torch.device) -> int:
@@ -63,13 +70,15 @@ def choose_max_batch(
     limit: int | None = None,
     budget_bytes: int | None = None,
     time_budget_s: float = 30.0,
+    work_points: int = 8,
 ) -> ChunkChoice:
-    """Time forward+backward of 1, 2, 4, ... points of ``sample`` (1, C, H, W) and
-    return the chunk size with the least time per point, within the memory budget.
+    """Time forward+backward in chunks of 1, 2, 4, ... points of ``sample`` (1, C, H, W)
+    and return the size with the least time per point, within the memory budget.
 
-    Stops growing once two sizes in a row are slower than the best, or when
-    ``time_budget_s`` is spent. ``limit`` caps the candidates (e.g. at the most points
-    one request batch can have).
+    Each size does the same work (``work_points`` points, or one chunk if larger) after
+    a warm-up call at that size, so the comparison is fair. Stops growing once two sizes
+    in a row are slower than the best, or when ``time_budget_s`` is spent. ``limit``
+    caps the candidates (e.g. at the most points one pass can have).
     """
     device = sample.device
     per_point = saved_bytes_per_point(module, sample)
@@ -82,9 +91,9 @@ def choose_max_batch(
     size, slower = 1, 0
     while size <= cap:
         try:
-            # The first call at a new size builds kernels and caches: time the second.
-            _time_chunk(module, sample, size)
-            timings[size] = _time_chunk(module, sample, size) / size
+            _time_chunk(module, sample, size)  # the first call at a size builds kernels and caches
+            repeats = max(1, work_points // size)
+            timings[size] = sum(_time_chunk(module, sample, size) for _ in range(repeats)) / (repeats * size)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             break
@@ -104,7 +113,7 @@ def _time_chunk(module: nn.Module, sample: Tensor, size: int) -> float:
         start = time.perf_counter()
         points.requires_grad_(True)
         out = module(points)
-        (grad,) = torch.autograd.grad(out[:, 0].sum(), points)
+        torch.autograd.grad(out[:, 0].sum(), points)
         _synchronize(sample.device)
         return time.perf_counter() - start
 

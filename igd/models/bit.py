@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from igd.models.standardized import StandardizedConv2d
+
 __all__ = ["BitConfig", "PreActBottleneck", "ResNetV2", "StdConv2d", "infer_bit_config"]
 
 _STD_EPS = 1e-10
@@ -44,14 +46,12 @@ _GROUPS = 32
 _NUM_BLOCKS = 4
 
 
-class StdConv2d(nn.Conv2d):
-    """Conv2d whose weight is standardised per output channel on every call."""
+class StdConv2d(StandardizedConv2d):
+    """Conv2d whose weight is standardised per output channel: biased variance, eps in the sqrt."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(N, C_in, H, W) -> (N, C_out, H', W')."""
-        var, mean = torch.var_mean(self.weight, dim=(1, 2, 3), keepdim=True, correction=0)
-        weight = (self.weight - mean) / torch.sqrt(var + _STD_EPS)
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+    def standardize(self, weight: Tensor) -> Tensor:
+        var, mean = torch.var_mean(weight, dim=(1, 2, 3), keepdim=True, correction=0)
+        return (weight - mean) / torch.sqrt(var + _STD_EPS)
 
 
 def _conv1x1(cin: int, cout: int, stride: int = 1) -> StdConv2d:

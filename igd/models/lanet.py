@@ -33,8 +33,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from igd.models.standardized import StandardizedConv2d
 
 __all__ = [
     "LANET_GENOTYPE",
@@ -89,15 +90,13 @@ LANET_GENOTYPE = Genotype(
 )
 
 
-class UnbiasedStdConv2d(nn.Conv2d):
+class UnbiasedStdConv2d(StandardizedConv2d):
     """Conv2d with ``w = (w - mean) / (std_unbiased(w - mean) + 1e-5)`` per output channel."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(N, C_in, H, W) -> (N, C_out, H', W')."""
-        centred = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
+    def standardize(self, weight: Tensor) -> Tensor:
+        centred = weight - weight.mean(dim=(1, 2, 3), keepdim=True)
         std = centred.flatten(1).std(dim=1, correction=1).view(-1, 1, 1, 1)
-        weight = centred / (std + _STD_EPS)
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return centred / (std + _STD_EPS)
 
 
 class ReLUConvBN(nn.Module):
