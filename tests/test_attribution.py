@@ -252,3 +252,13 @@ def test_gauss_legendre_weights_sum_to_one_and_trapezoid_is_biased() -> None:
     assert sum(quadrature("riemann_trapezoid", 10)[1]) == pytest.approx(0.9)
     nodes, _ = quadrature("gausslegendre", 7)
     assert np.all(np.diff(nodes) > 0) and 0 < nodes[0] and nodes[-1] < 1
+
+
+@pytest.mark.parametrize(
+    "total,max_batch,expected",
+    [(50, None, 50), (50, 64, 50), (50, 32, 25), (50, 7, 7), (50, 10, 10), (150, 64, 50), (3, 1, 1)],
+)
+def test_chunks_are_balanced(total: int, max_batch: int | None, expected: int) -> None:
+    from igd.attribution import balanced_chunk
+
+    assert balanced_chunk(total, max_batch) == expected

@@ -329,3 +329,26 @@ def test_preprocessing_halves_compose(fixtures: Path) -> None:
     pixels = model.preprocessing.to_pixels(image)
     assert pixels.shape == (1, 3, 32, 32) and 0 <= pixels.min() and pixels.max() <= 1
     torch.testing.assert_close(model.preprocessing.normalize(pixels), model.preprocess(image))
+
+
+@pytest.mark.parametrize("family", ["bit", "lanet"])
+def test_standardised_weights_are_cached_only_while_frozen(family: str) -> None:
+    from igd.models.bit import StdConv2d
+    from igd.models.lanet import UnbiasedStdConv2d
+
+    torch.manual_seed(0)
+    conv = (StdConv2d if family == "bit" else UnbiasedStdConv2d)(4, 8, 3, bias=False)
+    x = torch.randn(2, 4, 9, 9)
+    conv.eval().weight.requires_grad_(False)
+    first = conv(x)
+    cached = conv._cached[1]
+    torch.testing.assert_close(cached, conv.standardize(conv.weight))
+    assert torch.equal(conv(x), first) and conv._cached[1] is cached  # reused
+    with torch.no_grad():
+        conv.weight.mul_(-2.0).add_(0.1)  # an in-place update bumps the version
+    after = conv(x)
+    assert conv._cached[1] is not cached
+    torch.testing.assert_close(after, torch.nn.functional.conv2d(x, conv.standardize(conv.weight)))
+    conv.train().weight.requires_grad_(True)
+    conv(x).sum().backward()  # training: standardised on the fly, differentiably
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
