@@ -17,7 +17,7 @@ def modules_after_import(statement: str) -> set[str]:
     return set(out.stdout.split())
 
 
-@pytest.mark.parametrize("statement", ["import igd", "import igctl", "import igctl.cli"])
+@pytest.mark.parametrize("statement", ["import igd", "import igd.protocol", "import igctl", "import igctl.cli"])
 def test_light_imports_pull_in_neither_torch_nor_numpy(statement: str) -> None:
     loaded = modules_after_import(statement)
     assert "torch" not in loaded

@@ -1,0 +1,108 @@
+"""The compute worker in-process: out-of-memory retries and one bad request among many.
+
+A GPU cannot run here, so device out-of-memory is played by a model that raises
+PyTorch's own OutOfMemoryError for chunks above a size; everything else is real.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import pytest
+import torch
+from torch import nn
+
+import nets
+from igd.attribution import attribute
+from igd.models import Preprocessing
+from igd.models.registry import LoadedModel
+from igd.protocol import ProtocolError
+from igd.worker import Job, Worker
+
+
+class Fragile(nn.Module):
+    """Wraps a net; raises OOM above ``max_points`` points, and fails on poisoned inputs."""
+
+    def __init__(self, net: nn.Module, max_points: int) -> None:
+        super().__init__()
+        self.net = net
+        self.max_points = max_points
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.max_points:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if torch.isinf(x).any():
+            raise RuntimeError("poisoned input")
+        return self.net(x)
+
+
+def loaded(module: nn.Module) -> LoadedModel:
+    return LoadedModel(
+        module=module.eval(),
+        preprocessing=Preprocessing((16, 16), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+        class_names=tuple(f"c{i}" for i in range(5)),
+        name="test", family="test", description="test", source="memory", device=torch.device("cpu"),
+    )
+
+
+def job(x: torch.Tensor, target: int | None, n_steps: int = 6) -> Job:
+    return Job("attribute", x.unsqueeze(0), torch.zeros_like(x).unsqueeze(0), target, n_steps)
+
+
+def test_out_of_memory_retries_with_smaller_chunks() -> None:
+    net = nets.groupnorm_cnn()
+    worker = Worker(loaded(Fragile(net, max_points=4)), max_batch=32)
+    worker.start()
+    x = nets.images(2)
+    futures = [worker.submit(job(x[i], i)) for i in range(2)]
+    results = [f.result(60) for f in futures]
+    worker.close()
+    worker.drain(5)
+    assert worker.oom_retries >= 1 and worker.max_batch <= 4
+    for i, part in enumerate(results):
+        alone = attribute(net, x[i : i + 1], i, n_steps=6)
+        torch.testing.assert_close(part.attribution.integrated_grads[part.index], alone.integrated_grads[0])
+
+
+def test_out_of_memory_at_one_point_is_an_internal_error() -> None:
+    worker = Worker(loaded(Fragile(nets.groupnorm_cnn(), max_points=0)), max_batch=8)
+    worker.start()
+    future = worker.submit(job(nets.images(1)[0], 0))
+    with pytest.raises(ProtocolError) as error:
+        future.result(60)
+    assert error.value.code == "internal" and "out of memory" in error.value.message
+    worker.close()
+    worker.drain(5)
+
+
+def test_one_failing_image_does_not_fail_its_batch_mates() -> None:
+    net = nets.groupnorm_cnn()
+    worker = Worker(loaded(Fragile(net, max_points=10_000)), max_batch=64, max_images=8)
+    x = nets.images(4)
+    poisoned = x.clone()
+    poisoned[2, 0, 0, 0] = float("inf")
+    futures = [worker.submit(job(poisoned[i], 1)) for i in range(4)]  # queued before the thread starts
+    worker.start()
+    done, _ = concurrent.futures.wait(futures, timeout=60)
+    assert len(done) == 4
+    with pytest.raises(ProtocolError, match="internal"):
+        futures[2].result()
+    for i in (0, 1, 3):
+        part = futures[i].result()
+        alone = attribute(net, x[i : i + 1], 1, n_steps=6)
+        torch.testing.assert_close(part.attribution.integrated_grads[part.index], alone.integrated_grads[0])
+    worker.close()
+    worker.drain(5)
+
+
+def test_queue_limit_and_closing() -> None:
+    worker = Worker(loaded(nets.groupnorm_cnn()), max_batch=8, queue_size=2)  # not started: nothing runs
+    x = nets.images(1)[0]
+    worker.submit(job(x, 0))
+    worker.submit(job(x, 0))
+    with pytest.raises(ProtocolError, match="overloaded"):
+        worker.submit(job(x, 0))
+    worker.close()
+    with pytest.raises(ProtocolError, match="shutting_down"):
+        worker.submit(job(x, 0))
+    assert worker.drain(0.1) == 2  # nothing ran them: both rejected
