@@ -217,3 +217,37 @@ def serve(
     except StartupError as error:
         logs.log("failed", level=40, error=str(error))
         raise click.ClickException(str(error)) from None
+
+
+@main.command("install-systemd")
+@click.option("--prefix", type=click.Path(path_type=Path, file_okay=False), default=Path("/"), show_default=True,
+              help="Install under this root (for packaging, or to look first).")
+@click.option("--igd", "igd_executable", type=click.Path(path_type=Path, dir_okay=False),
+              help="The igd the units run [default: this one].")
+@click.option("--dry-run", is_flag=True, help="Show what would be written; write nothing.")
+def install_systemd(prefix: Path, igd_executable: Path | None, dry_run: bool) -> None:
+    """Install igd.service, igd.socket, the per-GPU igd@.service/igd@.socket, the igd
+    user (sysusers.d) and /etc/igd/igd.env, then print the systemctl commands to run.
+
+    An existing /etc/igd/igd.env is kept (a fresh igd.env.example is written beside it).
+    """
+    import shutil
+    import sys
+
+    from igd.install import NEXT_STEPS, install, plan, warnings_for
+
+    if igd_executable is None:
+        beside = Path(sys.executable).parent / "igd"
+        found = beside if beside.is_file() else shutil.which("igd")
+        if found is None:
+            raise click.ClickException("cannot find the igd executable; give --igd PATH")
+        igd_executable = Path(found)
+    igd_executable = igd_executable.absolute()
+    try:
+        lines = install(plan(prefix, igd_executable), dry_run)
+    except OSError as error:
+        raise click.ClickException(f"{error.filename}: {error.strerror} (run as root, or use --prefix)") from None
+    for line in lines + warnings_for(igd_executable):
+        click.echo(line)
+    click.echo(f"\nExecStart runs {igd_executable} serve\n")
+    click.echo(NEXT_STEPS)

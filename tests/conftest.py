@@ -26,3 +26,17 @@ def fixtures() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def require_tool(name: str) -> str:
+    """The path of a system tool a test needs; skips locally, fails in CI when missing
+    (.ci/run installs socat and systemd's tools)."""
+    import shutil
+
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (Debian: apt-get install {'socat' if name == 'socat' else 'systemd'})"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
