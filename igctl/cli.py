@@ -27,6 +27,7 @@ from igctl.client import (
     EXIT_USAGE,
     Client,
     ClientError,
+    ConnectionLost,
     RequestFailed,
 )
 from igd.protocol import VERSION, default_socket_path
@@ -166,7 +167,7 @@ def attribute(
     request_args: dict[str, Any] = {"n_steps": steps, "method": method, "baseline": baseline, "format": fmt}
     request_args.update({k: v for k, v in (("seed", seed), ("blur_sigma", blur_sigma)) if v is not None})
     if target is not None:
-        request_args["target"] = int(target) if target.isdigit() else target
+        request_args["target"] = int(target) if target.isascii() and target.isdecimal() else target
     if heatmap is not None:
         request_args["heatmap"] = True
         if len(images) > 1:
@@ -181,16 +182,21 @@ def attribute(
             return None
         if output is not None:
             return Path(output)
-        stem = "stdin" if image == STDIO else Path(image).stem
-        return (out_dir or Path.cwd()) / (stem + SUFFIXES[fmt])
+        return (out_dir or Path.cwd()) / (_stem(image) + SUFFIXES[fmt])
 
     def heatmap_path(image: str) -> Path | None:
         if heatmap is None or len(images) == 1:
             return heatmap
-        return heatmap / (("stdin" if image == STDIO else Path(image).stem) + ".png")
+        return heatmap / (_stem(image) + ".png")
+
+    claimed = _first_claims(images, destination)
 
     def one(client: Client, image: str) -> Outcome:
-        return _attribute_one(client, image, request_args, destination(image), heatmap_path(image), force)
+        out = destination(image)
+        if out is not None and claimed[out] != image:
+            message = f"its result would go to {out}, as that of {claimed[out]}; give the files distinct names"
+            return failure(image, Failure(message, EXIT_REFUSED))
+        return _attribute_one(client, image, request_args, out, heatmap_path(image), force)
 
     outcomes = _run_all(settings, images, one, jobs, as_json)
     if not as_json and not to_stdout:
@@ -201,13 +207,29 @@ def attribute(
 
 
 def _images_and_target(args: tuple[str, ...], target: str | None, files_from: Any) -> tuple[list[str], str | None]:
+    """Positional arguments are images, but a last one that is no file is the TARGET
+    (when there is an image before it, or images come from --files-from)."""
     images = list(args)
+    has_other_images = len(args) >= 2 or files_from is not None
+    if target is None and args and has_other_images and args[-1] != STDIO and not Path(args[-1]).is_file():
+        target = images.pop()
     if files_from is not None:
         images += [line.strip() for line in files_from if line.strip()]
-    if target is None and len(args) >= 2 and args[-1] != STDIO and not Path(args[-1]).exists():
-        images.remove(args[-1])
-        target = args[-1]
     return images, target
+
+
+def _stem(image: str) -> str:
+    return "stdin" if image == STDIO else Path(image).stem
+
+
+def _first_claims(images: list[str], destination: Callable[[str], Path | None]) -> dict[Path, str]:
+    """Each result path, and the first image whose result goes there."""
+    claims: dict[Path, str] = {}
+    for image in images:
+        out = destination(image)
+        if out is not None:
+            claims.setdefault(out, image)
+    return claims
 
 
 def _probe(settings: Settings) -> None:
@@ -218,10 +240,24 @@ def _probe(settings: Settings) -> None:
         raise fail(error) from None
 
 
+def failure(image: str, error: BaseException) -> Outcome:
+    """The record and exit status of an image that failed with ``error``."""
+    if isinstance(error, RequestFailed):
+        code, message, status = error.error.code, error.error.message, error.exit_status
+    elif isinstance(error, ClientError):
+        code, message, status = "client", str(error), error.exit_status
+    elif isinstance(error, Failure):
+        code, message, status = "client", error.format_message(), error.exit_code
+    elif isinstance(error, OSError):
+        code, message, status = "io", f"{error.strerror or error}: {error.filename or ''}".rstrip(": "), EXIT_REFUSED
+    else:
+        raise error
+    return Outcome({"image": image, "ok": False, "error": {"code": code, "message": message}}, status)
+
+
 def _attribute_one(
     client: Client, image: str, args: dict[str, Any], out: Path | None, heatmap: Path | None, force: bool
 ) -> Outcome:
-    record: dict[str, Any] = {"image": image, "ok": False}
     try:
         for path in (out, heatmap):
             if path is not None and path.exists() and not force:
@@ -235,19 +271,14 @@ def _attribute_one(
             write_atomically(out, result["data"])
         if heatmap is not None and "heatmap_png" in result:
             write_atomically(heatmap, result["heatmap_png"])
-    except RequestFailed as error:
-        record["error"] = {"code": error.error.code, "message": error.error.message}
-        return Outcome(record, error.exit_status)
-    except ClientError as error:
-        record["error"] = {"code": "client", "message": str(error)}
-        return Outcome(record, error.exit_status)
-    except Failure as error:
-        record["error"] = {"code": "client", "message": error.format_message()}
-        return Outcome(record, error.exit_code)
-    except OSError as error:
-        record["error"] = {"code": "io", "message": f"{error.strerror or error}: {error.filename or ''}".rstrip(": ")}
-        return Outcome(record, EXIT_REFUSED)
-    record.update(
+    except ConnectionLost as error:
+        if not error.sent:
+            raise  # never reached the daemon: the caller retries on a new connection
+        return failure(image, error)
+    except (ClientError, Failure, OSError) as error:
+        return failure(image, error)
+    record = dict(
+        image=image,
         ok=True,
         output=str(out) if out is not None else STDIO,
         heatmap=str(heatmap) if heatmap is not None else None,
@@ -308,18 +339,28 @@ def _run_all(
     clients: list[Client] = []
     lock = threading.Lock()
 
-    def run(item: str) -> Outcome:
+    def connected() -> Client:
         if not hasattr(local, "client"):
-            try:
-                local.client = settings.connect()
-            except ClientError as error:
-                return Outcome({"image": item, "ok": False, "error": {"code": "client", "message": str(error)}}, error.exit_status)
+            local.client = settings.connect()
             with lock:
                 clients.append(local.client)
-        outcome = work(local.client, item)
-        if outcome.status == EXIT_DAEMON_FAILED and "closed the connection" in outcome.record["error"]["message"]:
-            del local.client  # reconnect for the next item; this one stays failed
-        return outcome
+        return local.client
+
+    def run(item: str) -> Outcome:
+        for attempt in (1, 2):
+            try:
+                outcome = work(connected(), item)
+            except ConnectionLost as error:  # e.g. closed while idle: the request never arrived
+                local.__dict__.pop("client", None)
+                if attempt == 2:
+                    return failure(item, error)
+                continue
+            except ClientError as error:  # e.g. cannot reconnect
+                return failure(item, error)
+            if outcome.status == EXIT_DAEMON_FAILED:
+                local.__dict__.pop("client", None)  # a fresh connection for the next item
+            return outcome
+        raise AssertionError("unreachable")
 
     outcomes: list[Outcome] = []
     with _progress(len(items)) as advance, concurrent.futures.ThreadPoolExecutor(jobs) as pool:
@@ -393,13 +434,12 @@ def classify(settings: Settings, images: tuple[str, ...], top: int, as_json: boo
     def one(client: Client, image: str) -> Outcome:
         try:
             result = client.call("classify", {"image": _read_image(image, client.max_image_bytes()), "top": top})
-        except RequestFailed as error:
-            return Outcome({"image": image, "ok": False, "error": {"code": error.error.code, "message": error.error.message}}, error.exit_status)
-        except ClientError as error:
-            return Outcome({"image": image, "ok": False, "error": {"code": "client", "message": str(error)}}, error.exit_status)
-        except (OSError, Failure) as error:
-            message = error.format_message() if isinstance(error, Failure) else f"{error.strerror}: {error.filename}"
-            return Outcome({"image": image, "ok": False, "error": {"code": "io", "message": message}}, EXIT_REFUSED)
+        except ConnectionLost as error:
+            if not error.sent:
+                raise
+            return failure(image, error)
+        except (ClientError, Failure, OSError) as error:
+            return failure(image, error)
         return Outcome({"image": image, "ok": True, "top": result["top"]}, EXIT_OK)
 
     outcomes = _run_all(settings, list(images), one, jobs, as_json)

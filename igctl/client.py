@@ -21,8 +21,6 @@ REFUSALS = {
     protocol.BAD_FRAME, protocol.FRAME_TOO_LARGE, protocol.UNSUPPORTED_VERSION, protocol.UNKNOWN_OP,
     protocol.BAD_REQUEST, protocol.BAD_IMAGE, protocol.IMAGE_TOO_LARGE, protocol.UNKNOWN_TARGET,
 }  # fmt: skip
-# Responses carry results of up to 4 GiB (the frame header's limit).
-MAX_RESPONSE_BYTES = 2**32 - 1
 
 
 class ClientError(Exception):
@@ -33,6 +31,15 @@ class ClientError(Exception):
 
 class NoDaemon(ClientError):
     exit_status = EXIT_NO_DAEMON
+
+
+class ConnectionLost(ClientError):
+    """The connection ended; ``sent`` says whether the request had been fully sent
+    (if not, the daemon never saw it and it is safe to retry on a new connection)."""
+
+    def __init__(self, message: str, sent: bool) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 class RequestFailed(ClientError):
@@ -75,14 +82,19 @@ class Client:
         frame = protocol.request(request_id, op, args)
         try:
             self._sock.sendall(frame)
+        except (BrokenPipeError, ConnectionResetError) as error:
+            raise ConnectionLost(f"igd closed the connection ({error.strerror})", sent=False) from None
+        except TimeoutError:
+            raise ClientError(f"igd took more than {self._sock.gettimeout():g} s to accept the request (--timeout)") from None
+        try:
             while True:
-                kind, body = protocol.read_frame(self._sock, MAX_RESPONSE_BYTES, (protocol.RESPONSE, protocol.EVENT))
+                kind, body = protocol.read_frame(self._sock, protocol.MAX_BODY_BYTES, (protocol.RESPONSE, protocol.EVENT))
                 if kind == protocol.RESPONSE and body.get("id") in (request_id, None):
                     break
         except TimeoutError:
             raise ClientError(f"no answer from igd within {self._sock.gettimeout():g} s (--timeout)") from None
         except (EOFError, ConnectionError) as error:
-            raise ClientError(f"igd closed the connection before answering ({error}); did it stop?") from None
+            raise ConnectionLost(f"igd closed the connection before answering ({error}); did it stop?", sent=True) from None
         except ProtocolError as error:
             raise ClientError(f"garbled answer from {self.path}: {error.message}") from None
         if body.get("ok") is True and isinstance(body.get("result"), dict):

@@ -8,6 +8,7 @@ model, then the chunk-size measurement and a warm-up pass, and only then READY=1
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from igd.models import LoadedModel, ModelError, load_model
 from igd.protocol import default_socket_path
 from igd.server import Daemon, OwnedPath, SocketInUse, bind_socket
 from igd.service import Limits, Service
-from igd.tuning import choose_max_batch
+from igd.tuning import choose_max_batch, memory_budget
 from igd.worker import Worker
 
 
@@ -54,8 +55,25 @@ class ServeOptions:
         )
 
 
+class _StopFlag:
+    """SIGTERM/SIGINT before the event loop runs (during loading and warm-up): the
+    handler only records it; start-up stops at the next stage and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.raised = True
+
+    def __call__(self) -> bool:
+        return self.raised
+
+
 def serve_forever(options: ServeOptions, model_args: dict[str, Any]) -> None:
     """Serve until SIGTERM/SIGINT. Raises StartupError if igd cannot start."""
+    stop = _StopFlag()
     listener, owned = _listener(options.socket_path)
     try:
         systemd.notify("STATUS=loading the model")
@@ -66,17 +84,34 @@ def serve_forever(options: ServeOptions, model_args: dict[str, Any]) -> None:
             raise StartupError(str(error)) from None
         log("model_loaded", name=model.name, device=str(model.device), parameters=model.num_parameters,
             seconds=round(time.perf_counter() - started, 2), source=model.source)
+        if stop():
+            _stopped_during_startup()
+            return
         systemd.notify(f"STATUS=warming up {model.name}")
         max_batch = warm_up(model, options.max_batch)
-        worker = Worker(model, max_batch=max_batch, max_images=options.max_images, queue_size=options.queue_size)
+        if stop():
+            _stopped_during_startup()
+            return
+        worker = Worker(
+            model,
+            max_batch=max_batch,
+            max_images=options.max_images,
+            queue_size=options.queue_size,
+            max_pass_bytes=memory_budget(model.device) // 4,
+        )
         worker.start()
         service = Service(model, worker, options.limits())
         daemon = Daemon(service, listener, owned=owned, drain_timeout=options.drain_timeout)
-        asyncio.run(daemon.run())
+        asyncio.run(daemon.run(stop))
     finally:
         listener.close()
         if owned is not None:
             owned.unlink()  # after serving the daemon has done it; this covers start-up failures
+
+
+def _stopped_during_startup() -> None:
+    systemd.notify("STOPPING=1")
+    log("stopped", reason="signal during start-up")
 
 
 def warm_up(model: LoadedModel, max_batch: int | None) -> int:

@@ -86,9 +86,18 @@ class ProtocolError(Exception):
         )
 
 
+MAX_BODY_BYTES = 2**32 - 1  # the header's u32 length
+
+
+class FrameTooLarge(ValueError):
+    """A body too large for any frame (over 4 GiB)."""
+
+
 def encode_frame(kind: int, body: dict[str, Any]) -> bytes:
     """Header + msgpack body (``bytes`` become msgpack bin, ``str`` msgpack str)."""
     payload = msgpack.packb(body, use_bin_type=True)
+    if len(payload) > MAX_BODY_BYTES:
+        raise FrameTooLarge(f"a body of {len(payload):,} bytes is over the {MAX_BODY_BYTES:,}-byte frame limit")
     return HEADER.pack(MAGIC, VERSION, kind, len(payload)) + payload
 
 

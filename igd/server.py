@@ -19,7 +19,7 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from igd import protocol, systemd
 from igd.logs import log
@@ -33,7 +33,8 @@ from igd.protocol import (
 )
 from igd.service import Service
 
-MAX_RESPONSE_BYTES = 2**32 - 1  # the header's u32 length
+# Bodies larger than this are decoded off the event loop.
+_INLINE_BYTES = 1 << 20
 
 
 class SocketInUse(RuntimeError):
@@ -76,6 +77,7 @@ def bind_socket(path: Path) -> tuple[socket.socket, OwnedPath]:
         log("stale_socket_removed", path=str(path))
     if not path.parent.exists():
         path.parent.mkdir(mode=0o755, parents=True)
+    _check_directory(path.parent)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o117)  # 0660: owner and group only
     try:
@@ -87,6 +89,16 @@ def bind_socket(path: Path) -> tuple[socket.socket, OwnedPath]:
         os.umask(old_umask)
     sock.listen(128)
     return sock, OwnedPath(path, path.lstat().st_ino)
+
+
+def _check_directory(directory: Path) -> None:
+    """Refuse a socket directory that someone else could use to replace our socket: it
+    must belong to us or root, and not be writable by others (unless sticky, as /tmp)."""
+    info = directory.stat()
+    if info.st_uid not in (os.geteuid(), 0):
+        raise SocketInUse(f"{directory} belongs to uid {info.st_uid}, not to us; refusing to put the socket there")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
+        raise SocketInUse(f"{directory} is writable by others; refusing to put the socket there")
 
 
 def _is_served(path: Path) -> bool:
@@ -112,6 +124,68 @@ def peer_credentials(sock: socket.socket | None) -> dict[str, int]:
     return {"peer_pid": pid, "peer_uid": uid}
 
 
+class Connection:
+    """One client's connection: reads its frames, writes its responses one at a time."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, idle_timeout: float) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.idle_timeout = idle_timeout
+        self.peer = peer_credentials(writer.get_extra_info("socket"))
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.broken = False  # a response was cut off: the stream can carry nothing more
+        self._lock = asyncio.Lock()
+
+    async def read_body(self, max_body: int) -> bytes:
+        """The next request's body. Raises ProtocolError for a bad header, TimeoutError when
+        the client is idle (nothing pending) or sends one frame too slowly,
+        IncompleteReadError when it leaves."""
+        while True:
+            try:
+                header = await asyncio.wait_for(self.reader.readexactly(protocol.HEADER_SIZE), self.idle_timeout)
+                break
+            except TimeoutError:
+                if not self.tasks:
+                    raise
+                # Requests pending: the client is waiting for answers, not idle.
+        _kind, length = protocol.parse_header(header, max_body, (REQUEST,))
+        return await asyncio.wait_for(self.reader.readexactly(length), self.idle_timeout)
+
+    async def send(self, frame: bytes) -> bool:
+        """Write one whole frame; False if it could not be delivered. A client that stops
+        reading for the idle timeout, or a write cut short, ends the connection: a
+        partial frame must never be followed by another."""
+        async with self._lock:
+            if self.broken:
+                return False
+            try:
+                self.writer.write(frame)
+                await asyncio.wait_for(self.writer.drain(), self.idle_timeout)
+                return True
+            except TimeoutError:
+                log("client_not_reading", timeout_s=self.idle_timeout, **self.peer)
+                self.abort()
+            except (ConnectionError, OSError):
+                self.abort()
+            except asyncio.CancelledError:
+                self.abort()
+                raise
+            return False
+
+    def abort(self) -> None:
+        self.broken = True
+        self.writer.transport.abort()
+
+    def hung_up(self) -> bool:
+        """After EOF: did the peer close entirely (POLLHUP), or only its sending side?"""
+        sock = self.writer.get_extra_info("socket")
+        if sock is None or self.writer.is_closing():
+            return True
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)  # POLLHUP and POLLERR are always reported
+        return any(events & (select.POLLHUP | select.POLLERR) for _fd, events in poller.poll(0))
+
+
 class Daemon:
     """Serves ``service`` on ``listener`` until SIGTERM/SIGINT, then drains and exits."""
 
@@ -129,111 +203,125 @@ class Daemon:
         self.drain_timeout = drain_timeout
         self.stopping = False
         self._stop = asyncio.Event()
-        self._requests: set[asyncio.Task[None]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._connections: dict[asyncio.Task[None], Connection] = {}
 
-    async def run(self) -> None:
+    async def run(self, stop_requested: Callable[[], bool] = lambda: False) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)  # handlers only set a flag
+        if stop_requested():  # a signal arrived during start-up, before these handlers
+            self._stop.set()
         server = await asyncio.start_unix_server(self._connection, sock=self.listener)
-        systemd.notify("READY=1", f"STATUS=serving {self.service.model.name} on {self.service.model.device}")
-        log("ready", model=self.service.model.name, device=str(self.service.model.device), pid=os.getpid())
+        if not self._stop.is_set():
+            systemd.notify("READY=1", f"STATUS=serving {self.service.model.name} on {self.service.model.device}")
+            log("ready", model=self.service.model.name, device=str(self.service.model.device), pid=os.getpid())
         await self._stop.wait()
         await self._shutdown(server)
 
     async def _shutdown(self, server: asyncio.base_events.Server) -> None:
         self.stopping = True
         systemd.notify("STOPPING=1", "STATUS=draining")
-        log("stopping", in_flight=len(self._requests), queued=self.service.worker.queue_depth)
+        requests = self._requests()
+        log("stopping", in_flight=len(requests), queued=self.service.worker.queue_depth)
         server.close()
         self.service.worker.close()
         loop = asyncio.get_running_loop()
         rejected = await loop.run_in_executor(None, self.service.worker.drain, self.drain_timeout)
-        if self._requests:
-            # Give answered work a moment to be written, then end what is left.
-            await asyncio.wait(self._requests, timeout=5.0)
-            for task in list(self._requests):
+        requests = self._requests()
+        if requests:
+            # Give answered work a moment to be written, then end what is left: each
+            # cancelled request answers shutting_down.
+            await asyncio.wait(requests, timeout=5.0)
+            for task in requests:
                 task.cancel()
-            await asyncio.gather(*self._requests, return_exceptions=True)
-        for writer in list(self._writers):
-            writer.close()
+            await asyncio.gather(*requests, return_exceptions=True)
+        for connection in self._connections.values():
+            connection.writer.close()
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=5.0)
+            for task in self._connections:
+                task.cancel()
+            await asyncio.gather(*self._connections, return_exceptions=True)
         self.service.close()
         if self.owned is not None:
             self.owned.unlink()
         log("stopped", rejected=rejected, served=sum(self.service.served.values()))
 
+    def _requests(self) -> list[asyncio.Task[None]]:
+        return [task for connection in self._connections.values() for task in connection.tasks]
+
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = peer_credentials(writer.get_extra_info("socket"))
-        lock = asyncio.Lock()
-        tasks: set[asyncio.Task[None]] = set()
-        self._writers.add(writer)
+        connection = Connection(reader, writer, self.service.limits.idle_timeout)
+        this = asyncio.current_task()
+        assert this is not None
+        self._connections[this] = connection
         self.service.connections += 1
-        limits = self.service.limits
         try:
-            while not self.stopping:
-                try:
-                    header = await asyncio.wait_for(reader.readexactly(protocol.HEADER_SIZE), limits.idle_timeout)
-                    _kind, length = protocol.parse_header(header, limits.max_frame_bytes, (REQUEST,))
-                    payload = await asyncio.wait_for(reader.readexactly(length), limits.idle_timeout)
-                except asyncio.IncompleteReadError as error:
-                    if error.partial:
-                        log("client_gone", reason="half a frame", received=len(error.partial), **peer)
-                    break
-                except (asyncio.TimeoutError, TimeoutError):
-                    log("client_idle", timeout_s=limits.idle_timeout, **peer)
-                    break
-                except ProtocolError as error:
-                    # The framing is lost: answer once, then close.
-                    self.service.failed[error.code] += 1
-                    log("bad_frame", code=error.code, message=error.message, **peer)
-                    await self._send(writer, lock, protocol.error_response(None, error))
-                    break
-                except (ConnectionError, OSError):
-                    break
-                task = asyncio.create_task(self._request(writer, lock, payload, peer))
-                tasks.add(task)
-                self._requests.add(task)
-                task.add_done_callback(tasks.discard)
-                task.add_done_callback(self._requests.discard)
-            if tasks and _peer_hung_up(writer):
-                log("client_gone", reason="disconnected with requests pending", pending=len(tasks), **peer)
-                for task in tasks:
-                    task.cancel()
-            if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
+            await self._serve(connection)
         finally:
             self.service.connections -= 1
-            self._writers.discard(writer)
+            del self._connections[this]
             writer.close()
 
-    async def _request(self, writer: asyncio.StreamWriter, lock: asyncio.Lock, payload: bytes, peer: dict[str, int]) -> None:
+    async def _serve(self, connection: Connection) -> None:
+        peer = connection.peer
+        while not self.stopping and not connection.broken:
+            try:
+                payload = await connection.read_body(self.service.limits.max_frame_bytes)
+            except asyncio.IncompleteReadError as error:
+                if error.partial:
+                    log("client_gone", reason="half a frame", received=len(error.partial), **peer)
+                break
+            except TimeoutError:
+                log("client_idle", timeout_s=connection.idle_timeout, **peer)
+                break
+            except ProtocolError as error:
+                # The framing is lost: answer once, then close.
+                self.service.failed[error.code] += 1
+                log("bad_frame", code=error.code, message=error.message, **peer)
+                await connection.send(protocol.error_response(None, error))
+                break
+            except (ConnectionError, OSError):
+                break
+            task = asyncio.create_task(self._request(connection, payload))
+            del payload  # the task holds it now, and drops it once decoded
+            connection.tasks.add(task)
+            task.add_done_callback(connection.tasks.discard)
+        if connection.tasks and connection.hung_up():
+            log("client_gone", reason="disconnected with requests pending", pending=len(connection.tasks), **peer)
+            for task in connection.tasks:
+                task.cancel()
+        if connection.tasks:
+            await asyncio.gather(*connection.tasks, return_exceptions=True)
+
+    async def _request(self, connection: Connection, payload: bytes) -> None:
         started = time.perf_counter()
         request_id: int | None = None
         op = "?"
         notes: dict[str, Any] = {}
-        self.service.in_flight += 1
+        service = self.service
+        service.in_flight += 1
         try:
             try:
-                body = protocol.decode_body(payload)
+                if len(payload) > _INLINE_BYTES:
+                    body = await service.in_pool(protocol.decode_body, payload)
+                else:
+                    body = protocol.decode_body(payload)
+                del payload
                 request_id = _request_id(body)
                 op, args = _op_and_args(body)
+                del body
                 if request_id is None:
                     raise ProtocolError(BAD_REQUEST, "a request needs an integer id", {"field": "id"})
                 if self.stopping and op in ("classify", "attribute"):
                     raise ProtocolError(SHUTTING_DOWN, "the daemon is shutting down")
-                result = await asyncio.wait_for(
-                    self.service.handle(op, args, notes), self.service.limits.request_timeout
-                )
-                frame = protocol.ok_response(request_id, result)
-                if len(frame) > MAX_RESPONSE_BYTES + protocol.HEADER_SIZE:
-                    raise ProtocolError(INTERNAL, "the result is over the 4 GiB frame limit; use fewer steps")
+                result = await asyncio.wait_for(service.handle(op, args, notes), service.limits.request_timeout)
+                frame = await service.in_pool(_ok_frame, request_id, result)
                 outcome = "ok"
-                self.service.served[op] += 1
             except ProtocolError as error:
                 frame, outcome = protocol.error_response(request_id, error), error.code
-            except (asyncio.TimeoutError, TimeoutError):
-                error = ProtocolError(TIMEOUT, f"no result within {self.service.limits.request_timeout:g} s (--request-timeout)")
+            except TimeoutError:
+                error = ProtocolError(TIMEOUT, f"no result within {service.limits.request_timeout:g} s (--request-timeout)")
                 frame, outcome = protocol.error_response(request_id, error), TIMEOUT
             except asyncio.CancelledError:
                 if not self.stopping:
@@ -246,23 +334,26 @@ class Daemon:
                     request_id, ProtocolError(INTERNAL, "internal error (logged on the daemon)", {"error": type(error).__name__})
                 )
                 outcome = INTERNAL
-            if outcome != "ok":
-                self.service.failed[outcome] += 1
-            await self._send(writer, lock, frame)
-            log("request", op=op, id=request_id, outcome=outcome, ms=round((time.perf_counter() - started) * 1000, 1), **peer, **notes)
+            delivered = await connection.send(frame)
+            if outcome == "ok" and delivered:
+                service.served[op] += 1
+            elif outcome != "ok":
+                service.failed[outcome] += 1
+            log("request", op=op, id=request_id, outcome=outcome if delivered else f"{outcome}_undelivered",
+                ms=round((time.perf_counter() - started) * 1000, 1), **connection.peer, **notes)
         except asyncio.CancelledError:
-            log("request", op=op, id=request_id, outcome="cancelled", **peer, **notes)
+            log("request", op=op, id=request_id, outcome="cancelled", **connection.peer, **notes)
             raise
         finally:
-            self.service.in_flight -= 1
+            service.in_flight -= 1
 
-    async def _send(self, writer: asyncio.StreamWriter, lock: asyncio.Lock, frame: bytes) -> None:
-        async with lock:
-            try:
-                writer.write(frame)
-                await writer.drain()
-            except (ConnectionError, OSError):
-                pass  # the client left; its connection loop notices
+
+def _ok_frame(request_id: int, result: dict[str, Any]) -> bytes:
+    """The success frame; a result over the frame format's 4 GiB becomes a clear error."""
+    try:
+        return protocol.ok_response(request_id, result)
+    except protocol.FrameTooLarge as error:
+        raise ProtocolError(INTERNAL, f"{error}; ask for fewer steps", {"error": "result_too_large"}) from None
 
 
 def _request_id(body: dict[str, Any]) -> int | None:
@@ -279,13 +370,3 @@ def _op_and_args(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     if not isinstance(args, dict):
         raise ProtocolError(BAD_REQUEST, f"args must be a map, got {type(args).__name__}", {"field": "args"})
     return op, args
-
-
-def _peer_hung_up(writer: asyncio.StreamWriter) -> bool:
-    """After EOF: did the peer close entirely (POLLHUP), or only its sending side?"""
-    sock = writer.get_extra_info("socket")
-    if sock is None or writer.is_closing():
-        return True
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN)  # POLLHUP and POLLERR are always reported
-    return any(events & (select.POLLHUP | select.POLLERR) for _fd, events in poller.poll(0))

@@ -29,6 +29,7 @@ from igd.protocol import (
     BAD_REQUEST,
     IMAGE_TOO_LARGE,
     OPS,
+    OVERLOADED,
     UNKNOWN_TARGET,
     VERSION,
     ProtocolError,
@@ -61,6 +62,8 @@ class Service:
         self.failed: collections.Counter[str] = collections.Counter()
         self.in_flight = 0
         self.connections = 0
+        self.pending = 0  # classify/attribute requests between arrival and answer
+        self.max_pending = worker.queue_size + worker.max_images
         self._pool = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="igd-io")
 
     async def handle(self, op: str, args: dict[str, Any], notes: dict[str, Any]) -> dict[str, Any]:
@@ -74,7 +77,21 @@ class Service:
         }.get(op)
         if handler is None:
             raise ProtocolError("unknown_op", f"unknown op {op!r}; this server knows {', '.join(OPS)}", {"ops": list(OPS)})
-        return await handler(args, notes)
+        if op in ("hello", "status"):
+            return await handler(args, notes)
+        # Admission: every compute request holds its image (up to a frame) from arrival to
+        # answer, so their number is bounded before any decoding, not only at the queue.
+        if self.pending >= self.max_pending:
+            raise ProtocolError(
+                OVERLOADED,
+                f"{self.pending} requests are already in progress; try again shortly",
+                {"max_pending": self.max_pending},
+            )
+        self.pending += 1
+        try:
+            return await handler(args, notes)
+        finally:
+            self.pending -= 1
 
     async def hello(self, args: dict[str, Any], notes: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -108,6 +125,8 @@ class Service:
                 "served_by_op": dict(self.served),
                 "failed_by_code": dict(self.failed),
                 "in_flight": self.in_flight,
+                "pending": self.pending,
+                "max_pending": self.max_pending,
             },
             "connections": self.connections,
             "queue_depth": self.worker.queue_depth,
@@ -117,10 +136,10 @@ class Service:
         }
 
     async def classify(self, args: dict[str, Any], notes: dict[str, Any]) -> dict[str, Any]:
-        data = _arg(args, "image", bytes)
+        data = _take_image(args)
         top = _int_arg(args, "top", 5, 1, MAX_TOP)
-        image = await self._decode(data, notes)
-        inputs = await self._in_pool(self.model.preprocessing, image)
+        inputs = await self._decoded(data, notes, self.model.preprocessing)
+        del data
         logits = await self._compute(Job("classify", inputs), notes)
         return {
             "top": [
@@ -130,14 +149,14 @@ class Service:
         }
 
     async def attribute(self, args: dict[str, Any], notes: dict[str, Any]) -> dict[str, Any]:
-        data = _arg(args, "image", bytes)
+        data = _take_image(args)
         target = self._target(args.get("target"))
         n_steps = _int_arg(args, "n_steps", 50, 1, self.limits.max_steps)
         method = _choice_arg(args, "method", "gausslegendre", METHODS)
         try:
             quadrature(method, n_steps)
         except ValueError as error:
-            raise ProtocolError(BAD_REQUEST, str(error)) from None
+            raise ProtocolError(BAD_REQUEST, str(error), {"arg": "n_steps"}) from None
         baseline_name = _choice_arg(args, "baseline", DEFAULT_BASELINE, BASELINES)
         seed = _int_arg(args, "seed", 0, -(2**63), 2**63 - 1)
         blur_sigma = _float_arg(args, "blur_sigma", None, 0.0, 1000.0)
@@ -145,14 +164,14 @@ class Service:
         want_heatmap = _arg(args, "heatmap", bool, False)
         notes.update(target=target, n_steps=n_steps, method=method, baseline=baseline_name)
 
-        image = await self._decode(data, notes)
-
-        def prepare() -> tuple[Tensor, Tensor]:
+        def prepare(image: Image.Image) -> tuple[Tensor, Tensor, Image.Image | None]:
             pixels = self.model.preprocessing.to_pixels(image)
             baseline = make_baseline(baseline_name, pixels, self.model.preprocessing, blur_sigma=blur_sigma, seed=seed)
-            return self.model.preprocessing.normalize(pixels), baseline
+            # The decoded image (up to max_pixels) is kept only if a heatmap needs it.
+            return self.model.preprocessing.normalize(pixels), baseline, image if want_heatmap else None
 
-        inputs, baseline = await self._in_pool(prepare)
+        inputs, baseline, image = await self._decoded(data, notes, prepare)
+        del data
         job = Job("attribute", inputs, baseline, target, n_steps, method)
         part: AttributionSlice = await self._compute(job, notes)
         started = time.perf_counter()
@@ -167,7 +186,7 @@ class Service:
                 baseline_name=baseline_name,
             )
             answer: dict[str, Any] = {"data": encode(result, fmt), "format": fmt}
-            if want_heatmap:
+            if image is not None:
                 answer["heatmap_png"] = heatmap_png(attribution.integrated_grads[i], image, self.model.preprocessing)
             (index, name, probability), = self.model.top_classes(attribution.logits[i], 1)
             answer.update(
@@ -180,7 +199,7 @@ class Service:
             )
             return answer
 
-        answer = await self._in_pool(finish)
+        answer = await self.in_pool(finish)
         notes["encode_ms"] = _ms(time.perf_counter() - started)
         notes["target"] = answer["target"]["name"]
         answer["timing_ms"] = {k: notes[k] for k in ("decode_ms", "queue_ms", "compute_ms", "encode_ms")}
@@ -200,18 +219,25 @@ class Service:
         except UnknownClass as error:
             raise ProtocolError(UNKNOWN_TARGET, str(error), {"num_classes": len(self.model.class_names)}) from None
 
-    async def _decode(self, data: bytes, notes: dict[str, Any]) -> Image.Image:
+    async def _decoded(self, data: bytes, notes: dict[str, Any], then: Callable[[Image.Image], T]) -> T:
+        """Decode the image and apply ``then`` to it in the I/O pool; only what ``then``
+        returns outlives the call."""
         started = time.perf_counter()
         notes["image_bytes"] = len(data)
+        max_pixels = self.limits.max_pixels
+
+        def decode_and_prepare() -> tuple[str, T]:
+            image = decode_image(data, max_pixels=max_pixels)
+            return f"{image.width}x{image.height}", then(image)
+
         try:
-            image = await self._in_pool(decode_image, data, max_pixels=self.limits.max_pixels)
+            notes["image"], prepared = await self.in_pool(decode_and_prepare)
         except ImageTooLarge as error:
-            raise ProtocolError(IMAGE_TOO_LARGE, str(error), {"max_pixels": self.limits.max_pixels}) from None
+            raise ProtocolError(IMAGE_TOO_LARGE, str(error), {"max_pixels": max_pixels}) from None
         except ImageError as error:
             raise ProtocolError(BAD_IMAGE, str(error)) from None
-        notes["image"] = f"{image.width}x{image.height}"
         notes["decode_ms"] = _ms(time.perf_counter() - started)
-        return image
+        return prepared
 
     async def _compute(self, job: Job, notes: dict[str, Any]) -> Any:
         future = self.worker.submit(job)
@@ -219,7 +245,7 @@ class Service:
         notes.update(queue_ms=_ms(job.queued_s), compute_ms=_ms(job.compute_s), batch_size=job.batch_size)
         return result
 
-    async def _in_pool(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    async def in_pool(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
 
@@ -228,6 +254,13 @@ class Service:
         if not with_classes:
             facts.pop("classes")
         return facts
+
+
+def _take_image(args: dict[str, Any]) -> bytes:
+    """The image bytes, removed from ``args`` so that the request keeps one reference."""
+    data = _arg(args, "image", bytes)
+    del args["image"]
+    return data
 
 
 def _arg(args: dict[str, Any], name: str, kind: type, default: Any = ...) -> Any:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from igd.attribution import Attribution, attribute
+from igd.attribution import Attribution, attribute, strict_float32
 from igd.logs import log
 from igd.models import LoadedModel
 from igd.protocol import INTERNAL, OVERLOADED, SHUTTING_DOWN, ProtocolError
@@ -45,6 +45,12 @@ class Job:
     def batch_key(self) -> tuple[Any, ...]:
         return (self.op, self.n_steps, self.method) if self.op == "attribute" else (self.op,)
 
+    def result_bytes(self) -> int:
+        """Memory a pass holds for this image: its path points and their gradients."""
+        if self.op != "attribute":
+            return self.inputs.numel() * self.inputs.element_size()
+        return 2 * self.n_steps * self.inputs.numel() * self.inputs.element_size()
+
 
 @dataclass(frozen=True)
 class AttributionSlice:
@@ -57,10 +63,19 @@ class AttributionSlice:
 class Worker:
     """Owns the model; runs queued jobs in batched passes on one thread."""
 
-    def __init__(self, model: LoadedModel, *, max_batch: int, max_images: int = 32, queue_size: int = 64) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        max_batch: int,
+        max_images: int = 32,
+        queue_size: int = 64,
+        max_pass_bytes: int = 2 << 30,
+    ) -> None:
         self.model = model
-        self.max_batch = max_batch  # path points per forward pass; lowered on out-of-memory
+        self.max_batch = max_batch  # path points per forward pass
         self.max_images = max_images
+        self.max_pass_bytes = max_pass_bytes  # a pass's path points and gradients, all images
         self.queue_size = queue_size
         self._queue: collections.deque[tuple[Job, float]] = collections.deque()
         self._cond = threading.Condition()
@@ -124,6 +139,7 @@ class Worker:
             "batch_sizes": {str(size): n for size, n in sorted(self.batch_sizes.items())},
             "max_batch_points": self.max_batch,
             "max_images": self.max_images,
+            "max_pass_bytes": self.max_pass_bytes,
             "oom_retries": self.oom_retries,
             "compute_s": round(self.compute_s, 3),
         }
@@ -150,12 +166,14 @@ class Worker:
             first, queued_at = self._queue.popleft()
             picked = [(first, queued_at)]
             key = first.batch_key()
+            budget = self.max_pass_bytes - first.result_bytes()
             for item in list(self._queue):
                 if len(picked) >= self.max_images:
                     break
-                if item[0].batch_key() == key:
+                if item[0].batch_key() == key and item[0].result_bytes() <= budget:
                     self._queue.remove(item)
                     picked.append(item)
+                    budget -= item[0].result_bytes()
             self._busy = True
         now = time.monotonic()
         live = []
@@ -208,7 +226,7 @@ class Worker:
         device = self.model.device
         inputs = torch.cat([job.inputs for job in jobs]).to(device)
         if jobs[0].op == "classify":
-            with torch.no_grad():
+            with torch.no_grad(), strict_float32():
                 logits = self.model.module(inputs).float().cpu()
             return [logits[i] for i in range(len(jobs))]
         targets = self._targets(jobs, inputs)
@@ -220,26 +238,28 @@ class Worker:
     def _targets(self, jobs: list[Job], inputs: Tensor) -> list[int]:
         if all(job.target is not None for job in jobs):
             return [int(job.target) for job in jobs]  # type: ignore[arg-type]
-        with torch.no_grad():
+        with torch.no_grad(), strict_float32():
             predicted = self.model.module(inputs).argmax(dim=1).tolist()
         return [p if job.target is None else job.target for job, p in zip(jobs, predicted)]
 
     def _attribute(self, inputs: Tensor, targets: list[int], baselines: Tensor, n_steps: int, method: str) -> Attribution:
-        """One pass; on out-of-memory, halve the chunk size and retry (it stays lowered)."""
+        """One pass. Out of memory with several images: raised, so that each image runs
+        alone; with one image: retried in ever smaller chunks (for this pass only)."""
+        chunk = self.max_batch
         while True:
             try:
                 return attribute(
                     self.model.module, inputs, targets, baselines=baselines,
-                    n_steps=n_steps, method=method, max_batch=self.max_batch,
+                    n_steps=n_steps, method=method, max_batch=chunk,
                 )
             except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
-                if not _is_out_of_memory(error) or self.max_batch == 1:
+                if not _is_out_of_memory(error) or chunk == 1 or len(inputs) > 1:
                     raise
                 if inputs.device.type == "cuda":
                     torch.cuda.empty_cache()
                 self.oom_retries += 1
-                self.max_batch = max(1, self.max_batch // 2)
-                log("out_of_memory", level=30, retry_max_batch=self.max_batch)
+                chunk = max(1, chunk // 2)
+                log("out_of_memory", level=30, retry_max_batch=chunk)
 
 
 def _is_out_of_memory(error: BaseException) -> bool:

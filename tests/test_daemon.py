@@ -382,3 +382,72 @@ def test_limits_overloaded_timeout_and_idle(fixtures: Path, chelsea_png: bytes) 
             dripping.send_raw(b"G")  # a frame that arrives too slowly is cut off too
             assert dripping.closed_by_peer()
         still_serving(igd)
+
+
+def test_waiting_for_a_slow_answer_is_not_idleness(fixtures: Path, chelsea_png: bytes) -> None:
+    with Igd("-lp", str(fixtures / "lanet-tiny.pth"), "--max-batch", "10", "--idle-timeout", "1") as igd:
+        with WireClient(str(igd.socket)) as client:
+            slow = client.call("attribute", {"image": chelsea_png, "n_steps": 250})  # several seconds
+            assert slow["ok"], slow
+            assert client.call("hello")["ok"]  # the same connection is still open
+
+
+def test_a_client_that_stops_reading_is_dropped(fixtures: Path, chelsea_png: bytes) -> None:
+    with Igd("-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "25", "--idle-timeout", "1") as igd:
+        hog = WireClient(str(igd.socket))
+        for _ in range(12):  # ~800 KB answers each, never read: the socket buffer fills
+            hog.request("attribute", {"image": chelsea_png, "n_steps": 50})
+        deadline = time.monotonic() + 60
+        while "event=client_not_reading" not in igd.log() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "event=client_not_reading" in igd.log()
+        with WireClient(str(igd.socket)) as client:
+            while client.call("status")["result"]["requests"]["in_flight"] > 1 and time.monotonic() < deadline:
+                time.sleep(0.2)  # the hog's pending answers are released, not held
+            assert client.call("status")["result"]["requests"]["in_flight"] == 1
+        hog.close()
+
+
+def test_sigterm_during_start_up_exits_cleanly(tmp_path: Path) -> None:
+    directory = short_tempdir()
+    path = directory / "igd.sock"
+    notify = NotifyListener(directory)
+    process = subprocess.Popen([IGD, "serve", "--socket", str(path)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, env={**os.environ, "NOTIFY_SOCKET": str(notify.path)})
+    try:
+        notify.wait_for("STATUS=loading the model", 60, process)
+        process.send_signal(signal.SIGTERM)  # while the built-in model loads or warms up
+        assert process.wait(120) == 0
+        output = process.stdout.read().decode()
+        assert "event=stopped" in output and "Traceback" not in output
+        assert not path.exists()
+        assert not any("READY=1" in m.splitlines() for m in notify.messages)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        notify.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_shutdown_with_idle_connections_logs_no_tracebacks(fixtures: Path) -> None:
+    igd = Igd("-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "10")
+    try:
+        idle = [WireClient(str(igd.socket)) for _ in range(3)]
+        assert idle[0].call("hello")["ok"]
+        assert igd.stop() == 0
+        log = igd.log()
+        assert "Traceback" not in log and "Exception in callback" not in log, log
+        for client in idle:
+            assert client.closed_by_peer()
+            client.close()
+    finally:
+        igd.stop()
+        igd.cleanup()
+
+
+def test_odd_digit_targets_are_unknown_targets(bit_daemon: Igd, chelsea_png: bytes) -> None:
+    with WireClient(str(bit_daemon.socket)) as client:
+        for target in ("²", "9" * 5000, "-1", 12):
+            response = client.call("attribute", {"image": chelsea_png, "target": target, "n_steps": 2})
+            assert response["error"]["code"] == "unknown_target", (target, response)
+        assert client.call("attribute", {"image": chelsea_png, "target": " 3 ", "n_steps": 2})["result"]["target"]["index"] == 3

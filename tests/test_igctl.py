@@ -234,3 +234,29 @@ def test_help_documents_the_exit_statuses() -> None:
     out = subprocess.run([IGCTL, "--help"], capture_output=True, text=True, timeout=60).stdout
     for line in ("0  success", "1  the daemon refused", "2  usage error", "3  no daemon", "4  the daemon failed"):
         assert line in out
+
+
+def test_results_with_the_same_name_are_not_overwritten(lanet: Igd, photos: dict[str, Path], workdir: Path) -> None:
+    for folder in ("cats", "dogs"):
+        (workdir / folder).mkdir()
+        shutil.copy(photos["chelsea.png"], workdir / folder / "img.png")
+    run = lanet.igctl("attribute", str(workdir / "cats/img.png"), str(workdir / "dogs/img.png"), "--target", "cat",
+                      "--out-dir", str(workdir / "out"), "--jobs", "2", "--steps", "4")
+    assert run.returncode == 1
+    assert "dogs/img.png: its result would go to" in run.stderr.decode()
+    assert os.listdir(workdir / "out") == ["img.gzip"]
+
+
+def test_target_guessing(lanet: Igd, photos: dict[str, Path], workdir: Path) -> None:
+    (workdir / "cat").mkdir()  # a directory named like the class is still the class
+    run = subprocess.run([IGCTL, "--socket", str(lanet.socket), "attribute", str(photos["chelsea.png"]), "cat",
+                          "-o", "r.gzip", "--steps", "4", "--json"], cwd=workdir, capture_output=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["target"] == "cat"
+    listing = f"{photos['chelsea.png']}\n{photos['coffee.png']}\n".encode()
+    run = lanet.igctl("attribute", "--files-from", "-", "ship", "--out-dir", str(workdir / "o"), "--steps", "4", "--json",
+                      input=listing)
+    assert run.returncode == 0, run.stderr
+    assert [json.loads(line)["target"] for line in run.stdout.decode().splitlines()] == ["ship", "ship"]
+    odd = lanet.igctl("attribute", str(photos["chelsea.png"]), "²", "-o", str(workdir / "x.gzip"))
+    assert odd.returncode == 1 and b"unknown_target" in odd.stderr and b"Traceback" not in odd.stderr

@@ -16,7 +16,7 @@ torchvision architectures default to ImageNet's 224 crop and statistics.
 from __future__ import annotations
 
 import json
-import tomllib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,14 @@ class Sidecar:
     classes: tuple[str, ...] | None = None
 
 
+def _toml() -> Any:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    return tomllib
+
+
 def find_sidecar(model_path: Path) -> Path | None:
     candidates = [
         model_path.with_name(model_path.name + ".json"),
@@ -63,7 +71,7 @@ def read_sidecar(path: Path | None, *, require_preprocessing: bool) -> Sidecar:
         return Sidecar(None)
     try:
         text = path.read_text(encoding="utf-8")
-        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        data = _toml().loads(text) if path.suffix == ".toml" else json.loads(text)
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise ModelError(f"{path}: cannot read the sidecar ({error})") from None
     if not isinstance(data, dict):

@@ -88,7 +88,7 @@ class LoadedModel:
         for index, name in enumerate(self.class_names):
             if name.casefold() == wanted:
                 return index
-        if wanted.isdigit():
+        if wanted.isascii() and wanted.isdecimal() and len(wanted) <= 9:
             return self.class_index(int(wanted))
         close = difflib.get_close_matches(wanted, [n.casefold() for n in self.class_names], n=3)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
