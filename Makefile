@@ -20,8 +20,15 @@ test: install
 demo: install
 	VENV=$(VENV) scripts/demo.sh
 
+# All CPU benchmarks (about an hour on 2 cores), then docs/benchmarks.md. GPU: bench/gpu.py.
 bench: install
-	$(BIN)/python bench/engine.py
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/engine.py --json docs/benchmarks/engine.json
+	$(BIN)/python bench/e2e.py --json docs/benchmarks/e2e.json
+	$(BIN)/python bench/client.py --json docs/benchmarks/client.json
+	$(BIN)/python bench/concurrency.py --json docs/benchmarks/concurrency.json
+	$(BIN)/python bench/memory.py --json docs/benchmarks/memory.json
+	$(BIN)/python bench/report.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -9,6 +9,7 @@ Starts its own igd on a temporary socket; alternates the commands; prints median
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -33,6 +34,7 @@ def wall(command: list[str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="igd-bench-", dir="/tmp"))
     socket = work / "igd.sock"
@@ -57,12 +59,17 @@ def main() -> None:
         daemon.wait(60)
         shutil.rmtree(work, ignore_errors=True)
     baseline = statistics.median(times['python -c "import torch"'])
-    print(f"# client wall time, median of {args.repeats} ({platform.machine()}, {os.cpu_count()} cores, CPU)")
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, CPU"
+    print(f"# client wall time, median of {args.repeats} ({machine})")
     print("| command | median (ms) | vs import torch |")
     print("|---|---|---|")
+    rows = []
     for name, values in times.items():
         median = statistics.median(values)
+        rows.append({"command": name, "median_s": median, "vs_import_torch": median / baseline, "runs": values})
         print(f"| {name} | {median * 1000:.0f} | {median / baseline:.2f}x |")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ peaks near 18 GB here; make sure the machine has it.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -20,48 +21,12 @@ import time
 from pathlib import Path
 
 import torch
+from models import IMAGE, build
 from PIL import Image
 from predecessor import predecessor_attribute
 
 from igd.attribution import attribute
-from igd.models import bit, lanet, load_model
-from igd.models.registry import BIT_PREPROCESSING, LANET_PREPROCESSING
-from igd.tuning import choose_max_batch
-
-IMAGE = Path(__file__).resolve().parents[1] / "igd" / "data" / "chelsea.jpg"
-
-
-def build(name: str) -> tuple[torch.nn.Module, torch.Tensor, int, str]:
-    """(model in eval mode, preprocessed chelsea (1, 3, H, W), target, label)."""
-    image = Image.open(IMAGE).convert("RGB")
-    torch.manual_seed(0)
-    if name == "lanet":
-        model = calibrated(lanet.NetworkCIFAR(128, 10, 24, auxiliary=True))
-        return model.eval(), LANET_PREPROCESSING(image), 3, "LaNet C=128, 24 layers (random init), 32x32"
-    if name == "bit":
-        model = bit.ResNetV2((3, 4, 23, 3), 3, 10)
-        return model.eval(), BIT_PREPROCESSING(image), 3, "BiT-S-R101x3 (random init), 32x32"
-    loaded = load_model()
-    x = loaded.preprocess(image)
-    with torch.no_grad():
-        target = int(loaded.module(x).argmax())
-    module = loaded.module.requires_grad_(True)  # load_model freezes; the predecessor did not
-    return module, x, target, "EfficientNet-Lite0 (pretrained), 224x224"
-
-
-def calibrated(model: torch.nn.Module) -> torch.nn.Module:
-    """Give a randomly initialised model's BatchNorm layers the statistics of its own
-    activations (a few train-mode forwards on noise). With the init statistics (mean 0,
-    var 1) 24 cells of skip connections overflow to inf, and NaN arithmetic would make
-    the timings meaningless."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None  # a cumulative average
-    model.train()
-    with torch.no_grad():
-        for _ in range(4):
-            model(torch.randn(16, 3, 32, 32))
-    return model.eval()
+from igd.tuning import choose_max_batch, choose_memory_format
 
 
 def timed(fn) -> float:
@@ -71,9 +36,13 @@ def timed(fn) -> float:
 
 
 def bench(name: str, repeats: int, n_steps: int) -> dict[str, object]:
-    model, x, target, label = build(name)
-    choice = choose_max_batch(model, x, limit=n_steps)
-    ours_fn = lambda: attribute(model, x, target, n_steps=n_steps, max_batch=choice.max_batch)  # noqa: E731
+    built = build(name)
+    model, target, label = built.module, built.target, built.label
+    x = built.preprocess(Image.open(IMAGE).convert("RGB"))
+    ours_model = copy.deepcopy(model)  # tuned for igd; the predecessor keeps the model as built
+    choice = choose_max_batch(ours_model, x, limit=n_steps)
+    memory_format = choose_memory_format(ours_model, x, choice.max_batch)  # as igd serve does
+    ours_fn = lambda: attribute(ours_model, x, target, n_steps=n_steps, max_batch=choice.max_batch)  # noqa: E731
     theirs_fn = lambda: predecessor_attribute(model, x, target, n_steps=n_steps)  # noqa: E731
     ours = ours_fn()  # warm-up, and the results to compare
     theirs = theirs_fn()
@@ -87,6 +56,7 @@ def bench(name: str, repeats: int, n_steps: int) -> dict[str, object]:
         "model": label,
         "n_steps": n_steps,
         "chunk": choice.max_batch,
+        "memory_format": str(memory_format).removeprefix("torch."),
         "ours_s": ours_median,
         "predecessor_s": theirs_median,
         "speedup": theirs_median / ours_median,
@@ -105,7 +75,7 @@ def main() -> None:
     args = parser.parse_args()
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU"
     print(f"# compute path, {args.steps} Gauss-Legendre steps, median of {args.repeats} ({machine})")
-    print(f"| model | igd (s) | predecessor (s) | speedup | chunk | IG rel. L2 vs predecessor |")
+    print("| model | igd (s) | predecessor (s) | speedup | chunk, format | IG rel. L2 vs predecessor |")
     print("|---|---|---|---|---|---|")
     rows = []
     for name in args.models.split(","):
@@ -113,7 +83,7 @@ def main() -> None:
         rows.append(row)
         print(
             f"| {row['model']} | {row['ours_s']:.2f} | {row['predecessor_s']:.2f} | "
-            f"{row['speedup']:.1f}x | {row['chunk']} | {row['ig_rel_l2_vs_predecessor']:.1e} |",
+            f"{row['speedup']:.1f}x | {row['chunk']}, {row['memory_format']} | {row['ig_rel_l2_vs_predecessor']:.1e} |",
             flush=True,
         )
     if args.json:

@@ -24,7 +24,7 @@ from igd.models import LoadedModel, ModelError, load_model
 from igd.protocol import default_socket_path
 from igd.server import Daemon, OwnedPath, SocketInUse, bind_socket
 from igd.service import Limits, Service
-from igd.tuning import choose_max_batch, memory_budget
+from igd.tuning import choose_max_batch, choose_memory_format, memory_budget
 from igd.worker import Worker
 
 
@@ -115,16 +115,19 @@ def _stopped_during_startup() -> None:
 
 
 def warm_up(model: LoadedModel, max_batch: int | None) -> int:
-    """Measure the chunk size (unless given) and run one small attribution end to end."""
+    """Measure the chunk size and memory format (unless the chunk size is given), and run
+    one small attribution end to end."""
     sample = resources.files("igd").joinpath("data", "chelsea.jpg").read_bytes()
     x = model.preprocess(decode_image(sample))
     started = time.perf_counter()
     if max_batch is None:
         choice = choose_max_batch(model.module, x)
         max_batch = choice.max_batch
+        memory_format = choose_memory_format(model.module, x, max_batch)
         log("chunk_size_measured", max_batch=max_batch,
             ms_per_point={size: round(s * 1000, 1) for size, s in choice.seconds_per_point.items()},
-            memory_cap=choice.memory_cap, mb_per_point=round(choice.bytes_per_point / 1e6, 1))
+            memory_cap=choice.memory_cap, mb_per_point=round(choice.bytes_per_point / 1e6, 1),
+            memory_format=str(memory_format).removeprefix("torch."))
     attribute(model.module, x, 0, n_steps=2, max_batch=max_batch)
     log("warmed_up", seconds=round(time.perf_counter() - started, 2), max_batch=max_batch)
     return max_batch

@@ -1,0 +1,132 @@
+"""Render the benchmark results into docs/benchmarks.md and one chart the README shows.
+
+    python bench/report.py            # reads docs/benchmarks/*.json (written by the bench scripts' --json)
+
+The JSON files are committed next to the page, so the page can be rebuilt and checked.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+RESULTS = DOCS / "benchmarks"
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def engine_table(data: dict) -> list[str]:
+    lines = ["| model | igd (s) | predecessor (s) | speedup | chunk, format |", "|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['model']} | {r['ours_s']:.2f} | {r['predecessor_s']:.2f} | **{r['speedup']:.1f}x** | "
+                     f"{r['chunk']}, {r.get('memory_format', 'contiguous_format').removesuffix('_format')} |")
+    return lines
+
+
+def e2e_table(data: dict) -> list[str]:
+    lines = ["| model | image | igd + igctl (s) | predecessor pipeline (s) | speedup |", "|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['model']} | {r['image']} | {r['igd_s']:.2f} | {r['predecessor_s']:.2f} | **{r['speedup']:.1f}x** |")
+    return lines
+
+
+def client_table(data: dict) -> list[str]:
+    lines = ["| command | median (ms) | vs `import torch` |", "|---|---|---|"]
+    lines += [f"| {r['command']} | {r['median_s'] * 1000:.0f} | {r['vs_import_torch']:.2f}x |" for r in data["rows"]]
+    return lines
+
+
+def concurrency_table(data: dict) -> list[str]:
+    lines = ["| batching | clients | requests | req/s | p50 (s) | p95 (s) | lost | wrong |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['batching']} | {r['clients']} | {r['requests']} | {r['requests_per_s']:.2f} | {r['p50_s']:.2f} | "
+              f"{r['p95_s']:.2f} | {r['lost']} | {r['wrong']} |" for r in data["rows"]]
+    return lines
+
+
+def memory_table(data: dict) -> list[str]:
+    gib = lambda v: f"{v / 2**30:.2f}" if v else "-"  # noqa: E731
+    lines = ["| model | igd after warm-up (GiB) | igd peak, one request (GiB) | predecessor server peak (GiB) |",
+             "|---|---|---|---|"]
+    lines += [f"| {r['model']} | {gib(r['warm_rss'])} | {gib(r['peak_rss_one_request'])} | {gib(r['predecessor_peak_rss'])} |"
+              for r in data["rows"]]
+    growth = next((r for r in data["rows"] if "growth" in r), None)
+    if growth:
+        lines += ["", f"RSS of igd ({growth['model']}, 8-step requests): {gib(growth['rss_after_10'])} GiB after 10 "
+                      f"requests, {gib(growth['rss_after_all'])} GiB after {growth['requests']} ({growth['growth']:+.1%})."]
+    return lines
+
+
+def chart(engine: dict | None, e2e: dict | None) -> Path | None:
+    bars = []
+    if engine:
+        bars += [(f"compute\n{r['model'].split(' (')[0]}", r["speedup"]) for r in engine["rows"]]
+    if e2e:
+        bars += [(f"end to end {r['model']}\n{r['image'].split(' ')[0]}", r["speedup"]) for r in e2e["rows"]]
+    if not bars:
+        return None
+    figure, axes = plt.subplots(figsize=(10, 4.2))
+    labels, values = zip(*bars)
+    axes.bar(range(len(values)), values, color=["#4c72b0" if label.startswith("compute") else "#dd8452" for label in labels])
+    axes.set_xticks(range(len(values)), labels, fontsize=7)
+    axes.axhline(1.0, color="black", linewidth=0.8)
+    axes.set_ylabel("speedup over the predecessor (x)")
+    axes.set_title("igd vs the predecessor, same model and machine (CPU, 2 cores)")
+    for i, value in enumerate(values):
+        axes.text(i, value, f"{value:.1f}x", ha="center", va="bottom", fontsize=7)
+    figure.tight_layout()
+    path = RESULTS / "speedups.png"
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def main() -> None:
+    engine, e2e = load("engine"), load("e2e")
+    sections = [
+        ("Compute path (`bench/engine.py`)", engine, engine_table,
+         "igd's one pass vs the predecessor's compute path (per-step pass with every path point in one batch, "
+         "captum IG over the same path again, a forward), same model and input, 50 Gauss-Legendre steps, runs "
+         "alternating, medians."),
+        ("End to end, one request (`bench/e2e.py`)", e2e, e2e_table,
+         "From the image file to the result file: `igctl attribute` against igd, vs the predecessor's pipeline "
+         "re-created for the benchmark (`prepare_input.py`-style JSON of RGB values, curl POST on loopback, JSON "
+         "parsing, the two-pass compute path, torch.save + gzip level 9)."),
+        ("Client start-up (`bench/client.py`)", load("client"), client_table,
+         "Wall time of whole commands, including the interpreter's start."),
+        ("Concurrency (`bench/concurrency.py`)", load("concurrency"), concurrency_table,
+         "Clients sending attribute requests at once on the default model; every answer is compared with the answer "
+         "to the same request alone."),
+        ("Memory (`bench/memory.py`)", load("memory"), memory_table,
+         "Resident memory (VmRSS, peak VmHWM) of the daemon, and of the predecessor's server re-created in "
+         "bench/predecessor_server.py, on the same model."),
+    ]
+    lines = ["# Benchmarks", "",
+             "Generated by `bench/report.py` from the JSON files in `docs/benchmarks/`. Ratios compare runs from the "
+             "same script run on the same machine; the machine is named in each section.", ""]
+    picture = chart(engine, e2e)
+    if picture:
+        lines += [f"![speedups](benchmarks/{picture.name})", ""]
+    for title, data, table, about in sections:
+        if data is None:
+            continue
+        lines += [f"## {title}", "", about, "", f"Machine: {data['machine']}.", "", *table(data), ""]
+    notes = RESULTS / "notes.md"
+    if notes.exists():
+        lines += [notes.read_text().rstrip(), ""]
+    gpu = RESULTS / "gpu.md"
+    if gpu.exists():
+        lines += ["## GPU (`bench/gpu.py`)", "", gpu.read_text().rstrip(), ""]
+    (DOCS / "benchmarks.md").write_text("\n".join(lines))
+    print(f"wrote {DOCS / 'benchmarks.md'}" + (f" and {picture}" if picture else ""))
+
+
+if __name__ == "__main__":
+    main()
