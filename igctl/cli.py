@@ -30,6 +30,7 @@ from igctl.client import (
     ConnectionLost,
     RequestFailed,
 )
+from igd.progress import Progress
 from igd.protocol import VERSION, default_socket_path
 
 EXIT_STATUSES = f"""
@@ -363,7 +364,7 @@ def _run_all(
         raise AssertionError("unreachable")
 
     outcomes: list[Outcome] = []
-    with _progress(len(items)) as advance, concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+    with Progress(len(items)) as advance, concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         for outcome in pool.map(run, items):
             outcomes.append(outcome)
             if as_json:
@@ -376,29 +377,6 @@ def _run_all(
     for client in clients:
         client.close()
     return outcomes
-
-
-class _progress:
-    """A progress bar on stderr when it is a terminal and there are several items
-    (rich, imported only then: igctl's start stays fast); otherwise nothing."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self._bar: Any = None
-
-    def __enter__(self) -> Callable[[], None]:
-        if self.total > 1 and sys.stderr.isatty():
-            from rich.progress import Progress
-
-            self._bar = Progress(transient=True, console=None)
-            self._bar.__enter__()
-            task = self._bar.add_task("attributing", total=self.total)
-            return lambda: self._bar.advance(task)
-        return lambda: None
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
 
 
 def _describe(record: dict[str, Any]) -> str:

@@ -1,0 +1,71 @@
+"""`igd batch`: attribute a whole dataset, resumably, locally, in shards or on Ray."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from igd.batch.backends import run_local, run_ray
+from igd.batch.inputs import InputError, discover, in_shard
+from igd.batch.outputs import ParquetShards, StatusLog, TorchFiles, drop_incomplete_parquet, pending
+from igd.batch.runner import BatchOptions
+
+__all__ = ["BatchOptions", "InputError", "Summary", "run_batch"]
+
+
+@dataclass(frozen=True)
+class Summary:
+    pairs: int  # in this run's shard
+    skipped: int  # already done (--resume)
+    ok: int
+    failed: int
+
+
+def run_batch(
+    source: str,
+    out_dir: Path,
+    *,
+    targets: tuple[str, ...],
+    model_args: dict[str, Any],
+    options: BatchOptions,
+    shard: tuple[int, int] | None = None,
+    resume: bool = False,
+    backend: str = "local",
+    max_batch: int | None = None,
+    address: str | None = None,
+    workers: int = 2,
+    gpus_per_worker: float = 0.0,
+) -> Summary:
+    pairs = [pair for pair in discover(source, targets) if in_shard(pair, shard)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    status = StatusLog(out_dir, shard)
+    writer: TorchFiles | ParquetShards = TorchFiles(out_dir) if options.fmt == "torch" else ParquetShards(out_dir, shard)
+    if resume:
+        done = status.done()
+        if isinstance(writer, ParquetShards):
+            done = drop_incomplete_parquet(out_dir, done, writer.prefix)
+        status.rewrite(done.values())  # one line per pair from here on
+        todo = pending(pairs, done)
+    else:
+        if status.path.exists() and status.path.stat().st_size:
+            raise InputError(f"{status.path} exists: continue with --resume, or use a fresh OUT_DIR")
+        todo = pairs
+    counts = {"ok": 0, "failed": 0}
+
+    def sink(rows: list[dict[str, Any]]) -> None:
+        due = writer.write(rows)
+        status.append(due)
+        for row in due:
+            counts["ok" if row["ok"] else "failed"] += 1
+
+    if todo:
+        if backend == "ray":
+            run_ray(todo, model_args, options, max_batch, sink, address=address, workers=workers,
+                    gpus_per_worker=gpus_per_worker)
+        else:
+            run_local(todo, model_args, options, max_batch, sink)
+    last = writer.close()
+    status.append(last)
+    counts["ok"] += len(last)
+    return Summary(len(pairs), len(pairs) - len(todo), counts["ok"], counts["failed"])

@@ -1,0 +1,85 @@
+"""Where the per-batch work runs: in this process, or on a Ray cluster.
+
+Both hand lists of pairs to a :class:`~igd.batch.runner.BatchAttributor` and feed the
+rows that come back to the same sink, in this process; only the sink writes files.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from igd.batch.inputs import Pair
+from igd.batch.runner import BatchAttributor, BatchOptions
+from igd.progress import Progress
+
+Rows = list[dict[str, Any]]
+PAIRS_PER_CALL = 16
+
+
+def run_local(pairs: list[Pair], model_args: dict[str, Any], options: BatchOptions, max_batch: int | None,
+              sink: Callable[[Rows], None]) -> None:
+    attributor = BatchAttributor(model_args, options, max_batch)
+    try:
+        with Progress(len(pairs)) as advance:
+            for start in range(0, len(pairs), PAIRS_PER_CALL):
+                part = pairs[start : start + PAIRS_PER_CALL]
+                sink(attributor(part))
+                advance(len(part))
+    finally:
+        attributor.close()
+
+
+class RayAttributor:
+    """The Ray Data callable class: each actor of the pool loads the model once.
+
+    Ray's inference examples run under ``torch.inference_mode``; attributions need
+    gradients, which the engine enables itself. Errors of single images come back as
+    rows: an exception would drop or abort a whole block.
+    """
+
+    def __init__(self, model_args: dict[str, Any], options: BatchOptions, max_batch: int | None) -> None:
+        self.attributor = BatchAttributor(model_args, options, max_batch)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        pairs = [Pair(str(i), str(p), str(t)) for i, p, t in zip(batch["id"], batch["path"], batch["target"])]
+        rows = self.attributor(pairs)
+        columns = sorted({key for row in rows for key in row})
+        return {column: [row.get(column) for row in rows] for column in columns}
+
+
+def run_ray(pairs: list[Pair], model_args: dict[str, Any], options: BatchOptions, max_batch: int | None,
+            sink: Callable[[Rows], None], *, address: str | None, workers: int, gpus_per_worker: float) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise SystemExit("the ray backend needs Ray: pip install 'igd[ray]'") from None
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    dataset = ray.data.from_items([{"id": p.id, "path": p.path, "target": p.target} for p in pairs])
+    results = dataset.map_batches(
+        RayAttributor,
+        fn_constructor_kwargs={"model_args": model_args, "options": options, "max_batch": max_batch},
+        batch_size=PAIRS_PER_CALL,
+        batch_format="numpy",
+        concurrency=workers,
+        num_gpus=gpus_per_worker,
+        num_cpus=1,
+    )
+    with Progress(len(pairs)) as advance:
+        for batch in results.iter_batches(batch_format="numpy", batch_size=None):
+            rows = _rows(batch)
+            sink(rows)
+            advance(len(rows))
+
+
+def _rows(batch: dict[str, Any]) -> Rows:
+    count = len(next(iter(batch.values())))
+    rows = [{key: _plain(values[i]) for key, values in batch.items()} for i in range(count)]
+    return [{key: value for key, value in row.items() if value is not None} for row in rows]
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and 0-d arrays from Ray as Python values; arrays and bytes as they are."""
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return value.item()
+    return value

@@ -1,0 +1,133 @@
+"""What `igd batch` works on: (image, target) pairs from a directory, a glob or a manifest.
+
+Every pair has a stable key, ``(id, target)``: the id is the image's path relative to
+the input root (or the manifest's ``id`` column), the target what the user wrote. Keys
+decide sharding (a hash, so N shards cover every pair once whatever order files are
+listed in), resuming and the names of output files.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+PREDICTED = "predicted"  # the target written when none is given: the predicted class
+
+
+class InputError(ValueError):
+    """The input cannot be read as images or a manifest; the message says why."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One unit of work: one image, one target."""
+
+    id: str  # unique per image; the relative path unless a manifest says otherwise
+    path: str  # where to read the image
+    target: str  # a class name, an index, or PREDICTED
+
+    @property
+    def key(self) -> str:
+        return f"{self.id}\t{self.target}"
+
+
+def discover(source: str, targets: tuple[str, ...]) -> list[Pair]:
+    """All pairs of ``source`` (a directory, a glob, or a .csv/.jsonl manifest), sorted.
+
+    ``targets`` apply to images without targets of their own (directory and glob
+    inputs, manifest rows without a ``target``); none means the predicted class.
+    """
+    path = Path(source)
+    default_targets = list(targets) or [PREDICTED]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        pairs = [Pair(str(f.relative_to(path)), str(f), t) for f in files for t in default_targets]
+    elif path.is_file() and path.suffix.lower() in (".csv", ".jsonl", ".json"):
+        pairs = _manifest(path, default_targets)
+    elif any(c in source for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
+        root = Path(_glob_root(source))
+        pairs = [Pair(str(f.relative_to(root)), str(f), t) for f in files for t in default_targets]
+    elif path.is_file():
+        pairs = [Pair(path.name, str(path), t) for t in default_targets]
+    else:
+        raise InputError(f"{source}: no such directory, manifest or image, and no glob matches")
+    if not pairs:
+        raise InputError(f"{source}: no images found ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    keys = [pair.key for pair in pairs]
+    if len(set(keys)) != len(keys):
+        duplicate = next(k for k in keys if keys.count(k) > 1).replace("\t", " / ")
+        raise InputError(f"{source}: the pair {duplicate} appears twice; ids and targets must be unique together")
+    return sorted(pairs, key=lambda pair: pair.key)
+
+
+def in_shard(pair: Pair, shard: tuple[int, int] | None) -> bool:
+    """Whether ``pair`` belongs to shard I of N (1-based); None means every pair."""
+    if shard is None:
+        return True
+    index, count = shard
+    digest = hashlib.sha256(pair.key.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % count == index - 1
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' with 1 <= I <= N."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise InputError(f"--shard must look like I/N (e.g. 2/8), got {text!r}") from None
+    if not 1 <= index <= count:
+        raise InputError(f"--shard {text}: I must be between 1 and N")
+    return index, count
+
+
+def _manifest(path: Path, default_targets: list[str]) -> list[Pair]:
+    """Rows with ``path``, optional ``target`` (one, or several separated by ``|`` in CSV,
+    a list in JSON lines) and optional ``id``. Relative paths are relative to the manifest."""
+    rows = _rows(path)
+    pairs = []
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict) or not row.get("path"):
+            raise InputError(f"{path}, row {number}: every row needs a path")
+        image = Path(str(row["path"]))
+        if not image.is_absolute():
+            image = path.parent / image
+        raw_targets = row.get("target")
+        if raw_targets in (None, "", []):
+            row_targets = default_targets
+        elif isinstance(raw_targets, list):
+            row_targets = [str(t) for t in raw_targets]
+        else:
+            row_targets = [t.strip() for t in str(raw_targets).split("|") if t.strip()]
+        image_id = str(row.get("id") or row["path"])
+        pairs += [Pair(image_id, str(image), target) for target in row_targets]
+    return pairs
+
+
+def _rows(path: Path) -> list[object]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: cannot read the manifest ({error})") from None
+    if path.suffix.lower() == ".csv":
+        return list(csv.DictReader(text.splitlines()))
+    try:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path}: line {error.lineno} is not JSON ({error.msg})") from None
+
+
+def _glob_root(pattern: str) -> str:
+    """The directory part of a glob before its first wildcard: ids are relative to it."""
+    parts = Path(pattern).parts
+    fixed = []
+    for part in parts:
+        if any(c in part for c in "*?["):
+            break
+        fixed.append(part)
+    return str(Path(*fixed)) if fixed else "."

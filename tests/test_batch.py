@@ -1,0 +1,267 @@
+"""`igd batch`: local, sharded and Ray runs agree with the daemon; errors are recorded,
+not fatal; interrupted runs resume without doing anything twice; parquet output."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from daemon import IGD, Igd, short_tempdir
+from igd.batch.inputs import Pair, discover, in_shard
+from wire import WireClient
+
+BIN = Path(sys.executable).parent
+TARGETS = ("cat", "3")
+STEPS = "8"
+
+
+@pytest.fixture(scope="module")
+def dataset(fixtures: Path):
+    """48 distinct images in three folders, from the fixture photos."""
+    root = short_tempdir()
+    photos = [Image.open(fixtures / "images" / name).convert("RGB") for name in ("chelsea.png", "coffee.png")]
+    for i in range(48):
+        photo = photos[i % 2]
+        image = photo.rotate(i * 7, expand=False).crop((i, i, photo.width - 2 * i, photo.height - i))
+        if i % 3 == 0:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        folder = root / "images" / f"class{i % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"{i:03d}.{'png' if i % 2 else 'jpg'}")
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def igd_batch(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([IGD, "batch", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def model_args(fixtures: Path) -> list[str]:
+    return ["-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "16", "--steps", STEPS]
+
+
+def statuses(out: Path) -> list[dict]:
+    return [json.loads(line) for path in sorted(out.glob("status*.jsonl")) for line in path.read_text().splitlines()]
+
+
+def comparable(records: list[dict]) -> list[tuple]:
+    """Status records without what legitimately differs between runs (none should)."""
+    return sorted(tuple(sorted(r.items())) for r in records)
+
+
+def load_result(path: Path) -> dict:
+    with gzip.open(path, "rb") as f:
+        return torch.load(io.BytesIO(f.read()))
+
+
+@pytest.fixture(scope="module")
+def local_run(dataset: Path, fixtures: Path) -> Path:
+    out = dataset / "out-local"
+    run = igd_batch(str(dataset / "images"), str(out), *model_args(fixtures), "--target", "cat", "--target", "3")
+    assert run.returncode == 0, run.stderr
+    assert "96 pairs: 96 done now, 0 done before, 0 failed" in run.stdout
+    return out
+
+
+def test_local_results_equal_the_daemons(local_run: Path, dataset: Path, fixtures: Path) -> None:
+    records = statuses(local_run)
+    assert len(records) == 96 and all(r["ok"] for r in records)
+    with Igd("-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "16") as igd:
+        with WireClient(str(igd.socket)) as client:
+            for record in records[::3]:  # a third of the pairs, every folder and both targets
+                image = (dataset / "images" / record["id"]).read_bytes()
+                target = int(record["target"]) if record["target"].isdecimal() else record["target"]
+                answer = client.call("attribute", {"image": image, "target": target, "n_steps": int(STEPS)})
+                served = torch.load(io.BytesIO(gzip.decompress(answer["result"]["data"])))
+                ours = load_result(local_run / record["output"])
+                for key in ("integrated_grads", "integrated_directional_grads", "output"):
+                    error = (ours[key] - served[key]).norm() / served[key].norm()
+                    assert error < 1e-5, (record["id"], key, float(error))
+                assert record["target_index"] == answer["result"]["target"]["index"]
+                assert record["prediction"] == answer["result"]["prediction"]["name"]
+
+
+def test_output_layout_mirrors_the_input(local_run: Path) -> None:
+    assert (local_run / "class0" / "000.cat.gzip").is_file() and (local_run / "class0" / "000.3.gzip").is_file()
+    assert len(list(local_run.rglob("*.gzip"))) == 96
+
+
+def test_shards_cover_everything_once(local_run: Path, dataset: Path, fixtures: Path) -> None:
+    out = dataset / "out-shards"
+    for i in (1, 2, 3):
+        run = igd_batch(str(dataset / "images"), str(out), *model_args(fixtures), "-t", "cat", "-t", "3",
+                        "--shard", f"{i}/3")
+        assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in out.glob("status*.jsonl")) == [f"status.shard-{i}-of-3.jsonl" for i in (1, 2, 3)]
+    sharded = statuses(out)
+    assert comparable(sharded) == comparable(statuses(local_run))
+    for record in sharded:
+        a, b = load_result(out / record["output"]), load_result(local_run / record["output"])
+        torch.testing.assert_close(a["integrated_grads"], b["integrated_grads"], rtol=1e-5, atol=1e-7)
+
+
+def test_shard_membership_is_a_partition() -> None:
+    pairs = [Pair(f"img{i}.png", f"/x/img{i}.png", t) for i in range(300) for t in ("a", "b")]
+    owners = [[n for n in range(1, 6) if in_shard(pair, (n, 5))] for pair in pairs]
+    assert all(len(owner) == 1 for owner in owners)
+    sizes = [sum(1 for owner in owners if owner == [n]) for n in range(1, 6)]
+    assert min(sizes) > 80  # roughly even
+
+
+def test_bad_image_and_unknown_target_get_their_own_lines(dataset: Path, fixtures: Path) -> None:
+    work = dataset / "errors"
+    work.mkdir()
+    (work / "broken.jpg").write_bytes((fixtures / "images" / "chelsea.jpg").read_bytes()[:2000])
+    shutil.copy(fixtures / "images" / "chelsea.png", work / "good.png")
+    manifest = work / "manifest.jsonl"
+    manifest.write_text("\n".join(json.dumps(row) for row in [
+        {"path": "good.png", "target": ["cat", "unicorn"], "id": "good"},
+        {"path": "broken.jpg", "target": "cat"},
+        {"path": "missing.png", "target": "dog"},
+        {"path": "good.png", "target": "7", "id": "good-again"},
+    ]) + "\n")
+    run = igd_batch(str(manifest), str(work / "out"), *model_args(fixtures))
+    assert run.returncode == 1
+    assert "5 pairs: 2 done now, 0 done before, 3 failed" in run.stdout
+    by_pair = {(r["id"], r["target"]): r for r in statuses(work / "out")}
+    assert by_pair[("good", "cat")]["ok"] and by_pair[("good-again", "7")]["target_name"] == "horse"
+    assert by_pair[("good", "unicorn")]["code"] == "unknown_target"
+    assert by_pair[("broken.jpg", "cat")]["code"] == "bad_image"
+    assert by_pair[("missing.png", "dog")]["code"] == "missing"
+    again = igd_batch(str(manifest), str(work / "out"), *model_args(fixtures))
+    assert again.returncode == 1 and "--resume" in again.stderr  # never mixes two runs silently
+
+
+def test_inputs_from_globs_and_csv(dataset: Path) -> None:
+    by_glob = discover(str(dataset / "images" / "class1" / "*.png"), ("cat",))
+    assert by_glob and all(p.id.endswith(".png") and "/" not in p.id for p in by_glob)
+    csv = dataset / "list.csv"
+    csv.write_text("path,target,id\nimages/class0/000.jpg,cat|dog,first\nimages/class1/001.png,,second\n")
+    pairs = discover(str(csv), ())
+    assert [(p.id, p.target) for p in pairs] == [("first", "cat"), ("first", "dog"), ("second", "predicted")]
+    assert Path(pairs[0].path).is_file()
+
+
+def kill_part_way(command: list[str], status_glob: Path, lines: int, timeout: float = 600) -> None:
+    """Start ``command`` and SIGKILL it once ``lines`` status lines exist."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            count = sum(len(p.read_text().splitlines()) for p in status_glob.parent.glob(status_glob.name))
+            if count >= lines:
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, f"finished before it could be interrupted: {process.stderr.read()}"
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(60)
+
+
+def outputs_of(out: Path) -> dict[str, int]:
+    """Each recorded output and its modification time, to prove a resume leaves them alone."""
+    return {r["output"]: (out / r["output"]).stat().st_mtime_ns for r in statuses(out) if r.get("ok")}
+
+
+def check_resumed(out: Path, first: dict[str, int], expected_pairs: int) -> None:
+    records = statuses(out)
+    keys = [(r["id"], r["target"]) for r in records]
+    assert len(keys) == len(set(keys)) == expected_pairs, "each pair exactly once"
+    assert all(r["ok"] for r in records)
+    for output, mtime in first.items():
+        assert (out / output).stat().st_mtime_ns == mtime, f"{output} was done twice"
+
+
+def test_interrupted_local_run_resumes(dataset: Path, fixtures: Path) -> None:
+    out = dataset / "out-resume"
+    command = [IGD, "batch", str(dataset / "images"), str(out), *model_args(fixtures), "-t", "cat", "-t", "3"]
+    kill_part_way(command, out / "status.jsonl", 20)
+    first = outputs_of(out)
+    assert 20 <= len(first) < 96
+    run = igd_batch(*command[2:], "--resume")
+    assert run.returncode == 0, run.stderr
+    assert f"96 pairs: {96 - len(first)} done now, {len(first)} done before, 0 failed" in run.stdout
+    check_resumed(out, first, 96)
+
+
+def test_parquet_rows_and_precision(dataset: Path, fixtures: Path) -> None:
+    pandas = pytest.importorskip("pandas", reason="pandas comes with the ray extra")
+    folder = dataset / "images" / "class2"
+    half, full = dataset / "pq16", dataset / "pq32"
+    assert igd_batch(str(folder), str(half), *model_args(fixtures), "-t", "cat", "--format", "parquet",
+                     "--with-steps").returncode == 0
+    assert igd_batch(str(folder), str(full), *model_args(fixtures), "-t", "cat", "--format", "parquet",
+                     "--dtype", "float32").returncode == 0
+    rows16 = pandas.concat(pandas.read_parquet(p) for p in sorted(half.glob("part-*.parquet")))
+    rows32 = pandas.concat(pandas.read_parquet(p) for p in sorted(full.glob("part-*.parquet")))
+    assert len(rows16) == len(rows32) == 16
+    assert {"id", "path", "target", "prediction", "convergence_delta", "integrated_grads", "shape",
+            "directional_grads", "step_sizes"} <= set(rows16.columns)
+    assert "directional_grads" not in rows32.columns
+    for (_, a), (_, b) in zip(rows16.sort_values("id").iterrows(), rows32.sort_values("id").iterrows()):
+        assert a["id"] == b["id"] and list(a["shape"]) == [3, 32, 32]
+        ig16, ig32 = np.asarray(a["integrated_grads"], dtype=np.float32), np.asarray(b["integrated_grads"])
+        assert ig16.dtype == np.float32 and np.linalg.norm(ig16 - ig32) / np.linalg.norm(ig32) < 1e-3
+        assert len(a["directional_grads"]) == int(STEPS) * 3 * 32 * 32
+
+
+# --- Ray -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(dataset: Path):
+    """A local Ray cluster on this machine: 2 CPUs, small object store, no dashboard, loopback."""
+    if shutil.which("ray", path=str(BIN)) is None:
+        if os.environ.get("CI"):
+            pytest.fail("Ray is not installed (the test extra includes it)")
+        pytest.skip("Ray is not installed: pip install 'igd[ray]'")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    temp = short_tempdir()
+    start = subprocess.run([str(BIN / "ray"), "start", "--head", "--num-cpus=2", "--object-store-memory=150000000",
+                            "--include-dashboard=false", "--node-ip-address=127.0.0.1", f"--port={port}",
+                            f"--temp-dir={temp}", "--disable-usage-stats"],
+                           capture_output=True, text=True, timeout=300, env=env)
+    assert start.returncode == 0, start.stderr
+    yield f"127.0.0.1:{port}"
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120, env=env)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_agrees_with_local(ray_cluster: str, local_run: Path, dataset: Path, fixtures: Path) -> None:
+    out = dataset / "out-ray"
+    run = igd_batch(str(dataset / "images"), str(out), *model_args(fixtures), "-t", "cat", "-t", "3",
+                    "--backend", "ray", "--address", ray_cluster, "--workers", "2")
+    assert run.returncode == 0, run.stderr
+    assert comparable(statuses(out)) == comparable(statuses(local_run))
+    for record in statuses(out):
+        a, b = load_result(out / record["output"]), load_result(local_run / record["output"])
+        torch.testing.assert_close(a["integrated_grads"], b["integrated_grads"], rtol=1e-5, atol=1e-7)
+
+
+def test_interrupted_ray_run_resumes(ray_cluster: str, dataset: Path, fixtures: Path) -> None:
+    out = dataset / "out-ray-resume"
+    command = [IGD, "batch", str(dataset / "images"), str(out), *model_args(fixtures), "-t", "cat", "-t", "3",
+               "--backend", "ray", "--address", ray_cluster, "--workers", "2"]
+    kill_part_way(command, out / "status.jsonl", 20)
+    first = outputs_of(out)
+    assert 20 <= len(first) < 96
+    run = igd_batch(*command[2:], "--resume")
+    assert run.returncode == 0, run.stderr
+    check_resumed(out, first, 96)
