@@ -28,7 +28,7 @@ def engine_table(data: dict) -> list[str]:
     lines = ["| model | igd (s) | predecessor (s) | speedup | chunk, format |", "|---|---|---|---|---|"]
     for r in data["rows"]:
         lines.append(f"| {r['model']} | {r['ours_s']:.2f} | {r['predecessor_s']:.2f} | **{r['speedup']:.1f}x** | "
-                     f"{r['chunk']}, {r.get('memory_format', 'contiguous_format').removesuffix('_format')} |")
+                     f"{r['chunk']}, {r.get('memory_format', 'contiguous')} |")
     return lines
 
 

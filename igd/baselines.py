@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+from PIL import Image
 from torch import Tensor
 from torchvision.transforms import functional as TF
 
@@ -47,6 +48,20 @@ def make_baseline(
         noise = torch.rand(pixels.shape, generator=generator, dtype=pixels.dtype)
         return preprocessing.normalize(noise.to(pixels.device))
     raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
+
+
+def inputs_and_baseline(
+    image: Image.Image,
+    preprocessing: Preprocessing,
+    baseline: str = DEFAULT_BASELINE,
+    *,
+    blur_sigma: float | None = None,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """The model input (1, C, H, W) of ``image`` and its baseline, as igd computes them
+    for every request (the daemon and `igd batch` alike)."""
+    pixels = preprocessing.to_pixels(image)
+    return preprocessing.normalize(pixels), make_baseline(baseline, pixels, preprocessing, blur_sigma=blur_sigma, seed=seed)
 
 
 def gaussian_blur(pixels: Tensor, sigma: float) -> Tensor:

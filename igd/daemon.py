@@ -12,19 +12,17 @@ import signal
 import socket
 import time
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from igd import systemd
-from igd.attribution import attribute
-from igd.imaging import decode_image
+from igd.access import AccessPolicy
 from igd.logs import log
-from igd.models import LoadedModel, ModelError, load_model
+from igd.models import ModelError, load_model
 from igd.protocol import default_socket_path
 from igd.server import Daemon, OwnedPath, SocketInUse, bind_socket
 from igd.service import Limits, Service
-from igd.tuning import choose_max_batch, choose_memory_format, memory_budget
+from igd.tuning import memory_budget, warm_up
 from igd.worker import Worker
 
 
@@ -44,6 +42,8 @@ class ServeOptions:
     request_timeout: float = 600.0
     idle_timeout: float = 300.0
     drain_timeout: float = 30.0
+    memory_format: str = "contiguous"
+    access: AccessPolicy = AccessPolicy()
 
     def limits(self) -> Limits:
         return Limits(
@@ -88,7 +88,7 @@ def serve_forever(options: ServeOptions, model_args: dict[str, Any]) -> None:
             _stopped_during_startup()
             return
         systemd.notify(f"STATUS=warming up {model.name}")
-        max_batch = warm_up(model, options.max_batch)
+        max_batch = warm_up(model, options.max_batch, options.memory_format)
         if stop():
             _stopped_during_startup()
             return
@@ -101,7 +101,7 @@ def serve_forever(options: ServeOptions, model_args: dict[str, Any]) -> None:
         )
         worker.start()
         service = Service(model, worker, options.limits())
-        daemon = Daemon(service, listener, owned=owned, drain_timeout=options.drain_timeout)
+        daemon = Daemon(service, listener, owned=owned, drain_timeout=options.drain_timeout, access=options.access)
         asyncio.run(daemon.run(stop))
     finally:
         listener.close()
@@ -112,25 +112,6 @@ def serve_forever(options: ServeOptions, model_args: dict[str, Any]) -> None:
 def _stopped_during_startup() -> None:
     systemd.notify("STOPPING=1")
     log("stopped", reason="signal during start-up")
-
-
-def warm_up(model: LoadedModel, max_batch: int | None) -> int:
-    """Measure the chunk size and memory format (unless the chunk size is given), and run
-    one small attribution end to end."""
-    sample = resources.files("igd").joinpath("data", "chelsea.jpg").read_bytes()
-    x = model.preprocess(decode_image(sample))
-    started = time.perf_counter()
-    if max_batch is None:
-        choice = choose_max_batch(model.module, x)
-        max_batch = choice.max_batch
-        memory_format = choose_memory_format(model.module, x, max_batch)
-        log("chunk_size_measured", max_batch=max_batch,
-            ms_per_point={size: round(s * 1000, 1) for size, s in choice.seconds_per_point.items()},
-            memory_cap=choice.memory_cap, mb_per_point=round(choice.bytes_per_point / 1e6, 1),
-            memory_format=str(memory_format).removeprefix("torch."))
-    attribute(model.module, x, 0, n_steps=2, max_batch=max_batch)
-    log("warmed_up", seconds=round(time.perf_counter() - started, 2), max_batch=max_batch)
-    return max_batch
 
 
 def _listener(socket_path: Path | None) -> tuple[socket.socket, OwnedPath | None]:

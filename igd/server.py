@@ -15,16 +15,17 @@ import select
 import signal
 import socket
 import stat
-import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from igd import protocol, systemd
+from igd.access import AccessPolicy, peer_of
 from igd.logs import log
 from igd.protocol import (
     BAD_REQUEST,
+    FORBIDDEN,
     INTERNAL,
     REQUEST,
     SHUTTING_DOWN,
@@ -113,17 +114,6 @@ def _is_served(path: Path) -> bool:
         return True
 
 
-def peer_credentials(sock: socket.socket | None) -> dict[str, int]:
-    if sock is None:
-        return {}
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except OSError:
-        return {}
-    pid, uid, gid = struct.unpack("3i", raw)
-    return {"peer_pid": pid, "peer_uid": uid}
-
-
 class Connection:
     """One client's connection: reads its frames, writes its responses one at a time."""
 
@@ -131,7 +121,8 @@ class Connection:
         self.reader = reader
         self.writer = writer
         self.idle_timeout = idle_timeout
-        self.peer = peer_credentials(writer.get_extra_info("socket"))
+        self.credentials = peer_of(writer.get_extra_info("socket"))
+        self.peer = self.credentials.log_fields() if self.credentials else {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.broken = False  # a response was cut off: the stream can carry nothing more
         self._lock = asyncio.Lock()
@@ -144,7 +135,7 @@ class Connection:
             try:
                 header = await asyncio.wait_for(self.reader.readexactly(protocol.HEADER_SIZE), self.idle_timeout)
                 break
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 if not self.tasks:
                     raise
                 # Requests pending: the client is waiting for answers, not idle.
@@ -162,7 +153,7 @@ class Connection:
                 self.writer.write(frame)
                 await asyncio.wait_for(self.writer.drain(), self.idle_timeout)
                 return True
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 log("client_not_reading", timeout_s=self.idle_timeout, **self.peer)
                 self.abort()
             except (ConnectionError, OSError):
@@ -171,6 +162,22 @@ class Connection:
                 self.abort()
                 raise
             return False
+
+    async def refuse(self, error: ProtocolError) -> None:
+        """Answer ``error`` and end the connection so that the client can read the answer:
+        closing with its unread bytes pending would reset the connection instead, so
+        shut our side, then discard what it still sends for a moment."""
+        if not await self.send(protocol.error_response(None, error)):
+            return
+        try:
+            self.writer.write_eof()
+            await asyncio.wait_for(self._discard_input(), 1.0)
+        except (asyncio.TimeoutError, ConnectionError, OSError):
+            pass
+
+    async def _discard_input(self) -> None:
+        while await self.reader.read(1 << 16):
+            pass
 
     def abort(self) -> None:
         self.broken = True
@@ -196,8 +203,10 @@ class Daemon:
         *,
         owned: OwnedPath | None,
         drain_timeout: float = 30.0,
+        access: AccessPolicy = AccessPolicy(),
     ) -> None:
         self.service = service
+        self.access = access
         self.listener = listener
         self.owned = owned
         self.drain_timeout = drain_timeout
@@ -227,6 +236,8 @@ class Daemon:
         self.service.worker.close()
         loop = asyncio.get_running_loop()
         rejected = await loop.run_in_executor(None, self.service.worker.drain, self.drain_timeout)
+        # A pass still running past the drain ends on its own; wait a little for it.
+        await loop.run_in_executor(None, self.service.worker.join, 10.0)
         requests = self._requests()
         if requests:
             # Give answered work a moment to be written, then end what is left: each
@@ -265,6 +276,13 @@ class Daemon:
 
     async def _serve(self, connection: Connection) -> None:
         peer = connection.peer
+        if not self.access.allows(connection.credentials):
+            who = f"uid {connection.credentials.uid}" if connection.credentials else "an unidentified peer"
+            error = ProtocolError(FORBIDDEN, f"{who} may not use this igd (allowed: {self.access.describe()})")
+            log("forbidden", **peer)
+            self.service.failed[FORBIDDEN] += 1
+            await connection.refuse(error)
+            return
         while not self.stopping and not connection.broken:
             try:
                 payload = await connection.read_body(self.service.limits.max_frame_bytes)
@@ -272,14 +290,14 @@ class Daemon:
                 if error.partial:
                     log("client_gone", reason="half a frame", received=len(error.partial), **peer)
                 break
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 log("client_idle", timeout_s=connection.idle_timeout, **peer)
                 break
             except ProtocolError as error:
                 # The framing is lost: answer once, then close.
                 self.service.failed[error.code] += 1
                 log("bad_frame", code=error.code, message=error.message, **peer)
-                await connection.send(protocol.error_response(None, error))
+                await connection.refuse(error)
                 break
             except (ConnectionError, OSError):
                 break
@@ -320,7 +338,7 @@ class Daemon:
                 outcome = "ok"
             except ProtocolError as error:
                 frame, outcome = protocol.error_response(request_id, error), error.code
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 error = ProtocolError(TIMEOUT, f"no result within {service.limits.request_timeout:g} s (--request-timeout)")
                 frame, outcome = protocol.error_response(request_id, error), TIMEOUT
             except asyncio.CancelledError:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from igd import __version__
 from igd.attribution import METHODS, quadrature
-from igd.baselines import BASELINES, DEFAULT_BASELINE, make_baseline
+from igd.baselines import BASELINES, DEFAULT_BASELINE, inputs_and_baseline
 from igd.heatmap import heatmap_png
 from igd.imaging import DEFAULT_MAX_PIXELS, ImageError, ImageTooLarge, decode_image
 from igd.models import LoadedModel, UnknownClass
@@ -165,10 +165,11 @@ class Service:
         notes.update(target=target, n_steps=n_steps, method=method, baseline=baseline_name)
 
         def prepare(image: Image.Image) -> tuple[Tensor, Tensor, Image.Image | None]:
-            pixels = self.model.preprocessing.to_pixels(image)
-            baseline = make_baseline(baseline_name, pixels, self.model.preprocessing, blur_sigma=blur_sigma, seed=seed)
+            inputs, baseline = inputs_and_baseline(
+                image, self.model.preprocessing, baseline_name, blur_sigma=blur_sigma, seed=seed
+            )
             # The decoded image (up to max_pixels) is kept only if a heatmap needs it.
-            return self.model.preprocessing.normalize(pixels), baseline, image if want_heatmap else None
+            return inputs, baseline, image if want_heatmap else None
 
         inputs, baseline, image = await self._decoded(data, notes, prepare)
         del data

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import ctypes
 import dataclasses
 import threading
 import time
@@ -130,6 +131,13 @@ class Worker:
                 job.future.set_exception(error)
         return len(rejected)
 
+    def join(self, timeout: float) -> bool:
+        """Wait for the thread to end (after :meth:`close`, once the queue is empty). A
+        thread left inside PyTorch at interpreter exit can abort the process."""
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     def stats(self) -> dict[str, Any]:
         return {
             "passes": self.passes,
@@ -154,7 +162,10 @@ class Worker:
             finally:
                 with self._cond:
                     self._busy = False
+                    idle = not self._queue
                     self._cond.notify_all()
+            if idle:
+                _release_free_memory()
 
     def _next_batch(self) -> list[Job] | None:
         """The oldest job and the queued jobs compatible with it; None once closed and empty."""
@@ -260,6 +271,26 @@ class Worker:
                 self.oom_retries += 1
                 chunk = max(1, chunk // 2)
                 log("out_of_memory", level=30, retry_max_batch=chunk)
+
+
+def _release_free_memory() -> None:
+    """Hand freed heap memory back to the system when the queue runs dry. A pass frees
+    tens of MB of path points and gradients; glibc keeps such memory in its arenas,
+    where it shows as RSS growth under concurrent load."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 - glibc only
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def _is_out_of_memory(error: BaseException) -> bool:

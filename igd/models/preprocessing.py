@@ -54,7 +54,23 @@ class Preprocessing:
 
     def to_pixels(self, image: Image.Image) -> Tensor:
         """RGB image -> (1, 3, H, W) float32 in [0, 1], resized as the model expects."""
-        return self._geometry(image).unsqueeze(0)
+        return self._geometry(self._within_reason(image)).unsqueeze(0)
+
+    def _within_reason(self, image: Image.Image) -> Image.Image:
+        """For ``crop``, cut an image of extreme aspect ratio (say 1 x 100000) to its
+        centre before resizing: resizing its shorter side to 256 would first make a
+        256 x 25,600,000 image. The cut keeps twice what the centre crop uses, so the
+        crop sees the same pixels; images up to 1:4 are never cut."""
+        if self.resize != "crop":
+            return image
+        width, height = image.size
+        shorter, longer = min(width, height), max(width, height)
+        if longer <= 4 * shorter:
+            return image
+        keep = 2 * shorter
+        start = (longer - keep) // 2
+        box = (start, 0, start + keep, height) if width > height else (0, start, width, start + keep)
+        return image.crop(box)
 
     def normalize(self, pixels: Tensor) -> Tensor:
         """(N, C, H, W) pixels in [0, 1] -> the model's input space."""
