@@ -22,12 +22,14 @@ demo: install
 
 # All CPU benchmarks (about an hour on 2 cores), then docs/benchmarks.md. GPU: bench/gpu.py.
 bench: install
-	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python bench/engine.py --json docs/benchmarks/engine.json
 	$(BIN)/python bench/e2e.py --json docs/benchmarks/e2e.json
 	$(BIN)/python bench/client.py --json docs/benchmarks/client.json
 	$(BIN)/python bench/concurrency.py --json docs/benchmarks/concurrency.json
 	$(BIN)/python bench/memory.py --json docs/benchmarks/memory.json
+	$(BIN)/python bench/batch.py --json docs/benchmarks/batch.json
+	$(BIN)/python bench/soak.py --json docs/benchmarks/soak.json
 	$(BIN)/python bench/report.py
 
 clean:

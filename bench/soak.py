@@ -143,7 +143,10 @@ def main() -> None:
         problems.append(f"RSS grew {after['rss'] / warm['rss'] - 1:.1%} ({warm['rss']} -> {after['rss']} bytes)")
     if stopped != 0:
         problems.append(f"igd exited with {stopped} on SIGTERM")
-    report = {"clients": args.clients, "requests": args.clients * args.requests, "warm": warm, "after": after,
+    import platform
+
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, CPU"
+    report = {"machine": machine, "clients": args.clients, "requests": args.clients * args.requests, "warm": warm, "after": after,
               **result, "problems": problems}
     print("| clients | requests | seconds | answers | max deviation | RSS warm -> after (MiB) | fds | threads | problems |")
     print("|---|---|---|---|---|---|---|---|---|")
