@@ -19,6 +19,7 @@ import gzip
 import io
 import json
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -143,8 +144,6 @@ def main() -> None:
         problems.append(f"RSS grew {after['rss'] / warm['rss'] - 1:.1%} ({warm['rss']} -> {after['rss']} bytes)")
     if stopped != 0:
         problems.append(f"igd exited with {stopped} on SIGTERM")
-    import platform
-
     machine = f"{platform.machine()}, {os.cpu_count()} cores, CPU"
     report = {"machine": machine, "clients": args.clients, "requests": args.clients * args.requests, "warm": warm, "after": after,
               **result, "problems": problems}
