@@ -41,7 +41,7 @@ def bench(name: str, repeats: int, n_steps: int, memory_format: str) -> dict[str
     x = built.preprocess(Image.open(IMAGE).convert("RGB"))
     ours_model = copy.deepcopy(model)  # in igd's layout; the predecessor keeps the model as built
     use_memory_format(ours_model, x, memory_format)
-    choice = choose_max_batch(ours_model, x, limit=n_steps)
+    choice = choose_max_batch(ours_model, x)  # as igd serve measures it
     ours_fn = lambda: attribute(ours_model, x, target, n_steps=n_steps, max_batch=choice.max_batch)  # noqa: E731
     theirs_fn = lambda: predecessor_attribute(model, x, target, n_steps=n_steps)  # noqa: E731
     ours = ours_fn()  # warm-up, and the results to compare

@@ -262,3 +262,19 @@ def test_chunks_are_balanced(total: int, max_batch: int | None, expected: int) -
     from igd.attribution import balanced_chunk
 
     assert balanced_chunk(total, max_batch) == expected
+
+
+@pytest.mark.parametrize("max_batch,calls", [(10, 1), (5, 3), (4, 4)])
+def test_end_logits_ride_along_with_the_first_chunk(max_batch: int, calls: int) -> None:
+    """Inputs and baselines share the first model call when they are few next to the chunk
+    (here 2 rows: at chunks of 8 or more); the logits are the same either way."""
+    net = nets.groupnorm_cnn()
+    seen: list[int] = []
+    net.register_forward_pre_hook(lambda _m, args: seen.append(len(args[0])))
+    x = nets.images(1)
+    result = attribute(net, x, 2, n_steps=10, max_batch=max_batch)
+    assert len(seen) == calls, seen
+    torch.testing.assert_close(result.logits, net(x).detach())
+    torch.testing.assert_close(result.baseline_logits, net(torch.zeros_like(x)).detach())
+    reference = attribute(net, x, 2, n_steps=10)
+    torch.testing.assert_close(result.integrated_grads, reference.integrated_grads)
