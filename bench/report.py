@@ -54,10 +54,10 @@ def concurrency_table(data: dict) -> list[str]:
 
 def memory_table(data: dict) -> list[str]:
     gib = lambda v: f"{v / 2**30:.2f}" if v else "-"  # noqa: E731
-    lines = ["| model | igd after warm-up (GiB) | igd peak, one request (GiB) | predecessor server peak (GiB) |",
-             "|---|---|---|---|"]
-    lines += [f"| {r['model']} | {gib(r['warm_rss'])} | {gib(r['peak_rss_one_request'])} | {gib(r['predecessor_peak_rss'])} |"
-              for r in data["rows"]]
+    lines = ["| model | igd start-up peak (GiB) | igd after warm-up (GiB) | igd peak serving one request (GiB) | "
+             "predecessor server peak (GiB) |", "|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {gib(r.get('startup_peak_rss'))} | {gib(r['warm_rss'])} | {gib(r['peak_rss_one_request'])} | "
+              f"{gib(r['predecessor_peak_rss'])} |" for r in data["rows"]]
     growth = next((r for r in data["rows"] if "growth" in r), None)
     if growth:
         lines += ["", f"RSS of igd ({growth['model']}, 8-step requests): {gib(growth['rss_after_10'])} GiB after 10 "
@@ -85,9 +85,10 @@ def soak_table(data: dict) -> list[str]:
 def chart(engine: dict | None, e2e: dict | None) -> Path | None:
     bars = []
     if engine:
-        bars += [(f"compute\n{r['model'].split(' (')[0]}", r["speedup"]) for r in engine["rows"]]
+        bars += [(f"compute\n{r['model'].split(' (')[0].split(',')[0]}", r["speedup"]) for r in engine["rows"]]
     if e2e:
-        bars += [(f"end to end {r['model']}\n{r['image'].split(' ')[0]}", r["speedup"]) for r in e2e["rows"]]
+        short = {"32x32 PNG": "32x32 PNG", "chelsea.jpg 451x300": "chelsea.jpg", "12 MP JPEG 4000x3000": "12 MP JPEG"}
+        bars += [(f"end to end\n{r['model']}, {short.get(r['image'], r['image'])}", r["speedup"]) for r in e2e["rows"]]
     if not bars:
         return None
     figure, axes = plt.subplots(figsize=(10, 4.2))

@@ -118,6 +118,8 @@ class Outcome:
 @click.option("--blur-sigma", type=click.FloatRange(min=0), help="Sigma of the 'blur' baseline, in model-input pixels.")
 @click.option("--format", "fmt", type=click.Choice(["torch", "npz"]), default="torch", show_default=True,
               help="torch: gzip'd torch.save dict (the predecessor's); npz: numpy arrays.")
+@click.option("--gzip-level", type=click.IntRange(0, 9), default=1, show_default=True,
+              help="Compression of torch results: 0 is fastest (still gzip), 9 smallest.")
 @click.option("--heatmap", type=click.Path(path_type=Path), metavar="PNG",
               help="Also write a heatmap overlay (a directory when there are many images).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON line per image on stdout.")
@@ -137,6 +139,7 @@ def attribute(
     seed: int | None,
     blur_sigma: float | None,
     fmt: str,
+    gzip_level: int,
     heatmap: Path | None,
     as_json: bool,
     jobs: int,
@@ -165,7 +168,8 @@ def attribute(
     )
     if to_stdout and as_json:
         raise click.UsageError("--json writes to stdout; give -o FILE or --out-dir for the result")
-    request_args: dict[str, Any] = {"n_steps": steps, "method": method, "baseline": baseline, "format": fmt}
+    request_args: dict[str, Any] = {"n_steps": steps, "method": method, "baseline": baseline, "format": fmt,
+                                    "gzip_level": gzip_level}
     request_args.update({k: v for k, v in (("seed", seed), ("blur_sigma", blur_sigma)) if v is not None})
     if target is not None:
         request_args["target"] = int(target) if target.isascii() and target.isdecimal() else target

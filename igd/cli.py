@@ -296,6 +296,8 @@ def install_systemd(prefix: Path, igd_executable: Path | None, dry_run: bool) ->
 @click.option("--blur-sigma", type=click.FloatRange(min=0), help="Sigma of the 'blur' baseline, in model-input pixels.")
 @click.option("--format", "fmt", type=click.Choice(["torch", "parquet"]), default="torch", show_default=True,
               help="torch: one gzip'd result file per image and target, as igctl writes; parquet: rows in shards.")
+@click.option("--gzip-level", type=click.IntRange(0, 9), default=1, show_default=True,
+              help="Torch format: compression of the result files (0 fastest, still gzip; 9 smallest).")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Parquet: the stored gradients' precision.")
 @click.option("--with-steps", is_flag=True, help="Parquet: also store the per-step gradients (large).")
@@ -311,7 +313,7 @@ def install_systemd(prefix: Path, igd_executable: Path | None, dry_run: bool) ->
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="warning",
               show_default=True)
 def batch(source: str, out_dir: Path, targets: tuple[str, ...], steps: int, method: str, baseline: str, seed: int,
-          blur_sigma: float | None, fmt: str, dtype: str, with_steps: bool, resume: bool, shard: str | None,
+          blur_sigma: float | None, fmt: str, gzip_level: int, dtype: str, with_steps: bool, resume: bool, shard: str | None,
           backend: str, address: str | None, workers: int, gpus_per_worker: float, max_batch: int | None,
           memory_format: str, log_level: str, **model_args: Any) -> None:
     """Attribute every image of INPUT (a directory, a glob, or a CSV / JSON-lines manifest
@@ -326,7 +328,8 @@ def batch(source: str, out_dir: Path, targets: tuple[str, ...], steps: int, meth
 
     logs.configure(log_level)
     options = BatchOptions(n_steps=steps, method=method, baseline=baseline, seed=seed, blur_sigma=blur_sigma,
-                           fmt=fmt, dtype=dtype, with_steps=with_steps, memory_format=memory_format)
+                           fmt=fmt, dtype=dtype, with_steps=with_steps, memory_format=memory_format,
+                           gzip_level=gzip_level)
     try:
         summary = run_batch(source, out_dir, targets=targets, model_args=model_args, options=options,
                             shard=parse_shard(shard) if shard else None, resume=resume, backend=backend,

@@ -20,9 +20,10 @@ from igd.access import AccessPolicy
 from igd.logs import log
 from igd.models import ModelError, load_model
 from igd.protocol import default_socket_path
-from igd.server import Daemon, OwnedPath, SocketInUse, bind_socket
+from igd.server import Daemon, OwnedPath, SocketUnusable, bind_socket
 from igd.service import Limits, Service
-from igd.tuning import memory_budget, warm_up
+from igd.memory import memory_budget
+from igd.tuning import warm_up
 from igd.worker import Worker
 
 
@@ -126,7 +127,7 @@ def _listener(socket_path: Path | None) -> tuple[socket.socket, OwnedPath | None
     path = socket_path or default_socket_path()
     try:
         sock, owned = bind_socket(path)
-    except SocketInUse as error:
+    except SocketUnusable as error:
         raise StartupError(str(error)) from None
     except OSError as error:
         raise StartupError(f"cannot listen on {path}: {error.strerror or error}") from None

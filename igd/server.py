@@ -38,8 +38,8 @@ from igd.service import Service
 _INLINE_BYTES = 1 << 20
 
 
-class SocketInUse(RuntimeError):
-    pass
+class SocketUnusable(RuntimeError):
+    """igd cannot listen at the path asked for; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -64,16 +64,16 @@ def bind_socket(path: Path) -> tuple[socket.socket, OwnedPath]:
     a socket, is an error rather than something to delete.
     """
     if len(os.fsencode(path)) > 107:
-        raise SocketInUse(f"socket path {path} is {len(os.fsencode(path))} bytes; AF_UNIX allows 107")
+        raise SocketUnusable(f"socket path {path} is {len(os.fsencode(path))} bytes; AF_UNIX allows 107")
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:
         mode = None
     if mode is not None:
         if not stat.S_ISSOCK(mode):
-            raise SocketInUse(f"{path} exists and is not a socket; refusing to replace it")
+            raise SocketUnusable(f"{path} exists and is not a socket; refusing to replace it")
         if _is_served(path):
-            raise SocketInUse(f"another igd is already serving on {path} (stop it, or choose another --socket)")
+            raise SocketUnusable(f"another igd is already serving on {path} (stop it, or choose another --socket)")
         path.unlink()
         log("stale_socket_removed", path=str(path))
     if not path.parent.exists():
@@ -97,9 +97,9 @@ def _check_directory(directory: Path) -> None:
     must belong to us or root, and not be writable by others (unless sticky, as /tmp)."""
     info = directory.stat()
     if info.st_uid not in (os.geteuid(), 0):
-        raise SocketInUse(f"{directory} belongs to uid {info.st_uid}, not to us; refusing to put the socket there")
+        raise SocketUnusable(f"{directory} belongs to uid {info.st_uid}, not to us; refusing to put the socket there")
     if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
-        raise SocketInUse(f"{directory} is writable by others; refusing to put the socket there")
+        raise SocketUnusable(f"{directory} is writable by others; refusing to put the socket there")
 
 
 def _is_served(path: Path) -> bool:

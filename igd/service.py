@@ -34,7 +34,7 @@ from igd.protocol import (
     VERSION,
     ProtocolError,
 )
-from igd.results import FORMATS, encode, result_dict
+from igd.results import DEFAULT_GZIP_LEVEL, FORMATS, encode, result_dict
 from igd.worker import AttributionSlice, Job, Worker
 
 T = TypeVar("T")
@@ -161,6 +161,7 @@ class Service:
         seed = _int_arg(args, "seed", 0, -(2**63), 2**63 - 1)
         blur_sigma = _float_arg(args, "blur_sigma", None, 0.0, 1000.0)
         fmt = _choice_arg(args, "format", "torch", FORMATS)
+        gzip_level = _int_arg(args, "gzip_level", DEFAULT_GZIP_LEVEL, 0, 9)
         want_heatmap = _arg(args, "heatmap", bool, False)
         notes.update(target=target, n_steps=n_steps, method=method, baseline=baseline_name)
 
@@ -186,7 +187,7 @@ class Service:
                 target_name=self.model.class_names[target_index],
                 baseline_name=baseline_name,
             )
-            answer: dict[str, Any] = {"data": encode(result, fmt), "format": fmt}
+            answer: dict[str, Any] = {"data": encode(result, fmt, gzip_level), "format": fmt}
             if image is not None:
                 answer["heatmap_png"] = heatmap_png(attribution.integrated_grads[i], image, self.model.preprocessing)
             (index, name, probability), = self.model.top_classes(attribution.logits[i], 1)

@@ -14,7 +14,6 @@ default; the opt-in reports its deviation.
 
 from __future__ import annotations
 
-import os
 import time
 from importlib import resources
 from dataclasses import dataclass, field
@@ -25,10 +24,9 @@ from torch import Tensor, nn
 from igd.attribution import attribute, evaluation_mode, strict_float32
 from igd.imaging import decode_image
 from igd.logs import log
+from igd.memory import memory_budget, release_free_memory
 from igd.models import LoadedModel
 
-CPU_MEMORY_SHARE = 0.5  # of MemAvailable, for the activations of one chunk
-CUDA_MEMORY_SHARE = 0.7  # of the free device memory
 CPU_CEILING = 64
 CUDA_CEILING = 1024
 
@@ -63,14 +61,6 @@ def _saved_bytes(module: nn.Module, sample: Tensor, points: int) -> int:
             out = module(batch)
         del out
     return sum(seen.values())
-
-
-def memory_budget(device: torch.device) -> int:
-    """Bytes one chunk's activations may take on ``device``."""
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free * CUDA_MEMORY_SHARE)
-    return int(_available_ram() * CPU_MEMORY_SHARE)
 
 
 def choose_max_batch(
@@ -151,17 +141,6 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _available_ram() -> int:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
 def warm_up(model: LoadedModel, max_batch: int | None, memory_format: str = "contiguous") -> int:
     """Put the model in ``memory_format``, measure the chunk size (unless given), and run
     one small attribution end to end. Returns the chunk size."""
@@ -178,5 +157,6 @@ def warm_up(model: LoadedModel, max_batch: int | None, memory_format: str = "con
             ms_per_point={size: round(s * 1000, 1) for size, s in choice.seconds_per_point.items()},
             memory_cap=choice.memory_cap, mb_per_point=round(choice.bytes_per_point / 1e6, 1))
     attribute(model.module, x, 0, n_steps=2, max_batch=max_batch)
+    release_free_memory()  # the measurement's large chunks are done with
     log("warmed_up", seconds=round(time.perf_counter() - started, 2), max_batch=max_batch)
     return max_batch

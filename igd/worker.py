@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import ctypes
 import dataclasses
 import threading
 import time
@@ -24,6 +23,7 @@ from torch import Tensor
 
 from igd.attribution import Attribution, attribute, strict_float32
 from igd.logs import log
+from igd.memory import release_free_memory
 from igd.models import LoadedModel
 from igd.protocol import INTERNAL, OVERLOADED, SHUTTING_DOWN, ProtocolError
 
@@ -165,7 +165,7 @@ class Worker:
                     idle = not self._queue
                     self._cond.notify_all()
             if idle:
-                _release_free_memory()
+                release_free_memory()
 
     def _next_batch(self) -> list[Job] | None:
         """The oldest job and the queued jobs compatible with it; None once closed and empty."""
@@ -271,26 +271,6 @@ class Worker:
                 self.oom_retries += 1
                 chunk = max(1, chunk // 2)
                 log("out_of_memory", level=30, retry_max_batch=chunk)
-
-
-def _release_free_memory() -> None:
-    """Hand freed heap memory back to the system when the queue runs dry. A pass frees
-    tens of MB of path points and gradients; glibc keeps such memory in its arenas,
-    where it shows as RSS growth under concurrent load."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim  # noqa: B018 - glibc only
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _load_libc()
 
 
 def _is_out_of_memory(error: BaseException) -> bool:

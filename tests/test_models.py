@@ -352,3 +352,20 @@ def test_standardised_weights_are_cached_only_while_frozen(family: str) -> None:
     conv.train().weight.requires_grad_(True)
     conv(x).sum().backward()  # training: standardised on the fly, differentiably
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+
+def test_loaded_models_fold_standardisation_without_changing_results(fixtures: Path) -> None:
+    from igd.models.bit import ResNetV2
+    from igd.models.standardized import StandardizedConv2d
+
+    model = load_model(bit_path=fixtures / "bit-tiny.pth")
+    state = {k.removeprefix("module."): v for k, v in torch.load(fixtures / "bit-tiny.pth", weights_only=True).items()}
+    plain = ResNetV2((1, 1, 1, 1), 1, 10).eval()
+    plain.load_state_dict(state)
+    x = torch.randn(2, 3, 32, 32)
+    convolutions = [m for m in model.module.modules() if isinstance(m, StandardizedConv2d)]
+    assert convolutions and all(conv.folded for conv in convolutions)
+    with torch.no_grad():
+        torch.testing.assert_close(model.module(x), plain(x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="folded for inference"):
+        model.module.train()(x)

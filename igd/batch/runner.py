@@ -19,8 +19,9 @@ from igd.batch.inputs import PREDICTED, Pair
 from igd.imaging import ImageError, ImageTooLarge, decode_image
 from igd.models import UnknownClass, load_model
 from igd.protocol import BAD_IMAGE, IMAGE_TOO_LARGE, INTERNAL, UNKNOWN_TARGET, ProtocolError
-from igd.results import encode, result_dict
-from igd.tuning import memory_budget, warm_up
+from igd.results import DEFAULT_GZIP_LEVEL, encode, result_dict
+from igd.memory import memory_budget
+from igd.tuning import warm_up
 from igd.worker import AttributionSlice, Job, Worker
 
 MISSING = "missing"  # the image file cannot be read
@@ -38,6 +39,7 @@ class BatchOptions:
     with_steps: bool = False  # parquet: also the per-step gradients
     max_pixels: int = 50_000_000
     memory_format: str = "contiguous"
+    gzip_level: int = DEFAULT_GZIP_LEVEL  # torch: compression of the result files
 
 
 class BatchAttributor:
@@ -115,7 +117,7 @@ class BatchAttributor:
         if self.options.fmt == "torch":
             result = result_dict(attribution, i, model=self.model.name, target_name=row["target_name"],
                                  baseline_name=self.options.baseline)
-            row["data"] = encode(result, "torch")
+            row["data"] = encode(result, "torch", self.options.gzip_level)
         else:
             dtype = np.float16 if self.options.dtype == "float16" else np.float32
             row["shape"] = list(attribution.integrated_grads.shape[1:])

@@ -23,6 +23,7 @@ from igd.models.custom import (
     torchvision_preprocessing,
 )
 from igd.models.preprocessing import Preprocessing
+from igd.models.standardized import fold
 
 DEFAULT_MODEL = "efficientnet-lite0"
 # The predecessor's list, in its order: the class indices of its users' checkpoints.
@@ -44,8 +45,9 @@ class UnknownClass(ValueError):
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model ready to serve: module (eval mode, parameters frozen, on ``device``),
-    its exact preprocessing and class names."""
+    """A model ready to serve: module (eval mode, parameters frozen, on ``device``; weight
+    standardisation folded into BiT's and LaNet's weights), its exact preprocessing and
+    class names."""
 
     module: nn.Module
     preprocessing: Preprocessing
@@ -169,6 +171,7 @@ def load_model(
     module = parts.module.to(target).eval()
     for parameter in module.parameters():  # inference only (ScriptModules lack requires_grad_)
         parameter.requires_grad_(False)
+    fold(module)
     num_outputs = _count_outputs(module, parts.preprocessing, target, parts.source)
     class_names = _class_names(num_outputs, parts, classes_file, index_names)
     return LoadedModel(
