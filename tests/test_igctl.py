@@ -260,3 +260,15 @@ def test_target_guessing(lanet: Igd, photos: dict[str, Path], workdir: Path) -> 
     assert [json.loads(line)["target"] for line in run.stdout.decode().splitlines()] == ["ship", "ship"]
     odd = lanet.igctl("attribute", str(photos["chelsea.png"]), "²", "-o", str(workdir / "x.gzip"))
     assert odd.returncode == 1 and b"unknown_target" in odd.stderr and b"Traceback" not in odd.stderr
+
+
+def test_gzip_level_trades_size_for_speed(lanet: Igd, photos: dict[str, Path], workdir: Path) -> None:
+    for level in ("0", "9"):
+        run = lanet.igctl("attribute", str(photos["chelsea.png"]), "cat", "--steps", "8", "--gzip-level", level,
+                          "-o", str(workdir / f"level{level}.gzip"))
+        assert run.returncode == 0, run.stderr
+    stored, smallest = workdir / "level0.gzip", workdir / "level9.gzip"
+    assert stored.stat().st_size > smallest.stat().st_size
+    a, b = predecessor_reader(stored), predecessor_reader(smallest)
+    assert torch.equal(a["integrated_grads"], b["integrated_grads"])
+    assert lanet.igctl("attribute", str(photos["chelsea.png"]), "--gzip-level", "10").returncode == 2
