@@ -72,8 +72,10 @@ class Worker:
         max_images: int = 32,
         queue_size: int = 64,
         max_pass_bytes: int = 2 << 30,
+        allow_tf32: bool = False,
     ) -> None:
         self.model = model
+        self.allow_tf32 = allow_tf32  # CUDA may use TF32 (see igd.tuning.PRECISIONS)
         self.max_batch = max_batch  # path points per forward pass
         self.max_images = max_images
         self.max_pass_bytes = max_pass_bytes  # a pass's path points and gradients, all images
@@ -197,17 +199,20 @@ class Worker:
     def _run_batch(self, jobs: list[Job]) -> None:
         if not jobs:
             return
+        if len(jobs) == 1:
+            self._run_alone(jobs[0])
+            return
         started = time.perf_counter()
         try:
             results = self._compute(jobs)
-        except Exception as error:  # noqa: BLE001 - one request's failure must not end the daemon
-            if len(jobs) > 1:
-                # Find the culprit: every other image still gets its result.
-                for job in jobs:
-                    self._run_alone(job)
-                return
-            log("compute_failed", level=40, exc_info=True, op=jobs[0].op, error=type(error).__name__)
-            jobs[0].future.set_exception(_internal(error))
+        except Exception:  # noqa: BLE001 - one request's failure must not end the daemon
+            results = None
+        if results is None:
+            # Find the culprit: every other image still gets its result. Outside the except
+            # block, so that the failed pass's tensors (held by the traceback) are freed:
+            # after an out-of-memory error they are what the single runs need.
+            for job in jobs:
+                self._run_alone(job)
             return
         elapsed = time.perf_counter() - started
         self.passes += 1
@@ -227,17 +232,19 @@ class Worker:
             log("compute_failed", level=40, exc_info=True, op=job.op, error=type(error).__name__)
             job.future.set_exception(_internal(error))
             return
+        elapsed = time.perf_counter() - started
         self.passes += 1
         self.images += 1
         self.batch_sizes[1] += 1
-        job.batch_size, job.compute_s = 1, time.perf_counter() - started
+        self.compute_s += elapsed
+        job.batch_size, job.compute_s = 1, elapsed
         job.future.set_result(result)
 
     def _compute(self, jobs: list[Job]) -> list[Any]:
         device = self.model.device
         inputs = torch.cat([job.inputs for job in jobs]).to(device)
         if jobs[0].op == "classify":
-            with torch.no_grad(), strict_float32():
+            with torch.no_grad(), strict_float32(not self.allow_tf32):
                 logits = self.model.module(inputs).float().cpu()
             return [logits[i] for i in range(len(jobs))]
         targets = self._targets(jobs, inputs)
@@ -249,7 +256,7 @@ class Worker:
     def _targets(self, jobs: list[Job], inputs: Tensor) -> list[int]:
         if all(job.target is not None for job in jobs):
             return [int(job.target) for job in jobs]  # type: ignore[arg-type]
-        with torch.no_grad(), strict_float32():
+        with torch.no_grad(), strict_float32(not self.allow_tf32):
             predicted = self.model.module(inputs).argmax(dim=1).tolist()
         return [p if job.target is None else job.target for job, p in zip(jobs, predicted)]
 
@@ -261,16 +268,17 @@ class Worker:
             try:
                 return attribute(
                     self.model.module, inputs, targets, baselines=baselines,
-                    n_steps=n_steps, method=method, max_batch=chunk,
+                    n_steps=n_steps, method=method, max_batch=chunk, allow_tf32=self.allow_tf32,
                 )
             except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
                 if not _is_out_of_memory(error) or chunk == 1 or len(inputs) > 1:
                     raise
-                if inputs.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                self.oom_retries += 1
-                chunk = max(1, chunk // 2)
-                log("out_of_memory", level=30, retry_max_batch=chunk)
+            # Here, past the except block, the failed attempt's tensors are released.
+            if inputs.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.oom_retries += 1
+            chunk = max(1, chunk // 2)
+            log("out_of_memory", level=30, retry_max_batch=chunk)
 
 
 def _is_out_of_memory(error: BaseException) -> bool:

@@ -7,6 +7,7 @@ PyTorch's own OutOfMemoryError for chunks above a size; everything else is real.
 from __future__ import annotations
 
 import concurrent.futures
+import weakref
 
 import pytest
 import torch
@@ -62,6 +63,40 @@ def test_out_of_memory_retries_with_smaller_chunks() -> None:
     for i, part in enumerate(results):
         alone = attribute(net, x[i : i + 1], i, n_steps=6)
         torch.testing.assert_close(part.attribution.integrated_grads[part.index], alone.integrated_grads[0])
+
+
+class Hoarding(nn.Module):
+    """Allocates a large activation, then runs out of memory above ``max_points``; records
+    whether any earlier failed attempt's activation is still alive when a new one starts."""
+
+    def __init__(self, net: nn.Module, max_points: int) -> None:
+        super().__init__()
+        self.net, self.max_points = net, max_points
+        self.failed: list[weakref.ref[torch.Tensor]] = []
+        self.alive_at_start: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.alive_at_start.append(sum(ref() is not None for ref in self.failed))
+        activation = torch.empty(x.shape[0], 1 << 16)
+        if x.shape[0] > self.max_points:
+            self.failed.append(weakref.ref(activation))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.net(x)
+
+
+def test_retries_do_not_keep_the_failed_attempts_memory() -> None:
+    """On a real GPU (tests/test_cuda.py) a retry held the failed pass's tensors through the
+    exception's traceback, and ran out of memory even one point at a time."""
+    model = Hoarding(nets.groupnorm_cnn(), max_points=3)
+    worker = Worker(loaded(model), max_batch=32)
+    x = nets.images(2)
+    futures = [worker.submit(job(x[i], i)) for i in range(2)]  # one pass of two images first
+    worker.start()
+    assert all(f.result(60) for f in futures)
+    worker.close()
+    worker.drain(5)
+    assert len(model.failed) >= 3 and worker.oom_retries >= 2
+    assert set(model.alive_at_start) == {0}, model.alive_at_start
 
 
 def test_out_of_memory_at_one_point_is_an_internal_error() -> None:
