@@ -450,7 +450,7 @@ def status(settings: Settings, as_json: bool) -> None:
     lines = [
         ("socket", str(settings.socket)),
         ("model", f"{state['model']['name']}: {state['model']['description']}"),
-        ("device", state["device"]),
+        ("device", state["device"] + ("" if state.get("precision", "float32") == "float32" else f", {state['precision']}")),
         ("uptime", f"{state['uptime_s']:.0f} s (pid {state['pid']})"),
         ("requests", f"{requests['served']} served, {requests['failed']} failed, {requests['in_flight']} in flight"),
         ("queue", f"{state['queue_depth']} waiting (of {state['queue_size']})"),

@@ -123,7 +123,8 @@ def attribute(
         max_batch: at most this many path points per forward+backward (a memory and
             speed knob; results equal the unchunked run). None: all B x n at once.
         allow_tf32: let CUDA use TF32 for float32 matmuls and convolutions. Off by
-            default: TF32 moves attributions by tens of percent on deep nets.
+            default, so that results are exact against captum; ``igd serve --precision
+            tf32`` measures and logs how far it moves IG on its model.
     """
     return attribute_points(
         lambda points, _image_index: forward(points),
@@ -356,21 +357,20 @@ def evaluation_mode(modules: Iterable[nn.Module]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def strict_float32(strict: bool = True) -> Iterator[None]:
-    """Full-precision float32 matmuls and convolutions on CUDA (TF32 off) for the duration.
+    """For the duration: full-precision float32 matmuls and convolutions on CUDA (TF32
+    off), or with ``strict=False`` TF32 allowed for both (PyTorch's own default allows
+    it for convolutions only). The caller's settings are restored afterwards.
 
     Uses PyTorch's ``fp32_precision`` switches where they exist (2.9+; mixing them with
     the legacy ``allow_tf32`` flags is an error there), else the legacy flags.
     """
-    if not strict:
-        yield
-        return
     backends = torch.backends
     if hasattr(backends.cudnn, "conv") and hasattr(backends.cuda.matmul, "fp32_precision"):
         switches = [backends.cuda.matmul, backends.cudnn.conv, backends.cudnn.rnn]
         saved = [s.fp32_precision for s in switches]
         try:
             for s in switches:
-                s.fp32_precision = "ieee"
+                s.fp32_precision = "ieee" if strict else "tf32"
             yield
         finally:
             for s, value in zip(switches, saved):
@@ -378,8 +378,8 @@ def strict_float32(strict: bool = True) -> Iterator[None]:
     else:  # pragma: no cover - torch < 2.9
         saved_legacy = (backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32)
         try:
-            backends.cuda.matmul.allow_tf32 = False
-            backends.cudnn.allow_tf32 = False
+            backends.cuda.matmul.allow_tf32 = not strict
+            backends.cudnn.allow_tf32 = not strict
             yield
         finally:
             backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32 = saved_legacy

@@ -44,6 +44,7 @@ class ServeOptions:
     idle_timeout: float = 300.0
     drain_timeout: float = 30.0
     memory_format: str = "contiguous"
+    precision: str = "float32"  # or tf32 (igd.tuning.PRECISIONS)
     access: AccessPolicy = AccessPolicy()
 
     def limits(self) -> Limits:
@@ -89,7 +90,7 @@ def serve_forever(options: ServeOptions, model_args: dict[str, Any]) -> None:
             _stopped_during_startup()
             return
         systemd.notify(f"STATUS=warming up {model.name}")
-        max_batch = warm_up(model, options.max_batch, options.memory_format)
+        max_batch = warm_up(model, options.max_batch, options.memory_format, options.precision)
         if stop():
             _stopped_during_startup()
             return
@@ -99,6 +100,7 @@ def serve_forever(options: ServeOptions, model_args: dict[str, Any]) -> None:
             max_images=options.max_images,
             queue_size=options.queue_size,
             max_pass_bytes=memory_budget(model.device) // 4,
+            allow_tf32=options.precision == "tf32",
         )
         worker.start()
         service = Service(model, worker, options.limits())

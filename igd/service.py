@@ -118,6 +118,7 @@ class Service:
             "uptime_s": round(time.monotonic() - self.started, 3),
             "pid": os.getpid(),
             "device": str(self.model.device),
+            "precision": "tf32" if self.worker.allow_tf32 else "float32",
             "model": self._model_facts(with_classes=False),
             "requests": {
                 "served": sum(self.served.values()),

@@ -190,16 +190,19 @@ def test_float64_inputs_stay_float64() -> None:
     assert rel_l2(result.integrated_grads, theirs) < 1e-7
 
 
-def test_tf32_switches_are_restored() -> None:
+@pytest.mark.parametrize("allow_tf32,expected", [(False, "ieee"), (True, "tf32")])
+def test_tf32_switches_are_set_then_restored(allow_tf32: bool, expected: str) -> None:
+    """Both switches take the requested mode whatever PyTorch's defaults (which allow TF32
+    for convolutions only), and the caller's settings come back."""
     matmul = torch.backends.cuda.matmul.fp32_precision
     conv = torch.backends.cudnn.conv.fp32_precision
-    seen: list[str] = []
+    seen: list[tuple[str, str]] = []
     net = nets.groupnorm_cnn()
     net[0].register_forward_hook(
-        lambda *_: seen.append(torch.backends.cudnn.conv.fp32_precision)
+        lambda *_: seen.append((torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision))
     )
-    attribute(net, nets.images(), TARGETS, n_steps=2)
-    assert set(seen) == {"ieee"}
+    attribute(net, nets.images(), TARGETS, n_steps=2, allow_tf32=allow_tf32)
+    assert set(seen) == {(expected, expected)}
     assert torch.backends.cuda.matmul.fp32_precision == matmul
     assert torch.backends.cudnn.conv.fp32_precision == conv
 

@@ -220,7 +220,7 @@ def test_status_version_and_classify(lanet: Igd, photos: dict[str, Path]) -> Non
     status = lanet.igctl("status")
     assert status.returncode == 0 and b"lanet-c16-l6" in status.stdout
     as_json = json.loads(lanet.igctl("status", "--json").stdout)
-    assert as_json["device"] == "cpu" and "batching" in as_json
+    assert as_json["device"] == "cpu" and as_json["precision"] == "float32" and "batching" in as_json
     version = lanet.igctl("version").stdout.decode()
     assert "igctl 0.1.0 (protocol 1)" in version and "igd 0.1.0 (protocol 1)" in version
     classify = lanet.igctl("classify", str(photos["chelsea.png"]), str(photos["coffee.png"]), "--top", "2", "--json")
@@ -228,6 +228,18 @@ def test_status_version_and_classify(lanet: Igd, photos: dict[str, Path]) -> Non
     assert classify.returncode == 0 and [len(r["top"]) for r in records] == [2, 2]
     human = lanet.igctl("classify", str(photos["coffee.png"]))
     assert human.returncode == 0 and human.stdout.decode().startswith(f"{photos['coffee.png']}: ")
+
+
+def test_tf32_on_a_cpu_is_reported_and_changes_nothing(fixtures: Path, photos: dict[str, Path], workdir: Path) -> None:
+    reference = np.load(fixtures / "lanet-tiny.reference.npz")
+    with Igd("-lp", str(fixtures / "lanet-tiny.pth"), "--max-batch", "10", env={"IGD_PRECISION": "tf32"}) as igd:
+        assert json.loads(igd.igctl("status", "--json").stdout)["precision"] == "tf32"
+        assert "cpu, tf32" in igd.igctl("status").stdout.decode()
+        out = igd.igctl("attribute", str(photos["chelsea.png"]), "cat", "-o", str(workdir / "r.gzip"))
+        assert out.returncode == 0, out.stderr
+        assert "event=precision" in igd.log() and "none here" in igd.log()
+    ig = predecessor_reader(workdir / "r.gzip")["integrated_grads"].numpy()
+    assert np.linalg.norm(ig - reference["integrated_grads"]) / np.linalg.norm(reference["integrated_grads"]) < 1e-4
 
 
 def test_help_documents_the_exit_statuses() -> None:

@@ -39,6 +39,7 @@ class BatchOptions:
     with_steps: bool = False  # parquet: also the per-step gradients
     max_pixels: int = 50_000_000
     memory_format: str = "contiguous"
+    precision: str = "float32"  # or tf32 (igd.tuning.PRECISIONS)
     gzip_level: int = DEFAULT_GZIP_LEVEL  # torch: compression of the result files
 
 
@@ -49,9 +50,10 @@ class BatchAttributor:
                  max_images: int = 32) -> None:
         self.model = load_model(**model_args)
         self.options = options
-        chunk = warm_up(self.model, max_batch, options.memory_format)
+        chunk = warm_up(self.model, max_batch, options.memory_format, options.precision)
         self.worker = Worker(self.model, max_batch=chunk, max_images=max_images, queue_size=1 << 30,
-                             max_pass_bytes=memory_budget(self.model.device) // 4)
+                             max_pass_bytes=memory_budget(self.model.device) // 4,
+                             allow_tf32=options.precision == "tf32")
         self.worker.start()
 
     def __call__(self, pairs: list[Pair]) -> list[dict[str, Any]]:
