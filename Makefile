@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-cuda demo bench clean
 
 install: $(VENV)/.installed
 
@@ -16,6 +16,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 test: install
 	$(BIN)/python -m pytest
+
+# Where a GPU is: the engine, checkpoints and daemon on CUDA (tests/test_cuda.py).
+test-cuda: install
+	$(BIN)/python -m pytest -m cuda tests/test_cuda.py
 
 demo: install
 	VENV=$(VENV) scripts/demo.sh

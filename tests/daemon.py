@@ -18,8 +18,16 @@ import time
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
-IGD = str(BIN / "igd")
-IGCTL = str(BIN / "igctl")
+
+
+def _script(name: str) -> str:
+    """The console script next to this Python (a venv), else the one on PATH."""
+    beside = BIN / name
+    return str(beside) if beside.exists() else shutil.which(name) or name
+
+
+IGD = _script("igd")
+IGCTL = _script("igctl")
 
 
 def short_tempdir() -> Path:
