@@ -20,13 +20,12 @@ import contextlib
 import copy
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
+from gpu import median_time
 from models import IMAGE, build
 from PIL import Image
 
@@ -82,23 +81,6 @@ def accuracy(fixtures: Path, smoke: bool) -> list[dict[str, Any]]:
     return rows
 
 
-def synchronize() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize(DEVICE)
-
-
-def median_time(fn: Callable[[], Any], repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        synchronize()
-        start = time.perf_counter()
-        fn()
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def speed(smoke: bool) -> list[dict[str, Any]]:
     rows = []
     images, steps, repeats = (1, 4, 1) if smoke else (8, 50, 5)
@@ -113,7 +95,7 @@ def speed(smoke: bool) -> list[dict[str, Any]]:
             inputs = xs.contiguous(memory_format=layout)
             with cudnn_setting(setting):
                 run = lambda: attribute(model, inputs, built.target, n_steps=steps, max_batch=chunk)  # noqa: E731
-                seconds = median_time(run, repeats)
+                seconds = median_time(run, DEVICE, repeats)
                 ig = run().integrated_grads
             base = base if base is not None else (seconds, ig)
             row = {"model": built.label, "setting": setting, "seconds": seconds, "images_per_s": images / seconds,
