@@ -35,6 +35,9 @@ Forward = Callable[[Tensor], Tensor]
 # Maps path points (M, *F) and, for each point, the index of its image in the batch
 # (M,) to logits (M, K). The index lets callers pick per-image extra arguments.
 PointForward = Callable[[Tensor, Tensor], Tensor]
+# Called after every chunk with (path points done, path points in all); it may raise to
+# abandon the pass (e.g. when nobody wants the result any more).
+ChunkCallback = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,7 @@ def attribute(
     method: str = DEFAULT_METHOD,
     max_batch: int | None = None,
     allow_tf32: bool = False,
+    on_chunk: ChunkCallback | None = None,
 ) -> Attribution:
     """IG and the per-step gradients of ``forward`` for a batch of inputs, in one pass.
 
@@ -125,6 +129,8 @@ def attribute(
         allow_tf32: let CUDA use TF32 for float32 matmuls and convolutions. Off by
             default, so that results are exact against captum; ``igd serve --precision
             tf32`` measures and logs how far it moves IG on its model.
+        on_chunk: called after each forward+backward chunk with (points done, points
+            in all); an exception it raises abandons the pass and propagates.
     """
     return attribute_points(
         lambda points, _image_index: forward(points),
@@ -136,6 +142,7 @@ def attribute(
         max_batch=max_batch,
         allow_tf32=allow_tf32,
         modules=_modules_of(forward),
+        on_chunk=on_chunk,
     )
 
 
@@ -150,6 +157,7 @@ def attribute_points(
     max_batch: int | None = None,
     allow_tf32: bool = False,
     modules: Iterable[nn.Module] = (),
+    on_chunk: ChunkCallback | None = None,
 ) -> Attribution:
     """:func:`attribute` for a forward that also receives each point's image index.
 
@@ -202,6 +210,8 @@ def attribute_points(
             grads[part], extra_logits = _target_gradients(forward, points[part], point_image[part], targets, extra)
             if extra is not None:
                 end_logits = extra_logits
+            if on_chunk is not None:
+                on_chunk(min(start + chunk, len(points)), len(points))
         assert end_logits is not None
 
     directional = grads.view_as(intermediates)

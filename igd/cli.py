@@ -12,6 +12,7 @@ import click
 
 from igd import __version__
 
+PROCESS_STARTED = time.monotonic()  # igd's uptime counts from here
 SAMPLE_IMAGE = "chelsea.jpg"
 _FILE = click.Path(path_type=Path, dir_okay=False)
 
@@ -258,7 +259,7 @@ def serve(
         access=access,
     )
     try:
-        serve_forever(options, model_args)
+        serve_forever(options, model_args, started=PROCESS_STARTED)
     except StartupError as error:
         logs.log("failed", level=40, error=str(error))
         raise click.ClickException(str(error)) from None

@@ -1,19 +1,21 @@
 """Start-up and lifetime of `igd serve`: socket, model, warm-up, serving, exit.
 
 Order matters: the socket comes first (socket activation hands it over; standalone, a
-path another igd is serving fails fast, before minutes of model loading), then the
-model, then the chunk-size measurement and a warm-up pass, and only then READY=1.
+path another igd is serving fails fast, before minutes of model loading) and answers
+``hello`` and ``status`` from then on; then the model, the chunk-size measurement and a
+warm-up pass, and only then READY=1 and compute requests (which wait until then).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from igd import systemd
 from igd.access import AccessPolicy
@@ -73,48 +75,59 @@ class _StopFlag:
         return self.raised
 
 
-def serve_forever(options: ServeOptions, model_args: dict[str, Any]) -> None:
-    """Serve until SIGTERM/SIGINT. Raises StartupError if igd cannot start."""
+def serve_forever(options: ServeOptions, model_args: dict[str, Any], started: float | None = None) -> None:
+    """Serve until SIGTERM/SIGINT. Raises StartupError if igd cannot start.
+
+    ``started``: the process's start (time.monotonic()), from which uptime counts."""
     stop = _StopFlag()
     listener, owned = _listener(options.socket_path)
     try:
-        systemd.notify("STATUS=loading the model")
-        started = time.perf_counter()
-        try:
-            model = load_model(**model_args)
-        except ModelError as error:
-            raise StartupError(str(error)) from None
-        log("model_loaded", name=model.name, device=str(model.device), parameters=model.num_parameters,
-            seconds=round(time.perf_counter() - started, 2), source=model.source)
-        if stop():
-            _stopped_during_startup()
-            return
-        systemd.notify(f"STATUS=warming up {model.name}")
-        max_batch = warm_up(model, options.max_batch, options.memory_format, options.precision)
-        if stop():
-            _stopped_during_startup()
-            return
-        worker = Worker(
-            model,
-            max_batch=max_batch,
-            max_images=options.max_images,
-            queue_size=options.queue_size,
-            max_pass_bytes=memory_budget(model.device) // 4,
-            allow_tf32=options.precision == "tf32",
-        )
-        worker.start()
-        service = Service(model, worker, options.limits())
+        service = Service(options.limits(), max_pending=options.queue_size + options.max_images, started=started)
         daemon = Daemon(service, listener, owned=owned, drain_timeout=options.drain_timeout, access=options.access)
-        asyncio.run(daemon.run(stop))
+        asyncio.run(daemon.run(functools.partial(_start, service, options, model_args), stop))
     finally:
         listener.close()
         if owned is not None:
             owned.unlink()  # after serving the daemon has done it; this covers start-up failures
 
 
-def _stopped_during_startup() -> None:
-    systemd.notify("STOPPING=1")
-    log("stopped", reason="signal during start-up")
+async def _start(service: Service, options: ServeOptions, model_args: dict[str, Any], stopped: Callable[[], bool]) -> None:
+    """Load the model and warm up (off the event loop, which keeps answering hello and
+    status meanwhile), then hand the model and a started worker to ``service``. A stop
+    takes effect between stages."""
+    loop = asyncio.get_running_loop()
+
+    def phase(text: str) -> None:
+        service.set_phase(text)
+        systemd.notify(f"STATUS={text}")
+
+    phase("loading the model")
+    started = time.perf_counter()
+    try:
+        model = await loop.run_in_executor(None, functools.partial(load_model, **model_args))
+    except ModelError as error:
+        raise StartupError(str(error)) from None
+    log("model_loaded", name=model.name, device=str(model.device), parameters=model.num_parameters,
+        seconds=round(time.perf_counter() - started, 2), source=model.source)
+    if stopped():
+        return
+    phase(f"warming up {model.name}")
+    max_batch = await loop.run_in_executor(
+        None, functools.partial(warm_up, model, options.max_batch, options.memory_format, options.precision,
+                                report=lambda step: phase(f"warming up {model.name}: {step}"))
+    )
+    if stopped():
+        return
+    worker = Worker(
+        model,
+        max_batch=max_batch,
+        max_images=options.max_images,
+        queue_size=options.queue_size,
+        max_pass_bytes=memory_budget(model.device) // 4,
+        allow_tf32=options.precision == "tf32",
+    )
+    worker.start()
+    service.serve(model, worker)
 
 
 def _listener(socket_path: Path | None) -> tuple[socket.socket, OwnedPath | None]:

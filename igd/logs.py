@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from typing import Any
@@ -30,12 +31,20 @@ class KeyValueFormatter(logging.Formatter):
 
 def _value(value: Any) -> str:
     if isinstance(value, float):
-        value = f"{value:.4g}"
+        value = _plain(value)
     text = str(value)
     if not text or any(c in text for c in ' "=\n\t'):
         escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
         return f'"{escaped}"'
     return text
+
+
+def _plain(number: float) -> str:
+    """A float as people and grep read it, 4 significant digits: ms=32380 (never
+    3.238e+04), 812.3, 0.1235; an exponent only below 0.001 (1.5e-07)."""
+    if math.isfinite(number) and abs(number) >= 1000:
+        return str(round(number))
+    return f"{number:.4g}"
 
 
 def configure(level: str = "info") -> None:

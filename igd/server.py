@@ -18,7 +18,7 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from igd import protocol, systemd
 from igd.access import AccessPolicy, peer_of
@@ -163,6 +163,12 @@ class Connection:
                 raise
             return False
 
+    def post(self, frame: bytes) -> None:
+        """Queue a small frame (an event) without waiting for it to be sent. Whole frames
+        never interleave: the transport appends each write to its buffer as one piece."""
+        if not self.broken and not self.writer.is_closing():
+            self.writer.write(frame)
+
     async def refuse(self, error: ProtocolError) -> None:
         """Answer ``error`` and end the connection so that the client can read the answer:
         closing with its unread bytes pending would reset the connection instead, so
@@ -194,7 +200,8 @@ class Connection:
 
 
 class Daemon:
-    """Serves ``service`` on ``listener`` until SIGTERM/SIGINT, then drains and exits."""
+    """Serves ``service`` on ``listener`` from the start of start-up until SIGTERM/SIGINT,
+    then drains and exits."""
 
     def __init__(
         self,
@@ -211,33 +218,56 @@ class Daemon:
         self.owned = owned
         self.drain_timeout = drain_timeout
         self.stopping = False
+        self.startup_error: BaseException | None = None
         self._stop = asyncio.Event()
         self._connections: dict[asyncio.Task[None], Connection] = {}
 
-    async def run(self, stop_requested: Callable[[], bool] = lambda: False) -> None:
+    async def run(
+        self,
+        start: Callable[[Callable[[], bool]], Awaitable[None]],
+        stop_requested: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """Accept connections at once, run ``start(stopped)`` (load the model, warm up,
+        hand the worker to the service; it checks ``stopped()`` between its stages), report
+        READY=1 once it is done, and serve until a stop signal. An exception from
+        ``start`` is raised after a clean shutdown."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)  # handlers only set a flag
-        if stop_requested():  # a signal arrived during start-up, before these handlers
+        if stop_requested():  # a signal arrived before these handlers
             self._stop.set()
         server = await asyncio.start_unix_server(self._connection, sock=self.listener)
-        if not self._stop.is_set():
-            systemd.notify("READY=1", f"STATUS=serving {self.service.model.name} on {self.service.model.device}")
-            log("ready", model=self.service.model.name, device=str(self.service.model.device), pid=os.getpid())
-        await self._stop.wait()
+        starting = asyncio.create_task(start(self._stop.is_set))
+        stop = asyncio.create_task(self._stop.wait())
+        await asyncio.wait({starting, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            log("stopping", reason="signal during start-up; it ends after the current stage")
+            await asyncio.wait({starting})
+        self.startup_error = starting.exception()
+        model = self.service.model
+        if self.startup_error is None and model is not None and not self._stop.is_set():
+            systemd.notify("READY=1", f"STATUS=serving {model.name} on {model.device}")
+            log("ready", model=model.name, device=str(model.device), pid=os.getpid())
+            await self._stop.wait()
+        stop.cancel()
         await self._shutdown(server)
+        if self.startup_error is not None:
+            raise self.startup_error
 
     async def _shutdown(self, server: asyncio.base_events.Server) -> None:
         self.stopping = True
         systemd.notify("STOPPING=1", "STATUS=draining")
         requests = self._requests()
-        log("stopping", in_flight=len(requests), queued=self.service.worker.queue_depth)
+        worker = self.service.worker
+        log("stopping", in_flight=len(requests), queued=worker.queue_depth if worker else 0)
         server.close()
-        self.service.worker.close()
-        loop = asyncio.get_running_loop()
-        rejected = await loop.run_in_executor(None, self.service.worker.drain, self.drain_timeout)
-        # A pass still running past the drain ends on its own; wait a little for it.
-        await loop.run_in_executor(None, self.service.worker.join, 10.0)
+        rejected = 0
+        if worker is not None:
+            worker.close()
+            loop = asyncio.get_running_loop()
+            rejected = await loop.run_in_executor(None, worker.drain, self.drain_timeout)
+            # A pass still running past the drain ends on its own; wait a little for it.
+            await loop.run_in_executor(None, worker.join, 10.0)
         requests = self._requests()
         if requests:
             # Give answered work a moment to be written, then end what is left: each
@@ -256,7 +286,8 @@ class Daemon:
         self.service.close()
         if self.owned is not None:
             self.owned.unlink()
-        log("stopped", rejected=rejected, served=sum(self.service.served.values()))
+        log("stopped", rejected=rejected, served=sum(self.service.served.values()),
+            reason="start-up failed" if self.startup_error else ("signal during start-up" if worker is None else "signal"))
 
     def _requests(self) -> list[asyncio.Task[None]]:
         return [task for connection in self._connections.values() for task in connection.tasks]
@@ -319,6 +350,12 @@ class Daemon:
         notes: dict[str, Any] = {}
         service = self.service
         service.in_flight += 1
+        answered = False
+
+        def emit(name: str, fields: dict[str, Any]) -> None:
+            if not answered and request_id is not None:
+                connection.post(protocol.event(request_id, name, **fields))
+
         try:
             try:
                 if len(payload) > _INLINE_BYTES:
@@ -333,7 +370,7 @@ class Daemon:
                     raise ProtocolError(BAD_REQUEST, "a request needs an integer id", {"field": "id"})
                 if self.stopping and op in ("classify", "attribute"):
                     raise ProtocolError(SHUTTING_DOWN, "the daemon is shutting down")
-                result = await asyncio.wait_for(service.handle(op, args, notes), service.limits.request_timeout)
+                result = await asyncio.wait_for(service.handle(op, args, notes, emit), service.limits.request_timeout)
                 frame = await service.in_pool(_ok_frame, request_id, result)
                 outcome = "ok"
             except ProtocolError as error:
@@ -344,14 +381,16 @@ class Daemon:
             except asyncio.CancelledError:
                 if not self.stopping:
                     raise  # the client is gone: nobody to answer
-                error = ProtocolError(SHUTTING_DOWN, "the daemon shut down before this request finished")
-                frame, outcome = protocol.error_response(request_id, error), SHUTTING_DOWN
+                reason = (f"igd could not start: {self.startup_error}" if self.startup_error
+                          else "the daemon shut down before this request finished")
+                frame, outcome = protocol.error_response(request_id, ProtocolError(SHUTTING_DOWN, reason)), SHUTTING_DOWN
             except Exception as error:  # noqa: BLE001 - never a traceback to the client
                 log("internal_error", level=40, exc_info=True, op=op, id=request_id)
                 frame = protocol.error_response(
                     request_id, ProtocolError(INTERNAL, "internal error (logged on the daemon)", {"error": type(error).__name__})
                 )
                 outcome = INTERNAL
+            answered = True
             delivered = await connection.send(frame)
             if outcome == "ok" and delivered:
                 service.served[op] += 1

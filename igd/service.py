@@ -2,6 +2,9 @@
 
 Runs on the event loop; decoding and encoding go to a small thread pool and the model
 work to the compute :class:`~igd.worker.Worker`, so the loop never blocks on either.
+The service answers from the moment the socket listens: while the model loads and warms
+up, ``hello`` and ``status`` report the start-up phase and compute requests wait for
+:meth:`Service.serve` to hand over the model.
 """
 
 from __future__ import annotations
@@ -40,6 +43,26 @@ from igd.worker import AttributionSlice, Job, Worker
 T = TypeVar("T")
 MAX_TOP = 1000
 
+# Sends one event frame for the request being handled: emit(name, fields). Loop thread only.
+Emit = Callable[[str, dict[str, Any]], None]
+
+STARTING, READY = "starting", "ready"
+
+
+class _EventRelay:
+    """A job's listener: forwards the worker's reports (from its threads) as event
+    frames of the request, through the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, emit: Emit) -> None:
+        self._loop = loop
+        self._emit = emit
+
+    def queued(self, ahead: int) -> None:
+        self._loop.call_soon_threadsafe(self._emit, "queued", {"ahead": ahead})
+
+    def progress(self, done: int, total: int) -> None:
+        self._loop.call_soon_threadsafe(self._emit, "progress", {"done": done, "total": total})
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -51,24 +74,55 @@ class Limits:
 
 
 class Service:
-    """Answers ``hello``, ``status``, ``classify`` and ``attribute``."""
+    """Answers ``hello``, ``status``, ``classify`` and ``attribute``.
 
-    def __init__(self, model: LoadedModel, worker: Worker, limits: Limits, io_threads: int = 2) -> None:
-        self.model = model
-        self.worker = worker
+    Created before the model exists (``phase`` says what start-up is doing); compute
+    requests wait until :meth:`serve` hands over the loaded model and its worker."""
+
+    def __init__(self, limits: Limits, *, max_pending: int, started: float | None = None, io_threads: int = 2) -> None:
+        self.model: LoadedModel | None = None
+        self.worker: Worker | None = None
         self.limits = limits
-        self.started = time.monotonic()
+        self.started = time.monotonic() if started is None else started  # the process's start
+        self.phase = "starting"  # what start-up is doing, for people: "loading the model", ...
+        self.phase_started = time.monotonic()
         self.served: collections.Counter[str] = collections.Counter()
         self.failed: collections.Counter[str] = collections.Counter()
         self.in_flight = 0
         self.connections = 0
         self.pending = 0  # classify/attribute requests between arrival and answer
-        self.max_pending = worker.queue_size + worker.max_images
+        self.max_pending = max_pending
+        self._ready = asyncio.Event()
         self._pool = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="igd-io")
 
-    async def handle(self, op: str, args: dict[str, Any], notes: dict[str, Any]) -> dict[str, Any]:
+    @property
+    def state(self) -> str:
+        return READY if self._ready.is_set() else STARTING
+
+    def set_phase(self, phase: str) -> None:
+        """Start-up's progress, e.g. "warming up: measuring chunk size 8" (any thread)."""
+        self.phase, self.phase_started = phase, time.monotonic()
+
+    def serve(self, model: LoadedModel, worker: Worker) -> None:
+        """Start-up is done: compute requests (waiting ones too) go to ``worker``."""
+        self.model, self.worker = model, worker
+        self._ready.set()
+
+    def startup_facts(self) -> dict[str, Any]:
+        return {"phase": self.phase, "phase_s": round(time.monotonic() - self.phase_started, 1)}
+
+    async def _until_ready(self, emit: Emit | None) -> tuple[LoadedModel, Worker]:
+        if not self._ready.is_set():
+            if emit is not None:
+                emit("starting", self.startup_facts())
+            await self._ready.wait()
+        assert self.model is not None and self.worker is not None
+        return self.model, self.worker
+
+    async def handle(self, op: str, args: dict[str, Any], notes: dict[str, Any], emit: Emit | None = None) -> dict[str, Any]:
         """The result map of one request; ProtocolError for anything the client did wrong.
-        ``notes`` collects facts for the request's log line."""
+        ``notes`` collects facts for the request's log line; ``emit`` sends the request's
+        event frames (progress), if the client asked for them."""
         handler = {
             "hello": self.hello,
             "status": self.status,
@@ -79,6 +133,8 @@ class Service:
             raise ProtocolError("unknown_op", f"unknown op {op!r}; this server knows {', '.join(OPS)}", {"ops": list(OPS)})
         if op in ("hello", "status"):
             return await handler(args, notes)
+        if not _arg(args, "progress", bool, False):
+            emit = None
         # Admission: every compute request holds its image (up to a frame) from arrival to
         # answer, so their number is bounded before any decoding, not only at the queue.
         if self.pending >= self.max_pending:
@@ -89,15 +145,16 @@ class Service:
             )
         self.pending += 1
         try:
-            return await handler(args, notes)
+            return await handler(args, notes, emit)
         finally:
             self.pending -= 1
 
     async def hello(self, args: dict[str, Any], notes: dict[str, Any]) -> dict[str, Any]:
-        return {
+        answer = {
             "protocol": VERSION,
             "server": "igd",
             "version": __version__,
+            "state": self.state,
             "capabilities": {
                 "ops": list(OPS),
                 "methods": list(METHODS),
@@ -109,17 +166,20 @@ class Service:
                     "max_pixels": self.limits.max_pixels,
                     "max_steps": self.limits.max_steps,
                 },
+                "events": ["starting", "queued", "progress"],
             },
-            "model": self._model_facts(with_classes=True),
         }
+        if self.model is None:
+            answer["startup"] = self.startup_facts()
+        else:
+            answer["model"] = self._model_facts(with_classes=True)
+        return answer
 
     async def status(self, args: dict[str, Any], notes: dict[str, Any]) -> dict[str, Any]:
-        return {
+        answer: dict[str, Any] = {
+            "state": self.state,
             "uptime_s": round(time.monotonic() - self.started, 3),
             "pid": os.getpid(),
-            "device": str(self.model.device),
-            "precision": "tf32" if self.worker.allow_tf32 else "float32",
-            "model": self._model_facts(with_classes=False),
             "requests": {
                 "served": sum(self.served.values()),
                 "failed": sum(self.failed.values()),
@@ -130,28 +190,38 @@ class Service:
                 "max_pending": self.max_pending,
             },
             "connections": self.connections,
-            "queue_depth": self.worker.queue_depth,
-            "queue_size": self.worker.queue_size,
-            "batching": self.worker.stats(),
-            "memory": _memory(self.model.device),
         }
+        if self.model is None or self.worker is None:
+            answer["startup"] = self.startup_facts()
+            answer["memory"] = {"rss_bytes": _rss_bytes()}
+            return answer
+        answer.update(
+            device=str(self.model.device),
+            precision="tf32" if self.worker.allow_tf32 else "float32",
+            model=self._model_facts(with_classes=False),
+            queue_depth=self.worker.queue_depth,
+            queue_size=self.worker.queue_size,
+            batching=self.worker.stats(),
+            memory=_memory(self.model.device),
+        )
+        return answer
 
-    async def classify(self, args: dict[str, Any], notes: dict[str, Any]) -> dict[str, Any]:
+    async def classify(self, args: dict[str, Any], notes: dict[str, Any], emit: Emit | None) -> dict[str, Any]:
         data = _take_image(args)
         top = _int_arg(args, "top", 5, 1, MAX_TOP)
-        inputs = await self._decoded(data, notes, self.model.preprocessing)
+        model, _worker = await self._until_ready(emit)
+        inputs = await self._decoded(data, notes, model.preprocessing)
         del data
         logits = await self._compute(Job("classify", inputs), notes)
         return {
             "top": [
                 {"index": index, "name": name, "probability": p}
-                for index, name, p in self.model.top_classes(logits, top)
+                for index, name, p in model.top_classes(logits, top)
             ]
         }
 
-    async def attribute(self, args: dict[str, Any], notes: dict[str, Any]) -> dict[str, Any]:
+    async def attribute(self, args: dict[str, Any], notes: dict[str, Any], emit: Emit | None) -> dict[str, Any]:
         data = _take_image(args)
-        target = self._target(args.get("target"))
         n_steps = _int_arg(args, "n_steps", 50, 1, self.limits.max_steps)
         method = _choice_arg(args, "method", "gausslegendre", METHODS)
         try:
@@ -164,18 +234,21 @@ class Service:
         fmt = _choice_arg(args, "format", "torch", FORMATS)
         gzip_level = _int_arg(args, "gzip_level", DEFAULT_GZIP_LEVEL, 0, 9)
         want_heatmap = _arg(args, "heatmap", bool, False)
+        model, _worker = await self._until_ready(emit)
+        target = _target(model, args.get("target"))
         notes.update(target=target, n_steps=n_steps, method=method, baseline=baseline_name)
 
         def prepare(image: Image.Image) -> tuple[Tensor, Tensor, Image.Image | None]:
             inputs, baseline = inputs_and_baseline(
-                image, self.model.preprocessing, baseline_name, blur_sigma=blur_sigma, seed=seed
+                image, model.preprocessing, baseline_name, blur_sigma=blur_sigma, seed=seed
             )
             # The decoded image (up to max_pixels) is kept only if a heatmap needs it.
             return inputs, baseline, image if want_heatmap else None
 
         inputs, baseline, image = await self._decoded(data, notes, prepare)
         del data
-        job = Job("attribute", inputs, baseline, target, n_steps, method)
+        listener = None if emit is None else _EventRelay(asyncio.get_running_loop(), emit)
+        job = Job("attribute", inputs, baseline, target, n_steps, method, listener=listener)
         part: AttributionSlice = await self._compute(job, notes)
         started = time.perf_counter()
 
@@ -184,16 +257,16 @@ class Service:
             target_index = int(attribution.targets[i])
             result = result_dict(
                 attribution, i,
-                model=self.model.name,
-                target_name=self.model.class_names[target_index],
+                model=model.name,
+                target_name=model.class_names[target_index],
                 baseline_name=baseline_name,
             )
             answer: dict[str, Any] = {"data": encode(result, fmt, gzip_level), "format": fmt}
             if image is not None:
-                answer["heatmap_png"] = heatmap_png(attribution.integrated_grads[i], image, self.model.preprocessing)
-            (index, name, probability), = self.model.top_classes(attribution.logits[i], 1)
+                answer["heatmap_png"] = heatmap_png(attribution.integrated_grads[i], image, model.preprocessing)
+            (index, name, probability), = model.top_classes(attribution.logits[i], 1)
             answer.update(
-                target={"index": target_index, "name": self.model.class_names[target_index]},
+                target={"index": target_index, "name": model.class_names[target_index]},
                 prediction={"index": index, "name": name, "probability": probability},
                 convergence_delta=float(attribution.convergence_delta[i]),
                 baseline=baseline_name,
@@ -211,16 +284,6 @@ class Service:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-    def _target(self, value: Any) -> int | None:
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (str, int)):
-            raise ProtocolError(BAD_REQUEST, f"args.target must be a class name, an index or nil, got {type(value).__name__}")
-        try:
-            return self.model.class_index(value)
-        except UnknownClass as error:
-            raise ProtocolError(UNKNOWN_TARGET, str(error), {"num_classes": len(self.model.class_names)}) from None
 
     async def _decoded(self, data: bytes, notes: dict[str, Any], then: Callable[[Image.Image], T]) -> T:
         """Decode the image and apply ``then`` to it in the I/O pool; only what ``then``
@@ -243,8 +306,13 @@ class Service:
         return prepared
 
     async def _compute(self, job: Job, notes: dict[str, Any]) -> Any:
+        assert self.worker is not None
         future = self.worker.submit(job)
-        result = await asyncio.wrap_future(future)
+        try:
+            result = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            job.cancel()  # the client left, or the request timed out: stop computing it
+            raise
         notes.update(queue_ms=_ms(job.queued_s), compute_ms=_ms(job.compute_s), batch_size=job.batch_size)
         return result
 
@@ -253,10 +321,23 @@ class Service:
         return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
 
     def _model_facts(self, *, with_classes: bool) -> dict[str, Any]:
+        assert self.model is not None
         facts = self.model.summary()
         if not with_classes:
             facts.pop("classes")
         return facts
+
+
+def _target(model: LoadedModel, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ProtocolError(BAD_REQUEST, f"args.target must be a class name, an index or nil, got {type(value).__name__}",
+                            {"arg": "target"})
+    try:
+        return model.class_index(value)
+    except UnknownClass as error:
+        raise ProtocolError(UNKNOWN_TARGET, str(error), {"num_classes": len(model.class_names)}) from None
 
 
 def _take_image(args: dict[str, Any]) -> bytes:

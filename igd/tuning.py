@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from importlib import resources
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -158,26 +159,31 @@ def _synchronize(device: torch.device) -> None:
 
 
 def warm_up(model: LoadedModel, max_batch: int | None, memory_format: str = "contiguous",
-            precision: str = "float32") -> int:
+            precision: str = "float32", report: Callable[[str], None] = lambda step: None) -> int:
     """Put the model in ``memory_format``, measure the chunk size (unless given) in
-    ``precision``, and run one small attribution end to end. Returns the chunk size."""
+    ``precision``, and run one small attribution end to end. Returns the chunk size.
+    ``report`` hears each step as it starts (for `igctl status` during start-up)."""
     sample = resources.files("igd").joinpath("data", "chelsea.jpg").read_bytes()
     x = model.preprocess(decode_image(sample))
     started = time.perf_counter()
     if memory_format != "contiguous":
+        report(f"measuring {memory_format}")
         deviation = use_memory_format(model.module, x, memory_format)
         log("memory_format", memory_format=memory_format, ig_deviation=f"{deviation:.1e}")
     allow_tf32 = precision == "tf32"
     if allow_tf32 and model.device.type != "cuda":
         log("precision", level=30, precision=precision, note="tf32 only changes CUDA kernels; none here")
     elif allow_tf32:
+        report("measuring tf32")
         log("precision", precision=precision, ig_deviation=f"{tf32_deviation(model.module, x):.1e}")
     if max_batch is None:
+        report("measuring the fastest chunk size")
         choice = choose_max_batch(model.module, x, allow_tf32=allow_tf32)
         max_batch = choice.max_batch
         log("chunk_size_measured", max_batch=max_batch,
             ms_per_point={size: round(s * 1000, 1) for size, s in choice.seconds_per_point.items()},
             memory_cap=choice.memory_cap, mb_per_point=round(choice.bytes_per_point / 1e6, 1))
+    report("a first attribution")
     attribute(model.module, x, 0, n_steps=2, max_batch=max_batch, allow_tf32=allow_tf32)
     release_free_memory()  # the measurement's large chunks are done with
     log("warmed_up", seconds=round(time.perf_counter() - started, 2), max_batch=max_batch)

@@ -16,7 +16,7 @@ import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import Tensor
@@ -28,9 +28,30 @@ from igd.models import LoadedModel
 from igd.protocol import INTERNAL, OVERLOADED, SHUTTING_DOWN, ProtocolError
 
 
+# Progress reports of one job come at most this often (and once at its end).
+PROGRESS_INTERVAL_S = 0.25
+
+
+class JobListener(Protocol):
+    """What a job's submitter hears of it, called from the worker's threads."""
+
+    def queued(self, ahead: int) -> None:
+        """The job waits behind ``ahead`` others (0: it runs next)."""
+
+    def progress(self, done: int, total: int) -> None:
+        """``done`` of the job's ``total`` path points are computed."""
+
+
+class PassCancelled(Exception):
+    """Every job of a pass was cancelled; the pass stopped between chunks."""
+
+
 @dataclass(eq=False)
 class Job:
-    """One image's work. ``inputs``/``baseline``: (1, C, H, W) on the CPU, input space."""
+    """One image's work. ``inputs``/``baseline``: (1, C, H, W) on the CPU, input space.
+
+    ``cancel()`` (from any thread) withdraws it: a queued job is never run, and a pass
+    whose jobs are all cancelled stops at its next chunk."""
 
     op: str  # "attribute" | "classify"
     inputs: Tensor
@@ -38,10 +59,29 @@ class Job:
     target: int | None = None  # None: the predicted class
     n_steps: int = 50
     method: str = "gausslegendre"
+    listener: JobListener | None = None
     future: concurrent.futures.Future[Any] = field(default_factory=concurrent.futures.Future)
     batch_size: int = 0  # set by the worker: images in the pass that served this job
     queued_s: float = 0.0
     compute_s: float = 0.0
+    _cancelled: threading.Event = field(default_factory=threading.Event)
+    _last_report: float = 0.0
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        self.future.cancel()  # succeeds only while it is still queued
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def report(self, fraction: float) -> None:
+        """Tell the listener that ``fraction`` of the job's pass is done (rate-limited)."""
+        now = time.monotonic()
+        if self.listener is None or (fraction < 1.0 and now - self._last_report < PROGRESS_INTERVAL_S):
+            return
+        self._last_report = now
+        self.listener.progress(round(fraction * self.n_steps), self.n_steps)
 
     def batch_key(self) -> tuple[Any, ...]:
         return (self.op, self.n_steps, self.method) if self.op == "attribute" else (self.op,)
@@ -105,7 +145,10 @@ class Worker:
                     {"queue_size": self.queue_size},
                 )
             self._queue.append((job, time.monotonic()))
+            ahead = len(self._queue) - 1 + self._busy
             self._cond.notify()
+        if job.listener is not None:
+            job.listener.queued(ahead)
         return job.future
 
     @property
@@ -188,10 +231,14 @@ class Worker:
                     picked.append(item)
                     budget -= item[0].result_bytes()
             self._busy = True
+            waiting = [job for job, _ in self._queue if job.listener is not None]
+        for ahead, job in enumerate(waiting, start=1):  # the pass now picked runs first
+            job.listener.queued(ahead)  # type: ignore[union-attr]
         now = time.monotonic()
         live = []
         for job, queued in picked:
-            if job.future.set_running_or_notify_cancel():  # False: the client gave up
+            # False: the client gave up while the job was queued.
+            if not job.cancelled and job.future.set_running_or_notify_cancel():
                 job.queued_s = now - queued
                 live.append(job)
         return live
@@ -205,6 +252,9 @@ class Worker:
         started = time.perf_counter()
         try:
             results = self._compute(jobs)
+        except PassCancelled as cancelled:
+            self._cancelled(jobs, cancelled)
+            return
         except Exception:  # noqa: BLE001 - one request's failure must not end the daemon
             results = None
         if results is None:
@@ -228,6 +278,9 @@ class Worker:
         started = time.perf_counter()
         try:
             (result,) = self._compute([job])
+        except PassCancelled as cancelled:
+            self._cancelled([job], cancelled)
+            return
         except Exception as error:  # noqa: BLE001
             log("compute_failed", level=40, exc_info=True, op=job.op, error=type(error).__name__)
             job.future.set_exception(_internal(error))
@@ -240,6 +293,11 @@ class Worker:
         job.batch_size, job.compute_s = 1, elapsed
         job.future.set_result(result)
 
+    def _cancelled(self, jobs: list[Job], cancelled: PassCancelled) -> None:
+        log("pass_cancelled", images=len(jobs), reason=str(cancelled))
+        for job in jobs:
+            job.future.set_exception(cancelled)
+
     def _compute(self, jobs: list[Job]) -> list[Any]:
         device = self.model.device
         inputs = torch.cat([job.inputs for job in jobs]).to(device)
@@ -249,7 +307,7 @@ class Worker:
             return [logits[i] for i in range(len(jobs))]
         targets = self._targets(jobs, inputs)
         baselines = torch.cat([job.baseline for job in jobs]).to(device)  # type: ignore[misc]
-        result = self._attribute(inputs, targets, baselines, jobs[0].n_steps, jobs[0].method)
+        result = self._attribute(inputs, targets, baselines, jobs[0].n_steps, jobs[0].method, _watch(jobs))
         cpu = _to_cpu(result)
         return [AttributionSlice(cpu, i) for i in range(len(jobs))]
 
@@ -260,7 +318,8 @@ class Worker:
             predicted = self.model.module(inputs).argmax(dim=1).tolist()
         return [p if job.target is None else job.target for job, p in zip(jobs, predicted)]
 
-    def _attribute(self, inputs: Tensor, targets: list[int], baselines: Tensor, n_steps: int, method: str) -> Attribution:
+    def _attribute(self, inputs: Tensor, targets: list[int], baselines: Tensor, n_steps: int, method: str,
+                   on_chunk: Callable[[int, int], None]) -> Attribution:
         """One pass. Out of memory with several images: raised, so that each image runs
         alone; with one image: retried in ever smaller chunks (for this pass only)."""
         chunk = self.max_batch
@@ -269,6 +328,7 @@ class Worker:
                 return attribute(
                     self.model.module, inputs, targets, baselines=baselines,
                     n_steps=n_steps, method=method, max_batch=chunk, allow_tf32=self.allow_tf32,
+                    on_chunk=on_chunk,
                 )
             except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
                 if not _is_out_of_memory(error) or chunk == 1 or len(inputs) > 1:
@@ -279,6 +339,19 @@ class Worker:
             self.oom_retries += 1
             chunk = max(1, chunk // 2)
             log("out_of_memory", level=30, retry_max_batch=chunk)
+
+
+def _watch(jobs: list[Job]) -> Callable[[int, int], None]:
+    """The engine's per-chunk callback for a pass over ``jobs``: reports progress, and
+    stops the pass (PassCancelled) once nobody wants any of its results."""
+
+    def on_chunk(done: int, total: int) -> None:
+        if all(job.cancelled for job in jobs):
+            raise PassCancelled(f"cancelled by its clients after {done} of {total} path points")
+        for job in jobs:
+            job.report(done / total)
+
+    return on_chunk
 
 
 def _is_out_of_memory(error: BaseException) -> bool:

@@ -65,7 +65,8 @@ class NotifyListener:
 class Igd:
     """A running `igd serve`; use as a context manager, or call stop()."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, ready_timeout: float = 180.0) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None, ready_timeout: float = 180.0,
+                 wait_ready: bool = True) -> None:
         self.dir = short_tempdir()
         self.socket = self.dir / "igd.sock"
         self.notify = NotifyListener(self.dir)
@@ -76,6 +77,8 @@ class Igd:
             [IGD, "serve", "--socket", str(self.socket), *args],
             stdout=self._log, stderr=subprocess.STDOUT, env=environment,
         )
+        if not wait_ready:
+            return
         try:
             self.notify.wait_for("READY=1", ready_timeout, self.process)
         except Exception:
@@ -113,3 +116,28 @@ class Igd:
     def __exit__(self, *exc: object) -> None:
         self.stop()
         self.cleanup()
+
+
+# `igd serve` options for the slow test model (tests/nets.py: write_slow_model): small
+# chunks, so that a cancelled or interrupted pass stops within about 50 ms, and room for
+# the thousands of steps that make a request last seconds on a fast machine.
+SLOW_MODEL_OPTIONS = ("--max-batch", "16", "--max-steps", "1000000")
+
+
+def steps_lasting(igd: Igd, image: bytes, seconds: float) -> int:
+    """The n_steps that make one attribute request of ``image`` on ``igd``'s model take
+    about ``seconds`` on this machine: measured, so that tests which need a long request
+    hold on fast machines and slow ones alike."""
+    from wire import WireClient
+
+    steps, elapsed = 16, 0.0
+    with WireClient(str(igd.socket)) as client:
+        while True:
+            started = time.perf_counter()
+            response = client.call("attribute", {"image": image, "n_steps": steps, "format": "npz"})
+            assert response["ok"], response
+            elapsed = time.perf_counter() - started
+            if elapsed >= 0.3:
+                break
+            steps *= 4
+    return max(2, int(steps * seconds / elapsed))

@@ -66,3 +66,37 @@ def images(batch: int = 3, seed: int = 3) -> torch.Tensor:
     """(batch, 3, 16, 16) standard-normal inputs."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, 16, 16, generator=generator)
+
+
+class _Repeated(nn.Module):
+    """One wide layer applied ``times`` times: much compute, few weights to store."""
+
+    def __init__(self, width: int, times: int) -> None:
+        super().__init__()
+        self.layer = nn.Linear(width, width)
+        self.times = times
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.times):
+            x = torch.relu(self.layer(x)) / 2 + x / 2
+        return x
+
+
+def write_slow_model(directory: object, width: int = 1536, times: int = 8) -> "Path":
+    """A TorchScript classifier with a sidecar, for tests that need long requests: tiny
+    8x8 inputs (so results stay small at thousands of steps) and a costly forward pass
+    (about ``times`` x width^2 multiply-adds per point). Returns the model's path."""
+    import json
+    import warnings
+    from pathlib import Path
+
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, width), _Repeated(width, times), nn.Linear(width, 10))
+    path = Path(directory) / "slow.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated, but served
+        torch.jit.save(torch.jit.script(net.eval()), str(path))
+    sidecar = {"name": "slow-mlp", "input_size": [8, 8], "resize": "stretch",
+               "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "classes": [f"class {i}" for i in range(10)]}
+    (Path(directory) / "slow.pt.json").write_text(json.dumps(sidecar))
+    return path

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import require_tool
-from daemon import IGCTL, IGD, Igd, short_tempdir
+from daemon import IGCTL, IGD, SLOW_MODEL_OPTIONS, Igd, short_tempdir, steps_lasting
 from igd import protocol
 from igd.protocol import ERROR_CODES, ProtocolError
 from test_imaging import encoded, gradient, png_chunk, png_declaring
@@ -316,13 +316,14 @@ def test_sigkill_then_restart_takes_over(fixtures: Path, chelsea_png: bytes) -> 
         first.cleanup()
 
 
-def test_sigterm_with_a_full_queue(fixtures: Path, chelsea_png: bytes) -> None:
-    igd = Igd("-lp", str(fixtures / "lanet-tiny.pth"), "--max-batch", "10", "--max-images", "1", "--queue-size", "4",
+def test_sigterm_with_a_full_queue(slow_model: Path, chelsea_png: bytes) -> None:
+    igd = Igd("--model", str(slow_model), *SLOW_MODEL_OPTIONS, "--max-images", "1", "--queue-size", "4",
               "--drain-timeout", "1")
     try:
+        steps = steps_lasting(igd, chelsea_png, 1.0)
         with WireClient(str(igd.socket), timeout=120) as client:
             for _ in range(8):
-                client.request("attribute", {"image": chelsea_png, "n_steps": 120})
+                client.request("attribute", {"image": chelsea_png, "n_steps": steps, "format": "npz"})
             time.sleep(0.5)
             igd.process.send_signal(signal.SIGTERM)
             codes = [answered_properly(client) for _ in range(8)]

@@ -45,6 +45,18 @@ class WireClient:
                 return body
             assert kind == 2, kind
 
+    def receive_with_events(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The events that come before the next response, and the response."""
+        events = []
+        while True:
+            magic, version, kind, length = struct.unpack(HEADER, self._exactly(8))
+            assert magic == b"IG" and version == 1, (magic, version)
+            body = msgpack.unpackb(self._exactly(length), raw=False)
+            if kind == 1:
+                return events, body
+            assert kind == 2, kind
+            events.append(body)
+
     def call(self, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
         request_id = self.request(op, args)
         response = self.receive()
