@@ -1,31 +1,38 @@
 # `make demo` and `make test` are the README's quick start; CI runs `make test` (.ci/run).
-# Both build the virtual environment on first use.
+# Both build the virtual environment on first use: `make demo` with what igd needs to run,
+# `make test` adds the test tools (captum, hypothesis, ray, pandas).
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install test test-cuda demo bench clean
+.PHONY: install install-test test test-cuda demo bench clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+install-test: $(VENV)/.installed-test
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
-test: install
+test: install-test
 	$(BIN)/python -m pytest
 
 # Where a GPU is: the engine, checkpoints and daemon on CUDA (tests/test_cuda.py).
-test-cuda: install
+test-cuda: install-test
 	$(BIN)/python -m pytest -m cuda tests/test_cuda.py
 
 demo: install
 	VENV=$(VENV) scripts/demo.sh
 
 # All CPU benchmarks (about an hour on 2 cores), then docs/benchmarks.md. GPU: bench/gpu.py.
-bench: install
+bench: install-test
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python bench/engine.py --json docs/benchmarks/engine.json
 	$(BIN)/python bench/e2e.py --json docs/benchmarks/e2e.json

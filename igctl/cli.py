@@ -1,18 +1,21 @@
 """The `igctl` command: attributions and classifications from a running igd.
 
-Imports only the standard library, click, msgpack and igd's protocol module, so it
-starts in a fraction of a second (no torch, no numpy).
+Imports only the standard library, click, msgpack and igd's torch-free modules
+(protocol, request, progress), so it starts in a fraction of a second (no torch, no numpy).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
+import signal
 import sys
 import tempfile
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,37 +27,71 @@ from igctl.client import (
     EXIT_NO_DAEMON,
     EXIT_OK,
     EXIT_REFUSED,
-    EXIT_USAGE,
+    EXIT_STARTING,
+    EXIT_TABLE,
     Client,
     ClientError,
     ConnectionLost,
+    NoDaemon,
     RequestFailed,
 )
-from igd.progress import Progress
+from igd import request as spec
+from igd.progress import Progress, RequestProgress
 from igd.protocol import VERSION, default_socket_path
 
-EXIT_STATUSES = f"""
-\b
-Exit status:
-  {EXIT_OK}  success
-  {EXIT_REFUSED}  the daemon refused a request (bad image, unknown target, ...)
-  {EXIT_USAGE}  usage error
-  {EXIT_NO_DAEMON}  no daemon reachable at the socket
-  {EXIT_DAEMON_FAILED}  the daemon failed (internal error, timeout, overloaded, shutting down)
-"""
-METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
-BASELINES = ("zero", "black", "white", "blur", "uniform")
-SUFFIXES = {"torch": ".gzip", "npz": ".npz"}
+EXIT_STATUSES = "\b\nExit status:\n" + "\n".join(f"  {code:<3} {meaning}" for code, meaning in EXIT_TABLE) + "\n"
 STDIO = "-"
+DEFAULT_TIMEOUT = 900.0
+DEFAULT_WAIT = 600.0  # `igctl status --wait` without SECONDS
+
+
+# --- connecting, and cancelling on a signal ----------------------------------------------
+
+
+# Temporary files being written: a stop signal removes them before igctl exits.
+_TEMPORARIES: set[str] = set()
 
 
 @dataclass
-class Settings:
+class Session:
+    """Where igd is, and the connections this run opened. SIGINT or SIGTERM aborts them
+    all (igd sees its clients leave and cancels their requests), removes unfinished
+    result files and ends igctl at once with 128 + the signal's number."""
+
     socket: Path
-    timeout: float | None
+    timeout: float
+    _clients: list[Client] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._stop)
 
     def connect(self) -> Client:
-        return Client(self.socket, self.timeout)
+        client = Client(self.socket, self.timeout)
+        with self._lock:
+            self._clients.append(client)
+        return client
+
+    def close(self) -> None:
+        with self._lock:
+            for client in self._clients:
+                client.close()
+            self._clients.clear()
+
+    def _stop(self, signum: int, _frame: object) -> None:
+        # A signal handler: no locks (the main thread may hold one); copies are atomic.
+        for client in list(self._clients):
+            client.abort()
+        for temporary in list(_TEMPORARIES):
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+        click.echo(f"igctl: interrupted ({signal.Signals(signum).name}); requests in progress were cancelled",
+                   err=True)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(128 + signum)  # not sys.exit: a thread may be blocked reading stdin
 
 
 class Failure(click.ClickException):
@@ -72,25 +109,43 @@ def fail(error: ClientError, prefix: str = "") -> Failure:
     return Failure(f"{prefix}{error}", error.exit_status)
 
 
+def connection_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--socket and --timeout: given before the subcommand (``igctl --socket S status``) or
+    after it (``igctl status --socket S``); the later one wins."""
+    command = click.option("--socket", "socket_path", type=click.Path(path_type=Path), metavar="PATH",
+                           help="igd's socket [default: $IGD_SOCKET, else /run/igd/igd.sock as root, "
+                                "else $XDG_RUNTIME_DIR/igd.sock].")(command)
+    return click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+                        help=f"Seconds to wait for each answer [default: {DEFAULT_TIMEOUT:g}].")(command)
+
+
+def _session(ctx: click.Context, socket_path: Path | None, timeout: float | None) -> Session:
+    group: dict[str, Any] = ctx.find_root().params
+    socket = socket_path or group.get("socket_path") or default_socket_path()
+    return Session(Path(socket), timeout or group.get("timeout") or DEFAULT_TIMEOUT)
+
+
 @click.group(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog=EXIT_STATUSES,
 )
-@click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="IGD_SOCKET",
-              show_envvar=True, help="igd's socket [default: /run/igd/igd.sock as root, else $XDG_RUNTIME_DIR/igd.sock].")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=900.0, show_default=True,
-              help="Seconds to wait for each answer.")
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="IGD_SOCKET", show_envvar=True,
+              metavar="PATH", help="igd's socket [default: /run/igd/igd.sock as root, else $XDG_RUNTIME_DIR/igd.sock].")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help=f"Seconds to wait for each answer [default: {DEFAULT_TIMEOUT:g}].")
 @click.version_option(__version__, prog_name="igctl")
-@click.pass_context
-def main(ctx: click.Context, socket_path: Path | None, timeout: float) -> None:
+def main(socket_path: Path | None, timeout: float | None) -> None:
     """Ask a running igd daemon for Integrated Gradients attributions.
 
     \b
-      igctl attribute cat.jpg cat -o cat.gzip
-      igctl attribute photos/*.jpg --target cat --out-dir results/ --jobs 4
-      find photos -name '*.png' | igctl attribute --files-from - --json
+    Examples:
+      igctl attribute cat.jpg "tiger cat"                 # writes cat.gzip
+      igctl attribute cat.jpg 282 -o - | gzip -dc | ...    # class index; result on stdout
+      igctl attribute photos/*.jpg --target "tiger cat" --out-dir results/ --jobs 4
+      find photos -name '*.png' | igctl attribute --files-from - --out-dir results/ --json
+      igctl classify cat.jpg --top 3
+      igctl status --wait 60                               # until igd has finished starting
     """
-    ctx.obj = Settings(socket_path or default_socket_path(), timeout)
 
 
 # --- attribute ------------------------------------------------------------------------
@@ -104,36 +159,45 @@ class Outcome:
     status: int
 
 
-@main.command(epilog=EXIT_STATUSES)
+@main.command(epilog=EXIT_STATUSES, short_help="Attribute images to a class; write the result files.")
 @click.argument("args", nargs=-1, metavar="IMAGE... [TARGET]")
-@click.option("--target", "-t", help="Class name (case-insensitive) or index for every image [default: the predicted class].")
-@click.option("-o", "--output", metavar="OUT", help="Result file for one image; '-' for stdout.")
-@click.option("--out-dir", type=click.Path(path_type=Path, file_okay=False), help="Directory for the results of many images.")
-@click.option("--files-from", type=click.File("r"), help="Read image paths from FILE, one per line ('-' for stdin).")
-@click.option("--steps", type=click.IntRange(1), default=50, show_default=True, help="Path points (n_steps).")
-@click.option("--method", type=click.Choice(METHODS), default="gausslegendre", show_default=True)
-@click.option("--baseline", type=click.Choice(BASELINES), default="zero", show_default=True,
-              help="zero: zeros after normalisation (the predecessor's); others in pixel space.")
-@click.option("--seed", type=int, help="Seed of the 'uniform' baseline.")
-@click.option("--blur-sigma", type=click.FloatRange(min=0), help="Sigma of the 'blur' baseline, in model-input pixels.")
-@click.option("--format", "fmt", type=click.Choice(["torch", "npz"]), default="torch", show_default=True,
-              help="torch: gzip'd torch.save dict (the predecessor's); npz: numpy arrays.")
-@click.option("--gzip-level", type=click.IntRange(0, 9), default=1, show_default=True,
-              help="Compression of torch results: 0 is fastest (still gzip), 9 smallest.")
+@click.option("--target", "-t", metavar="CLASS",
+              help="Class name (case-insensitive) or index for every image [default: the predicted class].")
+@click.option("-o", "--output", metavar="FILE", help="Result file of one image; '-' writes it to stdout.")
+@click.option("--out-dir", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+              help="Directory for the results, keeping the images' relative folders [default: .].")
+@click.option("--files-from", type=click.File("r"), metavar="FILE",
+              help="Read image paths from FILE, one per line ('-' for stdin).")
+@click.option(spec.STEPS.flag, "n_steps", type=click.IntRange(1), default=spec.STEPS.default, show_default=True,
+              help=f"{spec.STEPS.help} Up to the daemon's --max-steps [{spec.MAX_STEPS} unless set].")
+@click.option(spec.METHOD.flag, type=click.Choice(spec.METHODS), default=spec.METHOD.default, show_default=True,
+              help=spec.METHOD.help)
+@click.option(spec.BASELINE.flag, type=click.Choice(spec.BASELINES), default=spec.BASELINE.default,
+              show_default=True, help=spec.BASELINE.help)
+@click.option(spec.SEED.flag, type=int, help=f"{spec.SEED.help} [default: {spec.SEED.default}]")
+@click.option(spec.BLUR_SIGMA.flag, type=float, help=spec.BLUR_SIGMA.help)
+@click.option(spec.FORMAT.flag, "fmt", type=click.Choice(spec.FORMATS), default=spec.FORMAT.default,
+              show_default=True, help=spec.FORMAT.help)
+@click.option(spec.GZIP_LEVEL.flag, type=click.IntRange(0, 9), default=spec.GZIP_LEVEL.default, show_default=True,
+              help=spec.GZIP_LEVEL.help)
 @click.option("--heatmap", type=click.Path(path_type=Path), metavar="PNG",
-              help="Also write a heatmap overlay (a directory when there are many images).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON line per image on stdout.")
-@click.option("--jobs", "-j", type=click.IntRange(1, 64), default=1, show_default=True, help="Concurrent requests.")
+              help="Also write a heatmap overlay (a directory when there are several images).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON line per image on stdout (see README).")
+@click.option("--progress-json", is_flag=True,
+              help="Also print igd's progress events as JSON lines on stdout ({\"image\", \"event\", ...}).")
+@click.option("--jobs", "-j", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Requests in flight at once (igd batches them into shared passes).")
 @click.option("--force", "-f", is_flag=True, help="Overwrite existing result files.")
-@click.pass_obj
+@connection_options
+@click.pass_context
 def attribute(
-    settings: Settings,
+    ctx: click.Context,
     args: tuple[str, ...],
     target: str | None,
     output: str | None,
     out_dir: Path | None,
     files_from: Any,
-    steps: int,
+    n_steps: int,
     method: str,
     baseline: str,
     seed: int | None,
@@ -142,18 +206,33 @@ def attribute(
     gzip_level: int,
     heatmap: Path | None,
     as_json: bool,
+    progress_json: bool,
     jobs: int,
     force: bool,
+    socket_path: Path | None,
+    timeout: float | None,
 ) -> None:
-    """Attribute IMAGE (a file, or '-' for stdin) to TARGET and write the result file.
+    """Attribute each IMAGE to TARGET and write its result file.
 
-    TARGET is a class name, an index, or omitted for the predicted class. With several
-    images, give the target with --target (a last argument that is not a file is taken
-    as the target). Without -o, one image's result goes to stdout when stdout is not a
-    terminal, else to IMAGE-STEM.gzip (.npz) in the current directory or --out-dir;
-    existing files are kept unless --force. Bad images are reported and skipped; the
-    exit status tells whether any failed.
+    IMAGE is a file, or '-' for stdin. TARGET is a class name, an index, or omitted
+    for the predicted class; with several images, give it with --target (a last
+    argument that is neither a file nor looks like one is also taken as the target).
+
+    The result of IMAGE goes to IMAGE-STEM.gzip (.npz with --format npz) in the current
+    directory, or under --out-dir keeping the images' relative folders; -o FILE names
+    it, and -o - writes it to stdout. Every output is checked before anything is sent;
+    existing files are kept unless --force. A bad image is reported and skipped; the
+    exit status says whether any failed.
+
+    \b
+    Examples:
+      igctl attribute cat.jpg "tiger cat"                 # -> cat.gzip
+      igctl attribute cat.jpg 282 -o cat.gzip --heatmap cat.png
+      igctl attribute cat.jpg --steps 128 --baseline blur --format npz
+      igctl attribute photos/*.jpg -t "tiger cat" --out-dir results/ --jobs 4 --json
+      cat cat.jpg | igctl attribute - "tiger cat" -o - > cat.gzip
     """
+    session = _session(ctx, socket_path, timeout)
     images, target = _images_and_target(args, target, files_from)
     if not images:
         raise click.UsageError("no images: give IMAGE arguments or --files-from")
@@ -163,47 +242,44 @@ def attribute(
         raise click.UsageError("-o names one result file; use --out-dir for several images")
     if output is not None and out_dir is not None:
         raise click.UsageError("give -o or --out-dir, not both")
-    to_stdout = output == STDIO or (
-        output is None and out_dir is None and len(images) == 1 and not as_json and not sys.stdout.isatty()
-    )
-    if to_stdout and as_json:
-        raise click.UsageError("--json writes to stdout; give -o FILE or --out-dir for the result")
-    request_args: dict[str, Any] = {"n_steps": steps, "method": method, "baseline": baseline, "format": fmt,
-                                    "gzip_level": gzip_level}
-    request_args.update({k: v for k, v in (("seed", seed), ("blur_sigma", blur_sigma)) if v is not None})
+    to_stdout = output == STDIO
+    if to_stdout and (as_json or progress_json):
+        raise click.UsageError("-o - writes the result to stdout; --json and --progress-json need it too")
+    if to_stdout and sys.stdout.isatty():
+        raise click.UsageError("refusing to write a binary result to a terminal; redirect stdout or give -o FILE")
+    request_args: dict[str, Any] = {"n_steps": n_steps, "method": method, "baseline": baseline, "format": fmt,
+                                    "gzip_level": gzip_level, "seed": seed, "blur_sigma": blur_sigma}
+    _check_locally(lambda a: spec.parse_attribute(a, max_steps=sys.maxsize), request_args)  # limits: after hello
+    request_args = {k: v for k, v in request_args.items() if v is not None}
     if target is not None:
         request_args["target"] = int(target) if target.isascii() and target.isdecimal() else target
     if heatmap is not None:
         request_args["heatmap"] = True
-        if len(images) > 1:
-            heatmap.mkdir(parents=True, exist_ok=True)
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
 
-    _probe(settings)  # a missing daemon is one clear error, not one per image
-
-    def destination(image: str) -> Path | None:
-        if to_stdout:
-            return None
-        if output is not None:
-            return Path(output)
-        return (out_dir or Path.cwd()) / (_stem(image) + SUFFIXES[fmt])
-
-    def heatmap_path(image: str) -> Path | None:
-        if heatmap is None or len(images) == 1:
-            return heatmap
-        return heatmap / (_stem(image) + ".png")
-
-    claimed = _first_claims(images, destination)
+    outputs = _output_paths(images, output, out_dir, heatmap, spec.SUFFIXES[fmt])
+    _preflight(outputs, force, make_dirs=out_dir is not None or (heatmap is not None and len(images) > 1))
+    hello = _probe(session)
+    _check_locally(lambda a: spec.parse_attribute(a, max_steps=_max_steps(hello)), request_args)
+    single_bar = len(images) == 1 and not as_json and not progress_json
+    if single_bar or progress_json:
+        request_args["progress"] = True
+    echo_lock = threading.Lock()
 
     def one(client: Client, image: str) -> Outcome:
-        out = destination(image)
-        if out is not None and claimed[out] != image:
-            message = f"its result would go to {out}, as that of {claimed[out]}; give the files distinct names"
-            return failure(image, Failure(message, EXIT_REFUSED))
-        return _attribute_one(client, image, request_args, out, heatmap_path(image), force)
+        out, heatmap_out = outputs[image]
+        if progress_json:
+            def on_event(event: dict[str, Any]) -> None:
+                line = json.dumps({"image": image, **{k: v for k, v in event.items() if k != "id"}})
+                with echo_lock:
+                    click.echo(line)
 
-    outcomes = _run_all(settings, images, one, jobs, as_json)
+            return _attribute_one(session, client, image, request_args, out, heatmap_out, on_event)
+        if single_bar:
+            with RequestProgress(_label(image)) as on_event:
+                return _attribute_one(session, client, image, request_args, out, heatmap_out, on_event)
+        return _attribute_one(session, client, image, request_args, out, heatmap_out, None)
+
+    outcomes = _run_all(session, images, one, jobs, as_json)
     if not as_json and not to_stdout:
         for outcome in outcomes:
             if outcome.record["ok"]:
@@ -211,44 +287,142 @@ def attribute(
     _finish(outcomes)
 
 
+def _check_locally(parse: Callable[[dict[str, Any]], Any], args: dict[str, Any]) -> None:
+    """The daemon's own checks, run here first, so that a bad option is a usage error
+    naming the flag, before anything is sent."""
+    try:
+        parse(args)
+    except spec.RequestError as error:
+        raise click.UsageError(error.message("flag")) from None
+
+
+def _max_steps(hello: dict[str, Any]) -> int:
+    return int(hello.get("capabilities", {}).get("limits", {}).get("max_steps", spec.MAX_STEPS))
+
+
+def _label(image: str) -> str:
+    return "stdin" if image == STDIO else Path(image).name
+
+
 def _images_and_target(args: tuple[str, ...], target: str | None, files_from: Any) -> tuple[list[str], str | None]:
     """Positional arguments are images, but a last one that is no file is the TARGET
-    (when there is an image before it, or images come from --files-from)."""
+    (when there is an image before it, or images come from --files-from). A last one
+    that is no file but looks like one is a mistyped image, not a target."""
     images = list(args)
     has_other_images = len(args) >= 2 or files_from is not None
     if target is None and args and has_other_images and args[-1] != STDIO and not Path(args[-1]).is_file():
+        last = args[-1]
+        if last.lower().endswith(spec.IMAGE_SUFFIXES) or os.sep in last:
+            raise click.UsageError(
+                f"{last}: no such file. Did you mean to pass several images? Check its name; "
+                "a target goes last or with --target, and cannot look like a file name"
+            )
         target = images.pop()
     if files_from is not None:
         images += [line.strip() for line in files_from if line.strip()]
     return images, target
 
 
+def _output_paths(
+    images: list[str], output: str | None, out_dir: Path | None, heatmap: Path | None, suffix: str
+) -> dict[str, tuple[Path | None, Path | None]]:
+    """(result path, heatmap path) of each image; a result path of None means stdout.
+
+    Without -o, results are named after their image: in the current directory, or
+    under ``out_dir`` at the image's path relative to the images' common folder (as
+    `igd batch` names its outputs), so that cats/001.png and dogs/001.png stay apart."""
+    relative = _relative_names(images) if out_dir is not None or (heatmap is not None and len(images) > 1) else {}
+    paths: dict[str, tuple[Path | None, Path | None]] = {}
+    for image in images:
+        if output == STDIO:
+            result: Path | None = None
+        elif output is not None:
+            result = Path(output)
+        elif out_dir is not None:
+            result = out_dir / relative[image].with_suffix(suffix)
+        else:
+            result = Path(_stem(image) + suffix)
+        if heatmap is None or len(images) == 1:
+            heatmap_path = heatmap
+        else:
+            heatmap_path = heatmap / relative[image].with_suffix(".png")
+        paths[image] = (result, heatmap_path)
+    return paths
+
+
+def _relative_names(images: list[str]) -> dict[str, Path]:
+    """Each image's path relative to the deepest folder that holds them all."""
+    files = {image: os.path.abspath(image) for image in images if image != STDIO}
+    root = os.path.commonpath([os.path.dirname(path) for path in files.values()]) if files else "."
+    names = {image: Path(os.path.relpath(path, root)) for image, path in files.items()}
+    if STDIO in images:
+        names[STDIO] = Path("stdin")
+    return names
+
+
 def _stem(image: str) -> str:
     return "stdin" if image == STDIO else Path(image).stem
 
 
-def _first_claims(images: list[str], destination: Callable[[str], Path | None]) -> dict[Path, str]:
-    """Each result path, and the first image whose result goes there."""
-    claims: dict[Path, str] = {}
-    for image in images:
-        out = destination(image)
-        if out is not None:
-            claims.setdefault(out, image)
-    return claims
+def _preflight(outputs: dict[str, tuple[Path | None, Path | None]], force: bool, make_dirs: bool) -> None:
+    """Fail before any request if a result could not be written: two images with one
+    result path, a missing or unwritable folder, an existing file without --force."""
+    problems: list[str] = []
+    claimed: dict[Path, str] = {}
+    for image, paths in outputs.items():
+        for path in paths:
+            if path is None:
+                continue
+            if path in claimed:
+                problems.append(f"{image} and {claimed[path]} would both write {path}; give the files distinct names")
+                continue
+            claimed[path] = image
+            problem = _unwritable(path, force, make_dirs)
+            if problem:
+                problems.append(problem)
+    if problems:
+        shown = problems[:5] + ([f"... and {len(problems) - 5} more"] if len(problems) > 5 else [])
+        raise Failure("nothing was sent:\n  " + "\n  ".join(shown), EXIT_REFUSED)
 
 
-def _probe(settings: Settings) -> None:
+def _unwritable(path: Path, force: bool, make_dirs: bool) -> str | None:
+    """Why ``path`` cannot take a result file, or None."""
+    folder = path.parent
+    if make_dirs:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            return f"cannot create {error.filename or folder}: {error.strerror}"
+    if not folder.is_dir():
+        return f"cannot write {path}: folder {folder} does not exist"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"cannot write {path}: permission denied on {folder}"
+    if path.is_dir():
+        return f"cannot write {path}: it is a directory"
+    if (path.exists() or path.is_symlink()) and not force:
+        return f"{path} exists (use --force to overwrite)"
+    return None
+
+
+def _probe(session: Session) -> dict[str, Any]:
+    """The daemon's hello: a missing daemon is one clear error, not one per image. If
+    igd is still starting, say that requests will wait for it."""
     try:
-        with settings.connect() as client:
-            client.hello()
+        with session.connect() as client:
+            hello = client.hello()
     except ClientError as error:
         raise fail(error) from None
+    if hello.get("state") == "starting":
+        startup = hello.get("startup", {})
+        click.echo(f"igctl: waiting for igd to finish starting ({startup.get('phase', 'starting')}, "
+                   f"{startup.get('phase_s', 0):.0f} s)", err=True)
+    return hello
 
 
 def failure(image: str, error: BaseException) -> Outcome:
     """The record and exit status of an image that failed with ``error``."""
     if isinstance(error, RequestFailed):
-        code, message, status = error.error.code, error.error.message, error.exit_status
+        code, message, status = error.error.code, _user_message(error.error), error.exit_status
     elif isinstance(error, ClientError):
         code, message, status = "client", str(error), error.exit_status
     elif isinstance(error, Failure):
@@ -260,15 +434,24 @@ def failure(image: str, error: BaseException) -> Outcome:
     return Outcome({"image": image, "ok": False, "error": {"code": code, "message": message}}, status)
 
 
+def _user_message(error: Any) -> str:
+    """The daemon's message, with the wire argument it names (``args.n_steps``) as igctl's flag."""
+    option = spec.BY_NAME.get(str(error.details.get("arg")))
+    return error.message.replace(f"args.{option.name}", option.flag) if option else error.message
+
+
 def _attribute_one(
-    client: Client, image: str, args: dict[str, Any], out: Path | None, heatmap: Path | None, force: bool
+    session: Session,
+    client: Client,
+    image: str,
+    args: dict[str, Any],
+    out: Path | None,
+    heatmap: Path | None,
+    on_event: Callable[[dict[str, Any]], None] | None,
 ) -> Outcome:
     try:
-        for path in (out, heatmap):
-            if path is not None and path.exists() and not force:
-                raise Failure(f"{path} exists (use --force to overwrite)", EXIT_REFUSED)
         data = _read_image(image, client.max_image_bytes())
-        result = client.call("attribute", {**args, "image": data})
+        result = client.call("attribute", {**args, "image": data}, on_event)
         if out is None:
             sys.stdout.buffer.write(result["data"])
             sys.stdout.buffer.flush()
@@ -315,6 +498,7 @@ def write_atomically(path: Path, data: bytes) -> None:
     an interrupted or failed write never leaves a partial or empty file at ``path``."""
     directory = path.parent if str(path.parent) else Path(".")
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=directory)
+    _TEMPORARIES.add(temporary)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -328,6 +512,8 @@ def write_atomically(path: Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+    finally:
+        _TEMPORARIES.discard(temporary)
 
 
 def _umask() -> int:
@@ -337,18 +523,14 @@ def _umask() -> int:
 
 
 def _run_all(
-    settings: Settings, items: list[str], work: Callable[[Client, str], Outcome], jobs: int, as_json: bool
+    session: Session, items: list[str], work: Callable[[Client, str], Outcome], jobs: int, as_json: bool
 ) -> list[Outcome]:
     """Run ``work`` over ``items`` on ``jobs`` connections; report each as it finishes."""
     local = threading.local()
-    clients: list[Client] = []
-    lock = threading.Lock()
 
     def connected() -> Client:
         if not hasattr(local, "client"):
-            local.client = settings.connect()
-            with lock:
-                clients.append(local.client)
+            local.client = session.connect()
         return local.client
 
     def run(item: str) -> Outcome:
@@ -378,8 +560,7 @@ def _run_all(
                 label = f"{error['code']}: " if error["code"] not in ("client", "io") else ""
                 click.echo(f"igctl: {outcome.record['image']}: {label}{error['message']}", err=True)
             advance()
-    for client in clients:
-        client.close()
+    session.close()
     return outcomes
 
 
@@ -403,15 +584,26 @@ def _finish(outcomes: list[Outcome]) -> None:
 # --- classify, status, version -----------------------------------------------------------
 
 
-@main.command(epilog=EXIT_STATUSES)
+@main.command(epilog=EXIT_STATUSES, short_help="Print the most likely classes of images.")
 @click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
-@click.option("--top", "-k", type=click.IntRange(1, 1000), default=5, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="One JSON line per image on stdout.")
-@click.option("--jobs", "-j", type=click.IntRange(1, 64), default=1, show_default=True)
-@click.pass_obj
-def classify(settings: Settings, images: tuple[str, ...], top: int, as_json: bool, jobs: int) -> None:
-    """Print the most likely classes of each IMAGE ('-' for stdin)."""
-    _probe(settings)
+@click.option("--top", "-k", type=click.IntRange(1, spec.MAX_TOP), default=spec.TOP.default, show_default=True,
+              help=spec.TOP.help)
+@click.option("--json", "as_json", is_flag=True, help="One JSON line per image on stdout: image, ok, top.")
+@click.option("--jobs", "-j", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Requests in flight at once.")
+@connection_options
+@click.pass_context
+def classify(ctx: click.Context, images: tuple[str, ...], top: int, as_json: bool, jobs: int,
+             socket_path: Path | None, timeout: float | None) -> None:
+    """Print the most likely classes of each IMAGE ('-' for stdin).
+
+    \b
+    Examples:
+      igctl classify cat.jpg
+      igctl classify photos/*.jpg --top 3 --json > classes.jsonl
+    """
+    session = _session(ctx, socket_path, timeout)
+    _probe(session)
 
     def one(client: Client, image: str) -> Outcome:
         try:
@@ -424,7 +616,7 @@ def classify(settings: Settings, images: tuple[str, ...], top: int, as_json: boo
             return failure(image, error)
         return Outcome({"image": image, "ok": True, "top": result["top"]}, EXIT_OK)
 
-    outcomes = _run_all(settings, list(images), one, jobs, as_json)
+    outcomes = _run_all(session, list(images), one, jobs, as_json)
     if not as_json:
         for outcome in outcomes:
             if outcome.record["ok"]:
@@ -433,43 +625,96 @@ def classify(settings: Settings, images: tuple[str, ...], top: int, as_json: boo
     _finish(outcomes)
 
 
-@main.command(epilog=EXIT_STATUSES)
+@main.command(epilog=EXIT_STATUSES, short_help="Show whether igd is up, and what it is doing.")
 @click.option("--json", "as_json", is_flag=True, help="The daemon's full status as JSON.")
-@click.pass_obj
-def status(settings: Settings, as_json: bool) -> None:
-    """Prove the daemon is alive with a round trip, and show what it is doing."""
-    try:
-        with settings.connect() as client:
-            state = client.call("status")
-    except ClientError as error:
-        raise fail(error) from None
+@click.option("--wait", type=click.FloatRange(min=0), is_flag=False, flag_value=DEFAULT_WAIT, default=None,
+              metavar="[SECONDS]",
+              help=f"Wait until igd is ready to compute (up to SECONDS, {DEFAULT_WAIT:g} if not given), also for "
+                   "its socket to appear.")
+@connection_options
+@click.pass_context
+def status(ctx: click.Context, as_json: bool, wait: float | None, socket_path: Path | None,
+           timeout: float | None) -> None:
+    """Prove the daemon is alive with a round trip, and show what it is doing.
+
+    Exits 0 once igd is ready, 5 while it is still loading or warming up, 3 if nothing
+    answers.
+
+    \b
+    Examples:
+      igctl status
+      igd serve & igctl status --wait && igctl attribute cat.jpg
+    """
+    session = _session(ctx, socket_path, timeout)
+    state = _status(session, wait)
     if as_json:
         click.echo(json.dumps(state, indent=2))
-        return
+    else:
+        for label, value in _status_lines(session.socket, state):
+            click.echo(f"{label:<10} {value}")
+    if state.get("state") == "starting":
+        sys.exit(EXIT_STARTING)
+
+
+def _status(session: Session, wait: float | None) -> dict[str, Any]:
+    """One status answer; with ``wait``, the first that says ready (or the last one seen
+    when ``wait`` seconds have passed), retrying while no daemon answers yet."""
+    deadline = time.monotonic() + (wait or 0.0)
+    while True:
+        try:
+            with session.connect() as client:
+                state = client.call("status")
+        except NoDaemon as error:
+            if wait is None or time.monotonic() >= deadline:
+                raise fail(error) from None
+        except ClientError as error:
+            raise fail(error) from None
+        else:
+            if wait is None or state.get("state") != "starting" or time.monotonic() >= deadline:
+                return state
+        time.sleep(0.2)
+
+
+def _status_lines(socket: Path, state: dict[str, Any]) -> list[tuple[str, str]]:
+    uptime = ("uptime", f"{state['uptime_s']:.0f} s (pid {state['pid']})")
+    if state.get("state") == "starting":
+        startup = state.get("startup", {})
+        return [("socket", str(socket)),
+                ("state", f"starting: {startup.get('phase', '?')} ({startup.get('phase_s', 0):.0f} s)"), uptime]
     requests, batching = state["requests"], state["batching"]
-    lines = [
-        ("socket", str(settings.socket)),
+    precision = "" if state.get("precision", "float32") == "float32" else f", {state['precision']}"
+    return [
+        ("socket", str(socket)),
+        ("state", "ready"),
         ("model", f"{state['model']['name']}: {state['model']['description']}"),
-        ("device", state["device"] + ("" if state.get("precision", "float32") == "float32" else f", {state['precision']}")),
-        ("uptime", f"{state['uptime_s']:.0f} s (pid {state['pid']})"),
+        ("device", state["device"] + precision),
+        uptime,
         ("requests", f"{requests['served']} served, {requests['failed']} failed, {requests['in_flight']} in flight"),
         ("queue", f"{state['queue_depth']} waiting (of {state['queue_size']})"),
         ("batching", f"{batching['passes']} passes, {batching['images']} images, largest batch {batching['largest_batch']}"),
         ("memory", f"{state['memory']['rss_bytes'] / 2**20:.0f} MiB resident"),
     ]
-    for label, value in lines:
-        click.echo(f"{label:<10} {value}")
 
 
-@main.command()
-@click.pass_obj
-def version(settings: Settings) -> None:
-    """Client and daemon versions, and the protocol they speak."""
+@main.command(short_help="Print the versions of igctl and igd.")
+@connection_options
+@click.pass_context
+def version(ctx: click.Context, socket_path: Path | None, timeout: float | None) -> None:
+    """Client and daemon versions, and the protocol they speak.
+
+    \b
+    Example:
+      igctl version
+    """
+    session = _session(ctx, socket_path, timeout)
     click.echo(f"igctl {__version__} (protocol {VERSION})")
     try:
-        with settings.connect() as client:
+        with session.connect() as client:
             hello = client.hello()
     except ClientError as error:
         raise fail(error) from None
-    click.echo(f"igd {hello['version']} (protocol {hello['protocol']}) at {settings.socket}: {hello['model']['name']} on {hello['model']['device']}")
-
+    if "model" in hello:
+        serving = f"{hello['model']['name']} on {hello['model']['device']}"
+    else:
+        serving = f"starting ({hello.get('startup', {}).get('phase', '?')})"
+    click.echo(f"igd {hello['version']} (protocol {hello['protocol']}) at {session.socket}: {serving}")

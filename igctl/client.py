@@ -8,13 +8,22 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from igd import protocol
 from igd.protocol import ProtocolError
 
-# Exit statuses, documented in `igctl --help` and README.
-EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_DAEMON_FAILED = 0, 1, 2, 3, 4
+# Exit statuses, documented in `igctl --help` and README (EXIT_TABLE is both).
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_DAEMON_FAILED, EXIT_STARTING = 0, 1, 2, 3, 4, 5
+EXIT_TABLE = (
+    (EXIT_OK, "success"),
+    (EXIT_REFUSED, "the daemon refused a request (bad image, unknown target, ...), or a file could not be read or written"),
+    (EXIT_USAGE, "usage error"),
+    (EXIT_NO_DAEMON, "no daemon reachable at the socket (the message names the path and how to start one)"),
+    (EXIT_DAEMON_FAILED, "the daemon failed (internal error, timeout, overloaded, shutting down, stopped mid-request)"),
+    (EXIT_STARTING, "`igctl status`: the daemon is still starting (loading or warming up); `--wait` waits for it"),
+    (130, "interrupted by Ctrl-C (SIGINT; 143 for SIGTERM): requests are cancelled on the daemon, nothing is written"),
+)
 
 # Codes that mean "your request was wrong"; everything else means the daemon failed.
 REFUSALS = {
@@ -75,8 +84,11 @@ class Client:
             raise NoDaemon(f"cannot connect to {path}: {error.strerror or error}") from None
         self._hello: dict[str, Any] | None = None
 
-    def call(self, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Send one request and return its result map; RequestFailed if the daemon refused."""
+    def call(
+        self, op: str, args: dict[str, Any] | None = None, on_event: Callable[[dict[str, Any]], None] | None = None
+    ) -> dict[str, Any]:
+        """Send one request and return its result map; RequestFailed if the daemon refused.
+        ``on_event`` receives the request's event frames (progress), if any come."""
         request_id = self._next_id
         self._next_id += 1
         frame = protocol.request(request_id, op, args)
@@ -91,6 +103,8 @@ class Client:
                 kind, body = protocol.read_frame(self._sock, protocol.MAX_BODY_BYTES, (protocol.RESPONSE, protocol.EVENT))
                 if kind == protocol.RESPONSE and body.get("id") in (request_id, None):
                     break
+                if kind == protocol.EVENT and on_event is not None and body.get("id") == request_id:
+                    on_event(body)
         except TimeoutError:
             raise ClientError(f"no answer from igd within {self._sock.gettimeout():g} s (--timeout)") from None
         except (EOFError, ConnectionError) as error:
@@ -111,6 +125,14 @@ class Client:
         """Largest image that fits the daemon's frame limit (minus room for the other args)."""
         limits = self.hello().get("capabilities", {}).get("limits", {})
         return int(limits.get("max_frame_bytes", protocol.DEFAULT_MAX_FRAME_BYTES)) - 4096
+
+    def abort(self) -> None:
+        """End the connection now, from any thread: a call blocked on it returns at once
+        (ConnectionLost), and igd, seeing the client gone, cancels its requests."""
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def close(self) -> None:
         self._sock.close()

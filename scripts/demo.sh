@@ -14,13 +14,8 @@ echo "==> starting igd (built-in EfficientNet-Lite0, CPU) on $socket"
 daemon=$!
 trap 'kill -TERM "$daemon" 2>/dev/null || true; wait "$daemon" || true; rm -rf "$work"' EXIT
 
-# The socket appears at once; the first answer comes when the model is loaded and warm.
-for _ in $(seq 1 300); do
-    [ -S "$socket" ] && break
-    kill -0 "$daemon" 2>/dev/null || { echo "igd failed to start" >&2; exit 1; }
-    sleep 0.1
-done
-"$bin/igctl" --socket "$socket" status
+# igd answers as soon as its socket exists; --wait waits until the model is loaded and warm.
+"$bin/igctl" --socket "$socket" status --wait 300
 
 echo "==> igctl classify igd/data/chelsea.jpg"
 "$bin/igctl" --socket "$socket" classify igd/data/chelsea.jpg --top 3

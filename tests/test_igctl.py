@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
+import contextlib
 import json
 import os
 import pty
@@ -18,7 +20,9 @@ import pytest
 import torch
 from PIL import Image
 
-from daemon import IGCTL, Igd, short_tempdir
+from daemon import IGCTL, IGD, SLOW_MODEL_OPTIONS, Igd, short_tempdir, steps_lasting
+from igctl.client import EXIT_TABLE
+from reference import assert_reproduces
 from test_imaging import encoded
 
 PREDECESSOR_SHAPES = {
@@ -72,6 +76,9 @@ def test_attribute_on_the_default_model(photos: dict[str, Path], workdir: Path) 
         assert heatmap.format == "PNG" and heatmap.size == (451, 300)
         assert "chelsea.jpg: " in out.stdout.decode() and "-> " in out.stdout.decode()
         assert "event=chunk_size_measured" in igd.log()
+        cat = igd.igctl("attribute", str(photos["chelsea.jpg"]), "cat", "-o", str(workdir / "no.gzip"))
+        assert cat.returncode == 1  # ImageNet has no plain "cat"; the hint names its cats
+        assert b"did you mean 'tiger cat', 'Persian cat', 'Siamese cat', 'Egyptian cat'" in cat.stderr
 
 
 @pytest.mark.parametrize("family", ["bit", "lanet"])
@@ -82,8 +89,7 @@ def test_attribute_on_the_fixture_models(fixtures: Path, photos: dict[str, Path]
         assert out.returncode == 0, out.stderr
     result = check_result(workdir / "r.gzip", 50, (3, 32, 32), 10)
     assert result["target_class"] == 3
-    ig = result["integrated_grads"].numpy()
-    assert np.linalg.norm(ig - reference["integrated_grads"]) / np.linalg.norm(reference["integrated_grads"]) < 1e-4
+    assert_reproduces({key: value.numpy() for key, value in result.items() if isinstance(value, torch.Tensor)}, reference)
 
 
 def test_stdin_and_stdout_give_the_same_bytes(lanet: Igd, photos: dict[str, Path], workdir: Path) -> None:
@@ -92,8 +98,11 @@ def test_stdin_and_stdout_give_the_same_bytes(lanet: Igd, photos: dict[str, Path
     piped = lanet.igctl("attribute", "-", "cat", "-o", "-", "--steps", "8", input=photos["chelsea.png"].read_bytes())
     assert piped.returncode == 0, piped.stderr
     assert piped.stdout == (workdir / "a.gzip").read_bytes()
-    implicit = lanet.igctl("attribute", "-", "--target", "cat", "--steps", "8", input=photos["chelsea.png"].read_bytes())
-    assert implicit.stdout == piped.stdout  # stdout is a pipe here: the data goes there
+    implicit = subprocess.run([IGCTL, "--socket", str(lanet.socket), "attribute", "-", "--target", "cat", "--steps", "8"],
+                              input=photos["chelsea.png"].read_bytes(), cwd=workdir, capture_output=True, timeout=120)
+    assert implicit.returncode == 0, implicit.stderr
+    assert (workdir / "stdin.gzip").read_bytes() == piped.stdout  # without -o -, never to stdout
+    assert implicit.stdout.decode().startswith("-: ")  # only the description line
 
 
 def test_npz_format(lanet: Igd, photos: dict[str, Path], workdir: Path) -> None:
@@ -193,20 +202,21 @@ def test_unwritable_output_leaves_no_partial_file(lanet: Igd, photos: dict[str, 
     readonly.chmod(0o555)
     run = lanet.igctl("attribute", str(photos["chelsea.png"]), "cat", "-o", str(readonly / "r.gzip"), "--steps", "4")
     if os.geteuid() != 0:  # root writes anywhere; the check below still holds
-        assert run.returncode == 1 and b"Permission denied" in run.stderr
+        assert run.returncode == 1 and b"permission denied on" in run.stderr
     assert [p.name for p in readonly.iterdir()] in ([], ["r.gzip"])
     assert not any(p.name.endswith(".part") for p in readonly.iterdir())
 
 
-def test_exit_status_daemon_stopped_mid_request(fixtures: Path, photos: dict[str, Path], workdir: Path) -> None:
-    igd = Igd("-lp", str(fixtures / "lanet-tiny.pth"), "--max-batch", "10")
+def test_exit_status_daemon_stopped_mid_request(slow_model: Path, photos: dict[str, Path], workdir: Path) -> None:
+    igd = Igd("--model", str(slow_model), *SLOW_MODEL_OPTIONS)
     try:
+        steps = steps_lasting(igd, photos["chelsea.png"].read_bytes(), 30.0)
         client = subprocess.Popen(
-            [IGCTL, "--socket", str(igd.socket), "attribute", str(photos["chelsea.png"]), "cat",
-             "--steps", "1000", "-o", str(workdir / "late.gzip")],
+            [IGCTL, "--socket", str(igd.socket), "attribute", str(photos["chelsea.png"]), "class 3",
+             "--steps", str(steps), "-o", str(workdir / "late.gzip"), "--progress-json"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
-        time.sleep(2.0)
+        wait_until_computing(client)
         igd.process.send_signal(signal.SIGKILL)
         assert client.wait(60) == 4
         assert b"closed the connection before answering" in client.stderr.read()
@@ -214,6 +224,15 @@ def test_exit_status_daemon_stopped_mid_request(fixtures: Path, photos: dict[str
     finally:
         igd.stop()
         igd.cleanup()
+
+
+def wait_until_computing(client: subprocess.Popen) -> None:
+    """Read igctl's --progress-json lines until igd reports path points done."""
+    for line in client.stdout:
+        event = json.loads(line)
+        if event.get("event") == "progress" and event["done"] > 0:
+            return
+    raise AssertionError(f"igctl ended before any progress: {client.wait()} {client.stderr.read()}")
 
 
 def test_status_version_and_classify(lanet: Igd, photos: dict[str, Path]) -> None:
@@ -238,25 +257,38 @@ def test_tf32_on_a_cpu_is_reported_and_changes_nothing(fixtures: Path, photos: d
         out = igd.igctl("attribute", str(photos["chelsea.png"]), "cat", "-o", str(workdir / "r.gzip"))
         assert out.returncode == 0, out.stderr
         assert "event=precision" in igd.log() and "none here" in igd.log()
-    ig = predecessor_reader(workdir / "r.gzip")["integrated_grads"].numpy()
-    assert np.linalg.norm(ig - reference["integrated_grads"]) / np.linalg.norm(reference["integrated_grads"]) < 1e-4
+    result = predecessor_reader(workdir / "r.gzip")
+    assert_reproduces({key: value.numpy() for key, value in result.items() if isinstance(value, torch.Tensor)}, reference)
 
 
-def test_help_documents_the_exit_statuses() -> None:
+def test_help_and_readme_document_the_same_exit_statuses() -> None:
     out = subprocess.run([IGCTL, "--help"], capture_output=True, text=True, timeout=60).stdout
-    for line in ("0  success", "1  the daemon refused", "2  usage error", "3  no daemon", "4  the daemon failed"):
-        assert line in out
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    lines = readme[readme.index("### Exit statuses"):].splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("|")) + 2  # after the header rows
+    rows = [line.split("|")[1:3] for line in itertools.takewhile(lambda line: line.startswith("|"), lines[first:])]
+    documented = [(code.strip(), meaning.strip()) for code, meaning in rows]
+    assert documented == [(str(code), meaning) for code, meaning in EXIT_TABLE]
+    for code, meaning in EXIT_TABLE:
+        assert f"{code:<3} {meaning}" in out
 
 
-def test_results_with_the_same_name_are_not_overwritten(lanet: Igd, photos: dict[str, Path], workdir: Path) -> None:
+def test_out_dir_keeps_folders_and_names_never_collide(lanet: Igd, photos: dict[str, Path], workdir: Path) -> None:
     for folder in ("cats", "dogs"):
         (workdir / folder).mkdir()
         shutil.copy(photos["chelsea.png"], workdir / folder / "img.png")
-    run = lanet.igctl("attribute", str(workdir / "cats/img.png"), str(workdir / "dogs/img.png"), "--target", "cat",
-                      "--out-dir", str(workdir / "out"), "--jobs", "2", "--steps", "4")
-    assert run.returncode == 1
-    assert "dogs/img.png: its result would go to" in run.stderr.decode()
-    assert os.listdir(workdir / "out") == ["img.gzip"]
+    images = [str(workdir / "cats/img.png"), str(workdir / "dogs/img.png")]
+    run = lanet.igctl("attribute", *images, "--target", "cat", "--out-dir", str(workdir / "out"), "--jobs", "2",
+                      "--steps", "4")
+    assert run.returncode == 0, run.stderr
+    assert sorted(str(p.relative_to(workdir / "out")) for p in (workdir / "out").rglob("*.gzip")) == [
+        "cats/img.gzip", "dogs/img.gzip"]
+    # Without --out-dir both would be img.gzip here: refused before anything is sent.
+    before = lanet.log().count("op=attribute")
+    flat = subprocess.run([IGCTL, "--socket", str(lanet.socket), "attribute", *images, "-t", "cat", "--steps", "4"],
+                          cwd=workdir, capture_output=True, text=True, timeout=60)
+    assert flat.returncode == 1 and "would both write img.gzip" in flat.stderr and "nothing was sent" in flat.stderr
+    assert not (workdir / "img.gzip").exists() and lanet.log().count("op=attribute") == before
 
 
 def test_target_guessing(lanet: Igd, photos: dict[str, Path], workdir: Path) -> None:
@@ -284,3 +316,181 @@ def test_gzip_level_trades_size_for_speed(lanet: Igd, photos: dict[str, Path], w
     a, b = predecessor_reader(stored), predecessor_reader(smallest)
     assert torch.equal(a["integrated_grads"], b["integrated_grads"])
     assert lanet.igctl("attribute", str(photos["chelsea.png"]), "--gzip-level", "10").returncode == 2
+
+
+def on_a_terminal(command: list[str], cwd: Path | None = None) -> tuple[int, str, bytes]:
+    """Run ``command`` with stderr on a pseudo-terminal: (status, what the terminal showed, stdout)."""
+    main, replica = pty.openpty()
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=replica)
+    os.close(replica)
+    shown = []
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        shown.append(chunk)
+    os.close(main)
+    stdout = process.stdout.read()
+    return process.wait(120), b"".join(shown).decode(errors="replace"), stdout
+
+
+@pytest.fixture(scope="module")
+def slow(slow_model: Path, photos: dict[str, Path]):
+    """A daemon on the slow test model, and n_steps that make a request last 30 s here."""
+    with Igd("--model", str(slow_model), *SLOW_MODEL_OPTIONS) as igd:
+        igd.long_steps = steps_lasting(igd, photos["chelsea.png"].read_bytes(), 30.0)
+        yield igd
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_signal_cancels_the_request_on_the_daemon(slow: Igd, photos: dict[str, Path], workdir: Path,
+                                                        sig: signal.Signals, status: int) -> None:
+    cancelled_before = slow.log().count("event=pass_cancelled")
+    out = workdir / "never.gzip"
+    client = subprocess.Popen([IGCTL, "--socket", str(slow.socket), "attribute", str(photos["chelsea.png"]), "class 3",
+                               "--steps", str(slow.long_steps), "-o", str(out), "--progress-json"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_until_computing(client)  # the 30 s request is computing now
+    time.sleep(1.0)
+    sent = time.monotonic()
+    client.send_signal(sig)
+    assert client.wait(30) == status
+    assert time.monotonic() - sent < 1.0
+    assert "interrupted" in client.stderr.read().decode()
+    assert os.listdir(workdir) == []  # no result, no temporary file
+    deadline = time.monotonic() + 10
+    while slow.log().count("event=pass_cancelled") == cancelled_before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log = slow.log()
+    assert "outcome=cancelled" in log
+    stopped = log.split("event=pass_cancelled")[-1].splitlines()[0]
+    done, total = (int(n) for n in stopped.split("after ")[1].split(" path points")[0].split(" of "))
+    assert total == slow.long_steps and done < total / 2, stopped  # the compute stopped too
+    after = slow.igctl("attribute", str(photos["chelsea.png"]), "class 3", "--steps", "32", "-o", str(workdir / "n.gzip"))
+    assert after.returncode == 0, after.stderr
+
+
+def test_status_and_requests_during_start_up(fixtures: Path, photos: dict[str, Path], workdir: Path) -> None:
+    # Start-up reads the class names from a FIFO: igd stays in "loading the model" until
+    # the test writes them, which makes the start-up phase last as long as the test needs.
+    classes = workdir / "classes.fifo"
+    os.mkfifo(classes)
+    launched = time.monotonic()
+    igd = Igd("-lp", str(fixtures / "lanet-tiny.pth"), "--max-batch", "10", "--classes", str(classes),
+              wait_ready=False)
+    try:
+        deadline = time.monotonic() + 60
+        while not igd.socket.exists():
+            assert time.monotonic() < deadline and igd.process.poll() is None, igd.log()
+            time.sleep(0.05)
+        started = time.monotonic()
+        status = igd.igctl("status")
+        answered_in = time.monotonic() - started
+        assert status.returncode == 5, status
+        assert b"starting: loading the model" in status.stdout and answered_in < 1.0
+        state = json.loads(igd.igctl("status", "--json").stdout)
+        assert state["state"] == "starting" and state["startup"]["phase"] == "loading the model"
+        assert time.monotonic() - launched - 2.0 < state["uptime_s"] <= time.monotonic() - launched
+        assert b"starting (loading the model)" in igd.igctl("version").stdout
+        waiting = subprocess.Popen([IGCTL, "--socket", str(igd.socket), "status", "--wait", "120"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        attribute = subprocess.Popen([IGCTL, "--socket", str(igd.socket), "attribute", str(photos["chelsea.png"]),
+                                      "cat", "--steps", "8", "-o", str(workdir / "r.gzip")],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(1.0)
+        assert waiting.poll() is None and attribute.poll() is None  # both wait for start-up
+        (workdir / "names.txt").write_text("\n".join(["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+                                                        "horse", "ship", "truck"]) + "\n")
+        with open(classes, "w") as fifo:
+            fifo.write((workdir / "names.txt").read_text())
+        assert waiting.wait(120) == 0 and b"state      ready" in waiting.stdout.read()
+        assert attribute.wait(120) == 0
+        assert b"waiting for igd to finish starting (loading the model" in attribute.stderr.read()
+        assert predecessor_reader(workdir / "r.gzip")["target_name"] == "cat"
+        assert igd.igctl("status").returncode == 0
+    finally:
+        if igd.process.poll() is None and not igd.notify.messages:
+            with contextlib.suppress(OSError):  # never leave igd blocked on the FIFO
+                os.close(os.open(classes, os.O_WRONLY | os.O_NONBLOCK))
+        igd.stop()
+        igd.cleanup()
+
+
+def test_status_wait_waits_for_the_socket_too(fixtures: Path) -> None:
+    directory = short_tempdir()
+    socket_path = directory / "igd.sock"
+    try:
+        waiting = subprocess.Popen([IGCTL, "--socket", str(socket_path), "status", "--wait", "120"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(0.5)
+        assert waiting.poll() is None
+        daemon = subprocess.Popen([IGD, "serve", "-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "10",
+                                   "--socket", str(socket_path)], stderr=subprocess.DEVNULL)
+        try:
+            assert waiting.wait(120) == 0 and b"state      ready" in waiting.stdout.read()
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.wait(60) == 0
+        gone = subprocess.run([IGCTL, "--socket", str(socket_path), "status", "--wait", "0.5"], capture_output=True)
+        assert gone.returncode == 3
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_results_go_to_files_unless_stdout_is_asked_for(lanet: Igd, photos: dict[str, Path], workdir: Path) -> None:
+    with open(workdir / "captured", "wb") as captured:  # stdout is a file, not a terminal
+        run = subprocess.run([IGCTL, "--socket", str(lanet.socket), "attribute", str(photos["chelsea.png"]), "cat",
+                              "--steps", "4"], cwd=workdir, stdout=captured, stderr=subprocess.PIPE, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert predecessor_reader(workdir / "chelsea.gzip")["target_name"] == "cat"
+    assert (workdir / "captured").read_text().startswith(f"{photos['chelsea.png']}: ")  # text, not a result
+
+
+def test_every_output_is_checked_before_any_request(lanet: Igd, photos: dict[str, Path], workdir: Path) -> None:
+    before = lanet.log().count("op=attribute")
+    started = time.monotonic()
+    missing = lanet.igctl("attribute", str(photos["chelsea.png"]), "cat", "-o", str(workdir / "missing/dir/x.gzip"))
+    assert time.monotonic() - started < 1.0
+    assert missing.returncode == 1 and f"folder {workdir}/missing/dir does not exist".encode() in missing.stderr
+    (workdir / "taken.gzip").write_bytes(b"keep")
+    taken = lanet.igctl("attribute", str(photos["chelsea.png"]), "cat", "-o", str(workdir / "taken.gzip"))
+    assert taken.returncode == 1 and b"exists (use --force to overwrite)" in taken.stderr
+    heatmap = lanet.igctl("attribute", str(photos["chelsea.png"]), "cat", "-o", str(workdir / "ok.gzip"),
+                          "--heatmap", str(workdir / "nodir/h.png"))
+    assert heatmap.returncode == 1 and b"nodir does not exist" in heatmap.stderr
+    assert lanet.log().count("op=attribute") == before  # nothing reached the daemon
+    assert sorted(os.listdir(workdir)) == ["taken.gzip"] and (workdir / "taken.gzip").read_bytes() == b"keep"
+
+
+def test_progress_events_as_json_and_as_a_bar(slow: Igd, photos: dict[str, Path], workdir: Path) -> None:
+    run = slow.igctl("attribute", str(photos["chelsea.png"]), "class 3", "--steps", "200", "--progress-json",
+                     "-o", str(workdir / "r.gzip"))
+    assert run.returncode == 0, run.stderr
+    events = [json.loads(line) for line in run.stdout.decode().splitlines() if line.startswith("{")]
+    assert events[0]["event"] == "queued" and events[0]["ahead"] == 0
+    progress = [e for e in events if e["event"] == "progress"]
+    assert progress and progress[-1] == {"image": str(photos["chelsea.png"]), "event": "progress", "done": 200,
+                                         "total": 200}
+    assert [e["done"] for e in progress] == sorted(e["done"] for e in progress)
+    steps = max(200, slow.long_steps // 10)  # about 3 s: the bar redraws several times
+    status, shown, _ = on_a_terminal([IGCTL, "--socket", str(slow.socket), "attribute", str(photos["chelsea.png"]),
+                                      "class 3", "--steps", str(steps), "-o", str(workdir / "bar.gzip")])
+    assert status == 0, shown
+    assert "chelsea.png: path points" in shown and f"/{steps}" in shown
+    quiet = slow.igctl("attribute", str(photos["chelsea.png"]), "class 3", "--steps", "64", "-o", str(workdir / "q.gzip"))
+    assert quiet.returncode == 0 and quiet.stderr == b""  # not a terminal: no bar, no events
+
+
+def test_usage_hints(lanet: Igd, photos: dict[str, Path], workdir: Path) -> None:
+    typo = lanet.igctl("attribute", str(photos["chelsea.png"]), str(workdir / "nope.jpg"))
+    assert typo.returncode == 2 and b"Did you mean to pass several images?" in typo.stderr
+    assert b"--target" in typo.stderr
+    flag_after = subprocess.run([IGCTL, "status", "--socket", str(lanet.socket)], capture_output=True, timeout=60)
+    assert flag_after.returncode == 0 and b"state      ready" in flag_after.stdout
+    steps = lanet.igctl("attribute", str(photos["chelsea.png"]), "cat", "--steps", "5000")
+    assert steps.returncode == 2 and b"--steps must be between 1 and 1024, got 5000" in steps.stderr
+    riemann = lanet.igctl("attribute", str(photos["chelsea.png"]), "cat", "--steps", "1", "--method", "riemann_left")
+    assert riemann.returncode == 2 and b"--steps must be at least 2 for riemann_left, got 1" in riemann.stderr

@@ -92,7 +92,7 @@ class LoadedModel:
                 return index
         if wanted.isascii() and wanted.isdecimal() and len(wanted) <= 9:
             return self.class_index(int(wanted))
-        close = difflib.get_close_matches(wanted, [n.casefold() for n in self.class_names], n=3)
+        close = similar_names(wanted, self.class_names)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise UnknownClass(f"{target!r} is not a class of {self.name} ({count} classes){hint}")
 
@@ -110,6 +110,22 @@ class LoadedModel:
             "parameters": self.num_parameters,
             "device": str(self.device),
         }
+
+
+def similar_names(wanted: str, names: tuple[str, ...], limit: int = 5) -> list[str]:
+    """Class names a user who typed ``wanted`` may have meant: those with it as a whole
+    word ('cat' -> 'tiger cat', 'Persian cat'), then those containing it, then spelling
+    neighbours ('tigr cat' -> 'tiger cat'). Case-insensitive."""
+    wanted = wanted.strip().casefold()
+    folded = [name.casefold() for name in names]
+    words = [name for name, low in zip(names, folded) if wanted in low.replace(",", " ").replace("-", " ").split()]
+    inside = [name for name, low in zip(names, folded) if wanted and wanted in low and name not in words]
+    spelled = [names[folded.index(low)] for low in difflib.get_close_matches(wanted, folded, n=limit)]
+    picked: list[str] = []
+    for name in words + inside + spelled:
+        if name not in picked:
+            picked.append(name)
+    return picked[:limit]
 
 
 def resolve_device(spec: str = "cpu") -> torch.device:

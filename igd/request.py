@@ -1,0 +1,155 @@
+"""What a request may ask for: every option, its default, its limits and its check, once.
+
+The daemon (wire arguments), igctl (its flags), `igd batch` and `igd check` all read
+their options, defaults and choices from here, and all validate through
+:func:`parse_attribute` / :func:`parse_classify`, so a request gets the same decision and
+the same message wherever it comes from; only the option's *name* differs (``args.n_steps``
+on the wire, ``--steps`` on a command line).
+
+Standard library only: igctl imports this module and must stay light (no torch).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
+BASELINES = ("zero", "black", "white", "blur", "uniform")
+FORMATS = ("torch", "npz")
+SUFFIXES = {"torch": ".gzip", "npz": ".npz"}  # result files
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+DEFAULT_STEPS = 50
+MAX_STEPS = 1024  # `igd serve --max-steps`' default; `igd batch` and `igd check` use it too
+DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_GZIP_LEVEL = 1
+MAX_TOP = 1000
+MAX_BLUR_SIGMA = 1000.0
+
+
+@dataclass(frozen=True)
+class Option:
+    """One request option: its wire name, its command-line flag, its type and limits."""
+
+    name: str  # the wire argument, e.g. "n_steps"
+    flag: str  # the flag of igctl and igd batch, e.g. "--steps"
+    kind: type
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+    low: float | None = None
+    high: float | None = None
+
+    def check(self, value: Any, *, high: float | None = None) -> Any:
+        """``value`` (None: the default) if it is allowed, else RequestError. ``high``
+        overrides the upper limit (a daemon's ``--max-steps``)."""
+        if value is None:
+            return self.default
+        upper = self.high if high is None else high
+        if isinstance(value, bool) != (self.kind is bool) or not isinstance(value, _ACCEPTED[self.kind]):
+            raise RequestError(self, f"must be {_KIND_NAMES[self.kind]}, got {type(value).__name__}")
+        if self.choices and value not in self.choices:
+            raise RequestError(self, f"must be one of {', '.join(self.choices)}, got {value!r}", choices=self.choices)
+        if self.kind is float:
+            if not math.isfinite(value):
+                raise RequestError(self, f"must be a finite number, got {value}")
+            value = float(value)
+        if (self.low is not None and value < self.low) or (upper is not None and value > upper):
+            raise RequestError(self, f"must be between {_number(self.low)} and {_number(upper)}, got {_number(value)}")
+        return value
+
+
+_ACCEPTED: dict[type, tuple[type, ...]] = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _number(value: float | None) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+class RequestError(ValueError):
+    """A request option that is not allowed. ``problem`` is the same wherever the request
+    came from; :meth:`message` puts the caller's name for the option in front of it."""
+
+    def __init__(self, option: Option, problem: str, *, choices: tuple[str, ...] = ()) -> None:
+        super().__init__(f"{option.flag} {problem}")
+        self.option = option
+        self.problem = problem
+        self.choices = choices
+
+    def message(self, style: str = "flag") -> str:
+        """``style`` "flag" (``--steps must ...``) or "wire" (``args.n_steps must ...``)."""
+        name = self.option.flag if style == "flag" else f"args.{self.option.name}"
+        return f"{name} {self.problem}"
+
+
+STEPS = Option("n_steps", "--steps", int, DEFAULT_STEPS, "Path points (gradient evaluations) per image.",
+               low=1, high=MAX_STEPS)
+METHOD = Option("method", "--method", str, METHODS[0], "Quadrature rule, as captum's.", choices=METHODS)
+BASELINE = Option("baseline", "--baseline", str, BASELINES[0],
+                  "zero: zeros in the model's input space (the predecessor's); black, white, blur, uniform: "
+                  "made in pixel space and normalised like the image.", choices=BASELINES)
+SEED = Option("seed", "--seed", int, 0, "Seed of the 'uniform' baseline's noise.", low=-(2**63), high=2**63 - 1)
+BLUR_SIGMA = Option("blur_sigma", "--blur-sigma", float, None,
+                    "Sigma of the 'blur' baseline, in model-input pixels [default: the shorter side / 16].",
+                    low=0.0, high=MAX_BLUR_SIGMA)
+FORMAT = Option("format", "--format", str, FORMATS[0],
+                "torch: the predecessor's gzip'd torch.save dict; npz: the same keys for numpy.", choices=FORMATS)
+GZIP_LEVEL = Option("gzip_level", "--gzip-level", int, DEFAULT_GZIP_LEVEL,
+                    "Compression of torch results, 0-9: 0 is fastest (still gzip), 9 smallest.", low=0, high=9)
+HEATMAP = Option("heatmap", "--heatmap", bool, False, "Also render a heatmap PNG.")
+PROGRESS = Option("progress", "--progress-json", bool, False, "Send progress events while the request runs.")
+TOP = Option("top", "--top", int, 5, "How many of the most likely classes.", low=1, high=MAX_TOP)
+
+ATTRIBUTE_OPTIONS = (STEPS, METHOD, BASELINE, SEED, BLUR_SIGMA, FORMAT, GZIP_LEVEL, HEATMAP, PROGRESS)
+CLASSIFY_OPTIONS = (TOP, PROGRESS)
+BY_NAME = {option.name: option for option in (*ATTRIBUTE_OPTIONS, *CLASSIFY_OPTIONS)}
+
+
+@dataclass(frozen=True)
+class AttributeRequest:
+    """One attribution, validated: what to compute and how to return it (the image and
+    the target travel beside it: the target needs the model's classes to check)."""
+
+    n_steps: int = DEFAULT_STEPS
+    method: str = METHOD.default
+    baseline: str = BASELINE.default
+    seed: int = SEED.default
+    blur_sigma: float | None = None
+    format: str = FORMAT.default
+    gzip_level: int = DEFAULT_GZIP_LEVEL
+    heatmap: bool = False
+
+    def log_fields(self) -> dict[str, Any]:
+        return {"n_steps": self.n_steps, "method": self.method, "baseline": self.baseline}
+
+
+def parse_attribute(args: Mapping[str, Any], *, max_steps: int = MAX_STEPS) -> AttributeRequest:
+    """Check the options of an attribution (wire args, or flags under their wire names);
+    RequestError for the first that is not allowed. Unknown keys are ignored."""
+    request = AttributeRequest(
+        n_steps=STEPS.check(args.get("n_steps"), high=max_steps),
+        method=METHOD.check(args.get("method")),
+        baseline=BASELINE.check(args.get("baseline")),
+        seed=SEED.check(args.get("seed")),
+        blur_sigma=BLUR_SIGMA.check(args.get("blur_sigma")),
+        format=FORMAT.check(args.get("format")),
+        gzip_level=GZIP_LEVEL.check(args.get("gzip_level")),
+        heatmap=HEATMAP.check(args.get("heatmap")),
+    )
+    if request.method != "gausslegendre" and request.n_steps < 2:
+        raise RequestError(STEPS, f"must be at least 2 for {request.method}, got {request.n_steps}")
+    return request
+
+
+def check_target(value: Any) -> str | int | None:
+    """The target's type (a class name, an index or nothing); whether the model has that
+    class is for the model to say."""
+    if value is None or (isinstance(value, (str, int)) and not isinstance(value, bool)):
+        return value
+    raise RequestError(TARGET, f"must be a class name, an index or nil, got {type(value).__name__}")
+
+
+TARGET = Option("target", "TARGET", str, None, "Class name (case-insensitive) or index [default: the predicted class].")
