@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,6 @@ import click
 from igctl import __version__
 from igctl.client import (
     EXIT_DAEMON_FAILED,
-    EXIT_NO_DAEMON,
     EXIT_OK,
     EXIT_REFUSED,
     EXIT_STARTING,
@@ -36,6 +34,8 @@ from igctl.client import (
     RequestFailed,
 )
 from igd import request as spec
+from igd.files import TEMPORARIES, write_atomically
+from igd.flags import attribute_flags, checked_request, flag
 from igd.progress import Progress, RequestProgress
 from igd.protocol import VERSION, default_socket_path
 
@@ -46,10 +46,6 @@ DEFAULT_WAIT = 600.0  # `igctl status --wait` without SECONDS
 
 
 # --- connecting, and cancelling on a signal ----------------------------------------------
-
-
-# Temporary files being written: a stop signal removes them before igctl exits.
-_TEMPORARIES: set[str] = set()
 
 
 @dataclass
@@ -83,7 +79,7 @@ class Session:
         # A signal handler: no locks (the main thread may hold one); copies are atomic.
         for client in list(self._clients):
             client.abort()
-        for temporary in list(_TEMPORARIES):
+        for temporary in list(TEMPORARIES):
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
         click.echo(f"igctl: interrupted ({signal.Signals(signum).name}); requests in progress were cancelled",
@@ -168,18 +164,8 @@ class Outcome:
               help="Directory for the results, keeping the images' relative folders [default: .].")
 @click.option("--files-from", type=click.File("r"), metavar="FILE",
               help="Read image paths from FILE, one per line ('-' for stdin).")
-@click.option(spec.STEPS.flag, "n_steps", type=click.IntRange(1), default=spec.STEPS.default, show_default=True,
-              help=f"{spec.STEPS.help} Up to the daemon's --max-steps [{spec.MAX_STEPS} unless set].")
-@click.option(spec.METHOD.flag, type=click.Choice(spec.METHODS), default=spec.METHOD.default, show_default=True,
-              help=spec.METHOD.help)
-@click.option(spec.BASELINE.flag, type=click.Choice(spec.BASELINES), default=spec.BASELINE.default,
-              show_default=True, help=spec.BASELINE.help)
-@click.option(spec.SEED.flag, type=int, help=f"{spec.SEED.help} [default: {spec.SEED.default}]")
-@click.option(spec.BLUR_SIGMA.flag, type=float, help=spec.BLUR_SIGMA.help)
-@click.option(spec.FORMAT.flag, "fmt", type=click.Choice(spec.FORMATS), default=spec.FORMAT.default,
-              show_default=True, help=spec.FORMAT.help)
-@click.option(spec.GZIP_LEVEL.flag, type=click.IntRange(0, 9), default=spec.GZIP_LEVEL.default, show_default=True,
-              help=spec.GZIP_LEVEL.help)
+@attribute_flags
+@flag(spec.FORMAT)
 @click.option("--heatmap", type=click.Path(path_type=Path), metavar="PNG",
               help="Also write a heatmap overlay (a directory when there are several images).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON line per image on stdout (see README).")
@@ -197,13 +183,6 @@ def attribute(
     output: str | None,
     out_dir: Path | None,
     files_from: Any,
-    n_steps: int,
-    method: str,
-    baseline: str,
-    seed: int | None,
-    blur_sigma: float | None,
-    fmt: str,
-    gzip_level: int,
     heatmap: Path | None,
     as_json: bool,
     progress_json: bool,
@@ -211,6 +190,7 @@ def attribute(
     force: bool,
     socket_path: Path | None,
     timeout: float | None,
+    **options: Any,
 ) -> None:
     """Attribute each IMAGE to TARGET and write its result file.
 
@@ -247,19 +227,17 @@ def attribute(
         raise click.UsageError("-o - writes the result to stdout; --json and --progress-json need it too")
     if to_stdout and sys.stdout.isatty():
         raise click.UsageError("refusing to write a binary result to a terminal; redirect stdout or give -o FILE")
-    request_args: dict[str, Any] = {"n_steps": n_steps, "method": method, "baseline": baseline, "format": fmt,
-                                    "gzip_level": gzip_level, "seed": seed, "blur_sigma": blur_sigma}
-    _check_locally(lambda a: spec.parse_attribute(a, max_steps=sys.maxsize), request_args)  # limits: after hello
-    request_args = {k: v for k, v in request_args.items() if v is not None}
+    request = _checked_before_hello(options)
+    request_args = {k: v for k, v in options.items() if v is not None}
     if target is not None:
         request_args["target"] = int(target) if target.isascii() and target.isdecimal() else target
     if heatmap is not None:
         request_args["heatmap"] = True
 
-    outputs = _output_paths(images, output, out_dir, heatmap, spec.SUFFIXES[fmt])
+    outputs = _output_paths(images, output, out_dir, heatmap, spec.SUFFIXES[request.format])
     _preflight(outputs, force, make_dirs=out_dir is not None or (heatmap is not None and len(images) > 1))
     hello = _probe(session)
-    _check_locally(lambda a: spec.parse_attribute(a, max_steps=_max_steps(hello)), request_args)
+    checked_request(options, max_steps=_max_steps(hello))
     single_bar = len(images) == 1 and not as_json and not progress_json
     if single_bar or progress_json:
         request_args["progress"] = True
@@ -287,13 +265,13 @@ def attribute(
     _finish(outcomes)
 
 
-def _check_locally(parse: Callable[[dict[str, Any]], Any], args: dict[str, Any]) -> None:
-    """The daemon's own checks, run here first, so that a bad option is a usage error
-    naming the flag, before anything is sent."""
-    try:
-        parse(args)
-    except spec.RequestError as error:
-        raise click.UsageError(error.message("flag")) from None
+def _checked_before_hello(options: dict[str, Any]) -> spec.AttributeRequest:
+    """The request, checked before igctl connects: every limit but the number of steps,
+    which the daemon sets (``igd serve --max-steps``) and which is checked after hello."""
+    steps = options.get("n_steps")
+    if isinstance(steps, int) and steps > spec.MAX_STEPS:
+        return checked_request({**options, "n_steps": spec.MAX_STEPS})
+    return checked_request(options)
 
 
 def _max_steps(hello: dict[str, Any]) -> int:
@@ -491,35 +469,6 @@ def _read_image(image: str, limit: int) -> bytes:
     if len(data) > limit:
         raise Failure(f"the image is {len(data):,} bytes; this igd accepts images up to {limit:,}", EXIT_REFUSED)
     return data
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it into place:
-    an interrupted or failed write never leaves a partial or empty file at ``path``."""
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=directory)
-    _TEMPORARIES.add(temporary)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
-    finally:
-        _TEMPORARIES.discard(temporary)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _run_all(

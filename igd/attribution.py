@@ -21,14 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-METHODS = (
-    "gausslegendre",
-    "riemann_left",
-    "riemann_right",
-    "riemann_middle",
-    "riemann_trapezoid",
-)
-DEFAULT_METHOD = "gausslegendre"
+from igd.request import METHODS  # the rules' names belong to the request vocabulary
+
+DEFAULT_METHOD = METHODS[0]  # gausslegendre
 
 Target = Union[int, Sequence[int], Tensor]
 Forward = Callable[[Tensor], Tensor]

@@ -15,9 +15,9 @@ from torch import Tensor
 from torchvision.transforms import functional as TF
 
 from igd.models import Preprocessing
+from igd.request import BASELINES
 
-BASELINES = ("zero", "black", "white", "blur", "uniform")
-DEFAULT_BASELINE = "zero"
+DEFAULT_BASELINE = BASELINES[0]  # zero
 
 
 def default_blur_sigma(pixels: Tensor) -> float:

@@ -1,4 +1,7 @@
-"""The `igd` command: `igd check` (load a model, self-test, print facts), `igd serve`."""
+"""The `igd` command: `igd serve` (the daemon), `igd check` (load a model and self-test),
+`igd batch` (a whole dataset) and `igd install-systemd` (the service units).
+
+Torch is imported only inside the commands, so `igd --help` answers at once."""
 
 from __future__ import annotations
 
@@ -11,14 +14,19 @@ from typing import Any, Callable
 import click
 
 from igd import __version__
+from igd import request as spec
+from igd.flags import attribute_flags, checked_request, flag
+from igd.protocol import DEFAULT_MAX_FRAME_BYTES
 
 PROCESS_STARTED = time.monotonic()  # igd's uptime counts from here
 SAMPLE_IMAGE = "chelsea.jpg"
 _FILE = click.Path(path_type=Path, dir_okay=False)
+MODEL_ARGS = ("bit_path", "lanet_path", "model", "weights", "classes_file", "index_names", "device")
+BATCH_FORMATS = (*spec.FORMATS, "parquet")
 
 
 def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """The options that choose and place the model, shared by `check` and `serve`."""
+    """The options that choose and place the model, shared by `serve`, `check` and `batch`."""
     options = [
         click.option("--bit-path", "-bp", type=_FILE, envvar="IGD_BIT_PATH", show_envvar=True,
                      help="A BiT ResNetV2 checkpoint in the predecessor's format."),
@@ -62,26 +70,38 @@ def load_from_options(**options: Any) -> Any:
         raise click.ClickException(str(error)) from None
 
 
-def memory_format_option(command: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--memory-format", type=click.Choice(["contiguous", "channels_last"]), default="contiguous",
-        envvar="IGD_MEMORY_FORMAT", show_envvar=True, show_default=True,
-        help="Weight layout. channels_last is faster for some models on some CPUs but moves IG by about "
-             "1e-4 (measured and logged at start-up); contiguous is exact.",
-    )(command)
+def compute_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--max-batch, --memory-format and --precision (igd.worker.ComputeSettings), shared by
+    `serve`, `check` and `batch`; the command gets ``compute`` (max_images and queue_size
+    left at their defaults, for `serve` to set)."""
+    options = [
+        click.option("--max-batch", default="auto", callback=_parse_max_batch, envvar="IGD_MAX_BATCH",
+                     show_envvar=True, show_default=True,
+                     help="Path points per forward+backward pass, or 'auto' to measure the fastest at start-up."),
+        click.option("--memory-format", type=click.Choice(["contiguous", "channels_last"]), default="contiguous",
+                     envvar="IGD_MEMORY_FORMAT", show_envvar=True, show_default=True,
+                     help="Weight layout. channels_last is faster for some models on some CPUs but moves IG by "
+                          "about 1e-4 (measured and logged at start-up); contiguous is exact."),
+        click.option("--precision", type=click.Choice(["float32", "tf32"]), default="float32",
+                     envvar="IGD_PRECISION", show_envvar=True, show_default=True,
+                     help="float32 is exact. tf32 lets CUDA's tensor cores round float32 convolutions and matmuls "
+                          "to TF32: up to 6x the throughput on an H100, but IG moves by 4-9 % (relative L2; "
+                          "measured and logged at start-up). No effect on a CPU."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+
+    @functools.wraps(command)
+    def with_settings(*args: Any, max_batch: int | None, memory_format: str, precision: str, **kwargs: Any) -> Any:
+        from igd.worker import ComputeSettings
+
+        compute = ComputeSettings(max_batch=max_batch, memory_format=memory_format, precision=precision)
+        return command(*args, compute=compute, **kwargs)
+
+    return with_settings
 
 
-def precision_option(command: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--precision", type=click.Choice(["float32", "tf32"]), default="float32", envvar="IGD_PRECISION",
-        show_envvar=True, show_default=True,
-        help="float32 is exact. tf32 lets CUDA's tensor cores round float32 convolutions and matmuls to TF32: "
-             "up to 6x the throughput on an H100, but IG moves by 4-9 % (relative L2; measured and logged at "
-             "start-up). No effect on a CPU.",
-    )(command)
-
-
-def parse_max_batch(_ctx: click.Context, _param: click.Parameter, value: str) -> int | None:
+def _parse_max_batch(_ctx: click.Context, _param: click.Parameter, value: str) -> int | None:
     if value == "auto":
         return None
     if value.isdigit() and int(value) > 0:
@@ -89,131 +109,107 @@ def parse_max_batch(_ctx: click.Context, _param: click.Parameter, value: str) ->
     raise click.BadParameter("use 'auto' or a positive number of path points")
 
 
+def _log_level_option(default: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=default,
+                        envvar="IGD_LOG_LEVEL", show_envvar=True, show_default=True,
+                        help="Least important log lines written to stderr (one key=value line per event).")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="igd")
 def main() -> None:
     """igd: Integrated Gradients attributions for PyTorch image classifiers.
 
-    `igd check` loads a model exactly as the daemon would and runs a self-test;
-    `igd serve` runs the daemon.
+    \b
+    Commands:
+      serve            the daemon: load a model once, answer igctl on a Unix socket
+      check            load a model as the daemon does, classify and attribute one image
+      batch            attribute a whole dataset (directory, glob or manifest) to files
+      install-systemd  install the systemd units, the igd user and /etc/igd/igd.env
+
+    \b
+    Examples:
+      igd check                                  # the built-in EfficientNet-Lite0, self-test
+      igd serve &                                # then: igctl attribute cat.jpg "tiger cat"
+      igd serve -bp bit_model.pth --cpu          # the predecessor's BiT checkpoint
+      igd batch photos/ results/ --target "tiger cat" --steps 100
+      sudo igd install-systemd --dry-run
     """
 
 
-@main.command()
+@main.command(short_help="Load a model as the daemon does; classify and attribute one image.")
 @model_options
 @click.option("--image", type=_FILE, help="Image to classify and attribute [default: a bundled cat photo].")
-@click.option("--steps", type=click.IntRange(1, 4096), default=50, show_default=True)
-@click.option("--max-batch", default="auto", callback=parse_max_batch, show_default=True,
-              help="Path points per forward pass, or 'auto' to measure the fastest.")
-@memory_format_option
-@precision_option
-def check(image: Path | None, steps: int, max_batch: int | None, memory_format: str, precision: str,
-          **model_args: Any) -> None:
-    """Load a model, classify and attribute one image, print what happened.
+@attribute_flags
+@compute_options
+def check(image: Path | None, compute: Any, **args: Any) -> None:
+    """Load a model exactly as `igd serve` does (same loading, warm-up and compute worker),
+    classify IMAGE and attribute it to its most likely class, and print what happened.
 
     Exits non-zero, with the reason, if anything fails.
+
+    \b
+    Examples:
+      igd check
+      igd check -bp bit_model.pth --cpu --image horse.jpg
+      igd check --model net.pt --steps 128          # TorchScript + net.pt.json sidecar
+      igd check --model resnet18 --weights resnet18.pth --classes classes.txt
     """
-    import torch
+    from igd.check import run_check
+    from igd.request import RequestFailed
+    from igd.worker import WorkerError
 
-    from igd.attribution import attribute
-    from igd.imaging import ImageError, decode_image
-    from igd.tuning import choose_max_batch, tf32_deviation, use_memory_format
-
+    model_args = {name: args.pop(name) for name in MODEL_ARGS}
+    request = checked_request(args)
     started = time.perf_counter()
     model = load_from_options(**model_args)
     load_s = time.perf_counter() - started
     data = image.read_bytes() if image else resources.files("igd").joinpath("data", SAMPLE_IMAGE).read_bytes()
+    label = str(image or SAMPLE_IMAGE)
     try:
-        picture = decode_image(data)
-    except ImageError as error:
-        raise click.ClickException(f"{image}: {error}") from None
-    x = model.preprocess(picture)
-    deviation = use_memory_format(model.module, x, memory_format)
-    allow_tf32 = precision == "tf32" and model.device.type == "cuda"
-    tf32_moved = tf32_deviation(model.module, x) if allow_tf32 else 0.0
-
-    started = time.perf_counter()
-    with torch.no_grad():
-        logits = model.module(x)[0]
-    classify_s = time.perf_counter() - started
-    top = model.top_classes(logits, 5)
-
-    started = time.perf_counter()
-    choice = None if max_batch else choose_max_batch(model.module, x, limit=steps, allow_tf32=allow_tf32)
-    tune_s = time.perf_counter() - started
-    chunk = max_batch or choice.max_batch
-    started = time.perf_counter()
-    result = attribute(model.module, x, top[0][0], n_steps=steps, max_batch=chunk, allow_tf32=allow_tf32)
-    attribute_s = time.perf_counter() - started
-
-    rise = float(result.logits[0, top[0][0]] - result.baseline_logits[0, top[0][0]])
-    delta = float(result.convergence_delta[0])
-    c, h, w = model.input_shape
-    rows = [
-        ("model", f"{model.name}: {model.description}"),
-        ("source", model.source),
-        ("parameters", f"{model.num_parameters:,}"),
-        ("input", f"{c}x{h}x{w} ({model.preprocessing.describe()})"),
-        ("device", str(model.device) + (f", {memory_format} (IG moved by {deviation:.1e})" if deviation else "")
-         + (f", tf32 (IG moved by {tf32_moved:.1e})" if allow_tf32 else "")),
-        ("classes", _class_list(model.class_names)),
-        ("image", f"{image or SAMPLE_IMAGE} ({picture.width}x{picture.height})"),
-        ("top-5", "; ".join(f"{name} ({index}) {p:.3f}" for index, name, p in top)),
-        ("attribution", f"target {top[0][1]!r}, {steps} gausslegendre steps, zero baseline, chunks of {chunk}"),
-        ("convergence", f"delta {delta:+.4g} = sum(IG) - (F(x) - F(b)), {_percent(delta, rise)} of {rise:.4g}"),
-        ("timings", f"load {load_s:.2f} s, classify {classify_s * 1000:.0f} ms, "
-                    + (f"chunk tuning {tune_s:.2f} s, " if choice else "")
-                    + f"attribute {attribute_s:.2f} s"),
-    ]
+        rows = run_check(model, data, label, request, compute)
+    except RequestFailed as failure:
+        raise click.ClickException(f"{label}: {failure.message}") from None
+    except WorkerError as error:
+        raise click.ClickException(f"{label}: {error}") from None
+    rows.append(("load", f"{load_s:.2f} s"))
     for label, value in rows:
         click.echo(f"{label:<12} {value}")
     click.echo("ok")
 
 
-def _class_list(names: tuple[str, ...]) -> str:
-    shown = ", ".join(names[:10])
-    return f"{len(names)}: {shown}" + (", ..." if len(names) > 10 else "")
-
-
-def _percent(delta: float, rise: float) -> str:
-    return f"{abs(delta / rise):.1%}" if rise else "n/a"
-
-
-@main.command()
+@main.command(short_help="Run the daemon: load a model once, answer requests on a Unix socket.")
 @model_options
 @click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="IGD_SOCKET", show_envvar=True,
               help="Socket to listen on [default: /run/igd/igd.sock as root, else $XDG_RUNTIME_DIR/igd.sock]. "
                    "Ignored under socket activation.")
-@click.option("--max-batch", default="auto", callback=parse_max_batch, envvar="IGD_MAX_BATCH", show_envvar=True,
-              show_default=True, help="Path points per forward pass, or 'auto' to measure the fastest at start-up.")
+@compute_options
 @click.option("--max-images", type=click.IntRange(1, 1024), default=32, envvar="IGD_MAX_IMAGES", show_envvar=True,
               show_default=True, help="Most queued requests batched into one pass.")
 @click.option("--queue-size", type=click.IntRange(1), default=64, envvar="IGD_QUEUE_SIZE", show_envvar=True,
               show_default=True, help="Requests waiting for compute before new ones get 'overloaded'.")
-@click.option("--max-frame-bytes", type=click.IntRange(1024), default=64 * 1024 * 1024, envvar="IGD_MAX_FRAME_BYTES",
-              show_envvar=True, show_default=True, help="Largest request frame accepted.")
-@click.option("--max-pixels", type=click.IntRange(1), default=50_000_000, envvar="IGD_MAX_PIXELS", show_envvar=True,
-              show_default=True, help="Largest decoded image, in pixels.")
-@click.option("--max-steps", type=click.IntRange(1), default=1024, envvar="IGD_MAX_STEPS", show_envvar=True,
-              show_default=True, help="Largest n_steps a request may ask for.")
+@click.option("--max-frame-bytes", type=click.IntRange(1024), default=DEFAULT_MAX_FRAME_BYTES,
+              envvar="IGD_MAX_FRAME_BYTES", show_envvar=True, show_default=True,
+              help="Largest request frame accepted (and so the largest image file).")
+@click.option("--max-pixels", type=click.IntRange(1), default=spec.DEFAULT_MAX_PIXELS, envvar="IGD_MAX_PIXELS",
+              show_envvar=True, show_default=True, help="Largest decoded image, in pixels.")
+@click.option("--max-steps", type=click.IntRange(1), default=spec.MAX_STEPS, envvar="IGD_MAX_STEPS",
+              show_envvar=True, show_default=True, help="Largest n_steps a request may ask for.")
 @click.option("--request-timeout", type=click.FloatRange(min=0.1), default=600.0, envvar="IGD_REQUEST_TIMEOUT",
               show_envvar=True, show_default=True, help="Seconds from a request's arrival to its answer.")
 @click.option("--idle-timeout", type=click.FloatRange(min=0.1), default=300.0, envvar="IGD_IDLE_TIMEOUT",
               show_envvar=True, show_default=True, help="Seconds a connection may take to send its next frame.")
 @click.option("--drain-timeout", type=click.FloatRange(min=0.0), default=30.0, envvar="IGD_DRAIN_TIMEOUT",
               show_envvar=True, show_default=True, help="On SIGTERM, seconds to finish queued work before rejecting it.")
-@memory_format_option
-@precision_option
 @click.option("--allow-uid", multiple=True, metavar="USER", envvar="IGD_ALLOW_UID", show_envvar=True,
               help="Only these users (names or uids) may connect; repeatable. Checked with the kernel's peer "
                    "credentials, on top of the socket's file permissions.")
 @click.option("--allow-group", multiple=True, metavar="GROUP", envvar="IGD_ALLOW_GROUP", show_envvar=True,
               help="Only members of these groups may connect; repeatable.")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
-              envvar="IGD_LOG_LEVEL", show_envvar=True, show_default=True)
+@_log_level_option("info")
 def serve(
     socket_path: Path | None,
-    max_batch: int | None,
+    compute: Any,
     max_images: int,
     queue_size: int,
     max_frame_bytes: int,
@@ -222,8 +218,6 @@ def serve(
     request_timeout: float,
     idle_timeout: float,
     drain_timeout: float,
-    memory_format: str,
-    precision: str,
     allow_uid: tuple[str, ...],
     allow_group: tuple[str, ...],
     log_level: str,
@@ -231,12 +225,23 @@ def serve(
 ) -> None:
     """Run the daemon: load the model once, answer requests on a Unix socket.
 
-    Under systemd it takes the socket from socket activation (LISTEN_FDS) and reports
-    READY=1 only once the model is loaded and warmed up; SIGTERM drains and exits 0.
+    It answers `igctl status` from the moment the socket exists, while the model loads
+    and warms up; under systemd it takes the socket from socket activation (LISTEN_FDS)
+    and reports READY=1 only once the model is loaded and warmed up. SIGTERM drains and
+    exits 0. Every option can also be set by its environment variable.
+
+    \b
+    Examples:
+      igd serve                                   # built-in EfficientNet-Lite0
+      igd serve -bp bit_model.pth --socket /tmp/igd.sock
+      IGD_DEVICE=cuda:1 igd serve -lp lanet_model.pth --max-images 8
     """
+    import dataclasses
+
     from igd import logs
     from igd.access import AccessPolicy
     from igd.daemon import ServeOptions, StartupError, serve_forever
+    from igd.service import Limits
 
     logs.configure(log_level)
     try:
@@ -245,17 +250,10 @@ def serve(
         raise click.BadParameter(str(error), param_hint="--allow-uid/--allow-group") from None
     options = ServeOptions(
         socket_path=socket_path,
-        max_batch=max_batch,
-        max_images=max_images,
-        queue_size=queue_size,
-        max_frame_bytes=max_frame_bytes,
-        max_pixels=max_pixels,
-        max_steps=max_steps,
-        request_timeout=request_timeout,
-        idle_timeout=idle_timeout,
+        compute=dataclasses.replace(compute, max_images=max_images, queue_size=queue_size),
+        limits=Limits(max_frame_bytes=max_frame_bytes, max_pixels=max_pixels, max_steps=max_steps,
+                      request_timeout=request_timeout, idle_timeout=idle_timeout),
         drain_timeout=drain_timeout,
-        memory_format=memory_format,
-        precision=precision,
         access=access,
     )
     try:
@@ -265,7 +263,7 @@ def serve(
         raise click.ClickException(str(error)) from None
 
 
-@main.command("install-systemd")
+@main.command("install-systemd", short_help="Install the systemd units, the igd user and /etc/igd/igd.env.")
 @click.option("--prefix", type=click.Path(path_type=Path, file_okay=False), default=Path("/"), show_default=True,
               help="Install under this root (for packaging, or to look first).")
 @click.option("--igd", "igd_executable", type=click.Path(path_type=Path, dir_okay=False),
@@ -276,6 +274,12 @@ def install_systemd(prefix: Path, igd_executable: Path | None, dry_run: bool) ->
     user (sysusers.d) and /etc/igd/igd.env, then print the systemctl commands to run.
 
     An existing /etc/igd/igd.env is kept (a fresh igd.env.example is written beside it).
+
+    \b
+    Examples:
+      sudo /opt/igd/bin/igd install-systemd --dry-run
+      sudo /opt/igd/bin/igd install-systemd
+      igd install-systemd --prefix pkgroot/        # for packaging
     """
     import shutil
     import sys
@@ -299,65 +303,68 @@ def install_systemd(prefix: Path, igd_executable: Path | None, dry_run: bool) ->
     click.echo(NEXT_STEPS)
 
 
-@main.command()
+@main.command(short_help="Attribute a whole dataset: a directory, a glob or a manifest.")
 @click.argument("source", metavar="INPUT")
 @click.argument("out_dir", metavar="OUT_DIR", type=click.Path(path_type=Path, file_okay=False))
 @model_options
-@click.option("--target", "-t", "targets", multiple=True,
+@click.option("--target", "-t", "targets", multiple=True, metavar="CLASS",
               help="Class name or index to attribute every image to; repeatable [default: the predicted class]. "
                    "Manifest rows may name their own.")
-@click.option("--steps", type=click.IntRange(1, 4096), default=50, show_default=True)
-@click.option("--method", type=click.Choice(["gausslegendre", "riemann_left", "riemann_right", "riemann_middle",
-                                             "riemann_trapezoid"]), default="gausslegendre", show_default=True)
-@click.option("--baseline", type=click.Choice(["zero", "black", "white", "blur", "uniform"]), default="zero",
-              show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the 'uniform' baseline.")
-@click.option("--blur-sigma", type=click.FloatRange(min=0), help="Sigma of the 'blur' baseline, in model-input pixels.")
-@click.option("--format", "fmt", type=click.Choice(["torch", "parquet"]), default="torch", show_default=True,
-              help="torch: one gzip'd result file per image and target, as igctl writes; parquet: rows in shards.")
-@click.option("--gzip-level", type=click.IntRange(0, 9), default=1, show_default=True,
-              help="Torch format: compression of the result files (0 fastest, still gzip; 9 smallest).")
+@attribute_flags
+@flag(spec.FORMAT, choices=BATCH_FORMATS,
+      help="torch: one gzip'd result file per image and target, as igctl writes; npz: the same for numpy; "
+           "parquet: rows in shards of 256.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Parquet: the stored gradients' precision.")
 @click.option("--with-steps", is_flag=True, help="Parquet: also store the per-step gradients (large).")
 @click.option("--resume", is_flag=True, help="Skip the pairs already done in OUT_DIR; do the rest.")
 @click.option("--shard", metavar="I/N", help="Process the I-th of N deterministic parts of the input (1-based).")
-@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: in this process; ray: model-holding actors on a Ray cluster (pip install 'igd[ray]').")
 @click.option("--address", help="Ray cluster address [default: start a local Ray, or RAY_ADDRESS].")
 @click.option("--workers", type=click.IntRange(1), default=2, show_default=True, help="Ray: model-holding actors.")
-@click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=0.0, show_default=True)
-@click.option("--max-batch", default="auto", callback=parse_max_batch, show_default=True,
-              help="Path points per forward pass, or 'auto' to measure the fastest.")
-@memory_format_option
-@precision_option
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="warning",
-              show_default=True)
-def batch(source: str, out_dir: Path, targets: tuple[str, ...], steps: int, method: str, baseline: str, seed: int,
-          blur_sigma: float | None, fmt: str, gzip_level: int, dtype: str, with_steps: bool, resume: bool, shard: str | None,
-          backend: str, address: str | None, workers: int, gpus_per_worker: float, max_batch: int | None,
-          memory_format: str, precision: str, log_level: str, **model_args: Any) -> None:
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Ray: GPUs each actor reserves (fractions share a GPU).")
+@compute_options
+@_log_level_option("warning")
+def batch(source: str, out_dir: Path, targets: tuple[str, ...], dtype: str, with_steps: bool, resume: bool,
+          shard: str | None, backend: str, address: str | None, workers: int, gpus_per_worker: float,
+          compute: Any, log_level: str, **args: Any) -> None:
     """Attribute every image of INPUT (a directory, a glob, or a CSV / JSON-lines manifest
     with path, target and id columns) and write the results under OUT_DIR, with one line
     per image and target in OUT_DIR/status.jsonl. A bad image or target is recorded
     there and skipped; the exit status is 1 if any pair failed.
+
+    \b
+    Examples:
+      igd batch photos/ results/ -bp bit_model.pth -t cat -t dog
+      igd batch manifest.csv results/ --format parquet --steps 100
+      igd batch 'photos/**/*.jpg' results/ --shard 2/8 --resume
     """
+    import dataclasses
+
     from igd import logs
     from igd.batch import BatchOptions, InputError, run_batch
     from igd.batch.inputs import parse_shard
     from igd.models import ModelError
 
+    model_args = {name: args.pop(name) for name in MODEL_ARGS}
+    fmt = args.pop("format")
+    if fmt not in BATCH_FORMATS:
+        raise click.UsageError(f"--format must be one of {', '.join(BATCH_FORMATS)}, got {fmt!r}")
+    request = checked_request({**args, "format": fmt if fmt != "parquet" else spec.FORMAT.default})
     logs.configure(log_level)
-    options = BatchOptions(n_steps=steps, method=method, baseline=baseline, seed=seed, blur_sigma=blur_sigma,
-                           fmt=fmt, dtype=dtype, with_steps=with_steps, memory_format=memory_format,
-                           precision=precision, gzip_level=gzip_level)
+    options = BatchOptions(request=request, fmt=fmt, dtype=dtype, with_steps=with_steps,
+                           compute=dataclasses.replace(compute, queue_size=1 << 30))
     try:
         summary = run_batch(source, out_dir, targets=targets, model_args=model_args, options=options,
                             shard=parse_shard(shard) if shard else None, resume=resume, backend=backend,
-                            max_batch=max_batch, address=address, workers=workers, gpus_per_worker=gpus_per_worker)
+                            address=address, workers=workers, gpus_per_worker=gpus_per_worker)
     except (InputError, ModelError) as error:
         raise click.ClickException(str(error)) from None
     except ImportError as error:
-        raise click.ClickException(f"{error.name} is needed for this: pip install 'igd[ray]'") from None
+        extra = "ray" if backend == "ray" else "parquet"
+        raise click.ClickException(f"{error.name} is needed for this: pip install 'igd[{extra}]'") from None
     click.echo(f"{summary.pairs} pairs: {summary.ok} done now, {summary.skipped} done before, {summary.failed} failed "
                f"(see {out_dir}/status*.jsonl)")
     if summary.failed:

@@ -22,11 +22,10 @@ from igd.access import AccessPolicy
 from igd.logs import log
 from igd.models import ModelError, load_model
 from igd.protocol import default_socket_path
-from igd.server import Daemon, OwnedPath, SocketUnusable, bind_socket
+from igd.server import Server
 from igd.service import Limits, Service
-from igd.memory import memory_budget
-from igd.tuning import warm_up
-from igd.worker import Worker
+from igd.socket_file import OwnedPath, SocketUnusable, bind_socket
+from igd.worker import ComputeSettings, Worker
 
 
 class StartupError(RuntimeError):
@@ -35,28 +34,13 @@ class StartupError(RuntimeError):
 
 @dataclass(frozen=True)
 class ServeOptions:
-    socket_path: Path | None = None
-    max_batch: int | None = None  # None: measure
-    max_images: int = 32
-    queue_size: int = 64
-    max_frame_bytes: int = 64 * 1024 * 1024
-    max_pixels: int = 50_000_000
-    max_steps: int = 1024
-    request_timeout: float = 600.0
-    idle_timeout: float = 300.0
-    drain_timeout: float = 30.0
-    memory_format: str = "contiguous"
-    precision: str = "float32"  # or tf32 (igd.tuning.PRECISIONS)
-    access: AccessPolicy = AccessPolicy()
+    """`igd serve`'s settings (igd/cli.py reads them from flags and IGD_* variables)."""
 
-    def limits(self) -> Limits:
-        return Limits(
-            max_frame_bytes=self.max_frame_bytes,
-            max_pixels=self.max_pixels,
-            max_steps=self.max_steps,
-            request_timeout=self.request_timeout,
-            idle_timeout=self.idle_timeout,
-        )
+    socket_path: Path | None = None  # None: igd.protocol.default_socket_path()
+    compute: ComputeSettings = ComputeSettings()
+    limits: Limits = Limits()
+    drain_timeout: float = 30.0
+    access: AccessPolicy = AccessPolicy()
 
 
 class _StopFlag:
@@ -82,9 +66,10 @@ def serve_forever(options: ServeOptions, model_args: dict[str, Any], started: fl
     stop = _StopFlag()
     listener, owned = _listener(options.socket_path)
     try:
-        service = Service(options.limits(), max_pending=options.queue_size + options.max_images, started=started)
-        daemon = Daemon(service, listener, owned=owned, drain_timeout=options.drain_timeout, access=options.access)
-        asyncio.run(daemon.run(functools.partial(_start, service, options, model_args), stop))
+        max_pending = options.compute.queue_size + options.compute.max_images
+        service = Service(options.limits, max_pending=max_pending, started=started)
+        server = Server(service, listener, owned=owned, drain_timeout=options.drain_timeout, access=options.access)
+        asyncio.run(server.run(functools.partial(_start, service, options, model_args), stop))
     finally:
         listener.close()
         if owned is not None:
@@ -112,21 +97,14 @@ async def _start(service: Service, options: ServeOptions, model_args: dict[str, 
     if stopped():
         return
     phase(f"warming up {model.name}")
-    max_batch = await loop.run_in_executor(
-        None, functools.partial(warm_up, model, options.max_batch, options.memory_format, options.precision,
+    worker = await loop.run_in_executor(
+        None, functools.partial(Worker.warmed_up, model, options.compute,
                                 report=lambda step: phase(f"warming up {model.name}: {step}"))
     )
     if stopped():
+        worker.close()
+        worker.join(10.0)
         return
-    worker = Worker(
-        model,
-        max_batch=max_batch,
-        max_images=options.max_images,
-        queue_size=options.queue_size,
-        max_pass_bytes=memory_budget(model.device) // 4,
-        allow_tf32=options.precision == "tf32",
-    )
-    worker.start()
     service.serve(model, worker)
 
 

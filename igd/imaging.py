@@ -24,7 +24,8 @@ from PIL import (  # noqa: F401 - importing a plugin registers its format
     WebPImagePlugin,
 )
 
-DEFAULT_MAX_PIXELS = 50_000_000
+from igd.request import DEFAULT_MAX_PIXELS
+
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 FORMAT_NAMES = "JPEG, PNG, WebP, GIF, BMP or TIFF"
 # Formats people send by mistake, recognised by their first bytes for a better message.

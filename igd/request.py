@@ -6,7 +6,7 @@ their options, defaults and choices from here, and all validate through
 the same message wherever it comes from; only the option's *name* differs (``args.n_steps``
 on the wire, ``--steps`` on a command line).
 
-Standard library only: igctl imports this module and must stay light (no torch).
+Torch-free (the standard library and igd.protocol): igctl imports this module.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
+
+from igd.protocol import BAD_REQUEST
 
 METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 BASELINES = ("zero", "black", "white", "blur", "uniform")
@@ -69,6 +71,18 @@ def _number(value: float | None) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+class RequestFailed(Exception):
+    """A request that cannot be answered, in the stable vocabulary of igd.protocol's
+    error codes (``bad_image``, ``unknown_target``, ...): the daemon sends it as a wire
+    error, `igd batch` writes it as a status row, igctl shows it."""
+
+    def __init__(self, code: str, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.details = details or {}
+
+
 class RequestError(ValueError):
     """A request option that is not allowed. ``problem`` is the same wherever the request
     came from; :meth:`message` puts the caller's name for the option in front of it."""
@@ -83,6 +97,13 @@ class RequestError(ValueError):
         """``style`` "flag" (``--steps must ...``) or "wire" (``args.n_steps must ...``)."""
         name = self.option.flag if style == "flag" else f"args.{self.option.name}"
         return f"{name} {self.problem}"
+
+    def failed(self) -> RequestFailed:
+        """As the daemon refuses it: ``bad_request``, naming the wire argument."""
+        details: dict[str, Any] = {"arg": self.option.name}
+        if self.choices:
+            details["choices"] = list(self.choices)
+        return RequestFailed(BAD_REQUEST, self.message("wire"), details)
 
 
 STEPS = Option("n_steps", "--steps", int, DEFAULT_STEPS, "Path points (gradient evaluations) per image.",

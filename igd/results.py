@@ -5,7 +5,7 @@ Readers of the predecessor's files do::
     with gzip.open(path, "rb") as f:
         result = torch.load(BytesIO(f.read()))  # weights_only=True works
 
-Keys are only ever added, never renamed or removed (DESIGN.md section 5).
+Keys are only ever added, never renamed or removed (the key table in README.md).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from igd.attribution import Attribution
+from igd.request import DEFAULT_GZIP_LEVEL, FORMATS
 
-FORMATS = ("torch", "npz")
 
 # The predecessor's keys, which its users' analysis code reads.
 PREDECESSOR_KEYS = (
@@ -79,9 +79,6 @@ def result_dict(
 
 def _own(tensor: Tensor) -> Tensor:
     return tensor.detach().to("cpu", torch.float32).clone(memory_format=torch.contiguous_format)
-
-
-DEFAULT_GZIP_LEVEL = 1
 
 
 def encode(result: Result, fmt: str = "torch", gzip_level: int = DEFAULT_GZIP_LEVEL) -> bytes:

@@ -9,15 +9,11 @@ the connection kept. A client that vanishes has its queued work cancelled.
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import select
 import signal
 import socket
-import stat
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from igd import protocol, systemd
@@ -32,86 +28,12 @@ from igd.protocol import (
     TIMEOUT,
     ProtocolError,
 )
+from igd.request import RequestFailed
 from igd.service import Service
+from igd.socket_file import OwnedPath
 
 # Bodies larger than this are decoded off the event loop.
 _INLINE_BYTES = 1 << 20
-
-
-class SocketUnusable(RuntimeError):
-    """igd cannot listen at the path asked for; the message says why."""
-
-
-@dataclass(frozen=True)
-class OwnedPath:
-    """A socket file this process created; removed only while it is still that file."""
-
-    path: Path
-    inode: int
-
-    def unlink(self) -> None:
-        try:
-            if self.path.lstat().st_ino == self.inode:
-                self.path.unlink()
-        except FileNotFoundError:
-            pass
-
-
-def bind_socket(path: Path) -> tuple[socket.socket, OwnedPath]:
-    """A listening AF_UNIX socket at ``path``, mode 0660.
-
-    A stale socket file (nobody accepting) is replaced; a live one, or a path that is not
-    a socket, is an error rather than something to delete.
-    """
-    if len(os.fsencode(path)) > 107:
-        raise SocketUnusable(f"socket path {path} is {len(os.fsencode(path))} bytes; AF_UNIX allows 107")
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        mode = None
-    if mode is not None:
-        if not stat.S_ISSOCK(mode):
-            raise SocketUnusable(f"{path} exists and is not a socket; refusing to replace it")
-        if _is_served(path):
-            raise SocketUnusable(f"another igd is already serving on {path} (stop it, or choose another --socket)")
-        path.unlink()
-        log("stale_socket_removed", path=str(path))
-    if not path.parent.exists():
-        path.parent.mkdir(mode=0o755, parents=True)
-    _check_directory(path.parent)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o117)  # 0660: owner and group only
-    try:
-        sock.bind(os.fspath(path))
-    except OSError:
-        sock.close()
-        raise
-    finally:
-        os.umask(old_umask)
-    sock.listen(128)
-    return sock, OwnedPath(path, path.lstat().st_ino)
-
-
-def _check_directory(directory: Path) -> None:
-    """Refuse a socket directory that someone else could use to replace our socket: it
-    must belong to us or root, and not be writable by others (unless sticky, as /tmp)."""
-    info = directory.stat()
-    if info.st_uid not in (os.geteuid(), 0):
-        raise SocketUnusable(f"{directory} belongs to uid {info.st_uid}, not to us; refusing to put the socket there")
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
-        raise SocketUnusable(f"{directory} is writable by others; refusing to put the socket there")
-
-
-def _is_served(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)
-        try:
-            probe.connect(os.fspath(path))
-        except (ConnectionRefusedError, FileNotFoundError):
-            return False
-        except OSError as error:
-            return error.errno not in (errno.ECONNREFUSED, errno.ENOENT)
-        return True
 
 
 class Connection:
@@ -199,7 +121,7 @@ class Connection:
         return any(events & (select.POLLHUP | select.POLLERR) for _fd, events in poller.poll(0))
 
 
-class Daemon:
+class Server:
     """Serves ``service`` on ``listener`` from the start of start-up until SIGTERM/SIGINT,
     then drains and exits."""
 
@@ -374,6 +296,9 @@ class Daemon:
                 frame = await service.in_pool(_ok_frame, request_id, result)
                 outcome = "ok"
             except ProtocolError as error:
+                frame, outcome = protocol.error_response(request_id, error), error.code
+            except RequestFailed as failure:
+                error = ProtocolError(failure.code, failure.message, failure.details)
                 frame, outcome = protocol.error_response(request_id, error), error.code
             except asyncio.TimeoutError:
                 error = ProtocolError(TIMEOUT, f"no result within {service.limits.request_timeout:g} s (--request-timeout)")

@@ -1,7 +1,11 @@
-"""The ops of protocol v1: argument checking, decoding, queueing, encoding.
+"""The ops of protocol v1 on the daemon: wire arguments in, result maps out.
 
 Runs on the event loop; decoding and encoding go to a small thread pool and the model
 work to the compute :class:`~igd.worker.Worker`, so the loop never blocks on either.
+What an attribution computes is igd.request's and igd.pipeline's, shared with `igd batch`
+and `igd check`; this module keeps what is the daemon's: admission, start-up state,
+events, timings.
+
 The service answers from the moment the socket listens: while the model loads and warms
 up, ``hello`` and ``status`` report the start-up phase and compute requests wait for
 :meth:`Service.serve` to hand over the model.
@@ -18,35 +22,31 @@ from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 import torch
-from PIL import Image
-from torch import Tensor
 
-from igd import __version__
-from igd.attribution import METHODS, quadrature
-from igd.baselines import BASELINES, DEFAULT_BASELINE, inputs_and_baseline
-from igd.heatmap import heatmap_png
-from igd.imaging import DEFAULT_MAX_PIXELS, ImageError, ImageTooLarge, decode_image
-from igd.models import LoadedModel, UnknownClass
-from igd.protocol import (
-    BAD_IMAGE,
-    BAD_REQUEST,
-    IMAGE_TOO_LARGE,
-    OPS,
-    OVERLOADED,
-    UNKNOWN_TARGET,
-    VERSION,
-    ProtocolError,
+from igd import __version__, pipeline
+from igd.models import LoadedModel
+from igd.protocol import BAD_REQUEST, DEFAULT_MAX_FRAME_BYTES, OPS, OVERLOADED, UNKNOWN_OP, VERSION
+from igd.request import (
+    BASELINES,
+    DEFAULT_MAX_PIXELS,
+    FORMATS,
+    MAX_STEPS,
+    METHODS,
+    PROGRESS,
+    TOP,
+    RequestError,
+    RequestFailed,
+    parse_attribute,
 )
-from igd.results import DEFAULT_GZIP_LEVEL, FORMATS, encode, result_dict
-from igd.worker import AttributionSlice, Job, Worker
+from igd.worker import Job, Worker, WorkerError
 
 T = TypeVar("T")
-MAX_TOP = 1000
 
 # Sends one event frame for the request being handled: emit(name, fields). Loop thread only.
 Emit = Callable[[str, dict[str, Any]], None]
 
 STARTING, READY = "starting", "ready"
+EVENTS = ("starting", "queued", "progress")
 
 
 class _EventRelay:
@@ -66,9 +66,9 @@ class _EventRelay:
 
 @dataclass(frozen=True)
 class Limits:
-    max_frame_bytes: int = 64 * 1024 * 1024
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
-    max_steps: int = 1024
+    max_steps: int = MAX_STEPS
     request_timeout: float = 600.0
     idle_timeout: float = 300.0
 
@@ -111,18 +111,10 @@ class Service:
     def startup_facts(self) -> dict[str, Any]:
         return {"phase": self.phase, "phase_s": round(time.monotonic() - self.phase_started, 1)}
 
-    async def _until_ready(self, emit: Emit | None) -> tuple[LoadedModel, Worker]:
-        if not self._ready.is_set():
-            if emit is not None:
-                emit("starting", self.startup_facts())
-            await self._ready.wait()
-        assert self.model is not None and self.worker is not None
-        return self.model, self.worker
-
     async def handle(self, op: str, args: dict[str, Any], notes: dict[str, Any], emit: Emit | None = None) -> dict[str, Any]:
-        """The result map of one request; ProtocolError for anything the client did wrong.
-        ``notes`` collects facts for the request's log line; ``emit`` sends the request's
-        event frames (progress), if the client asked for them."""
+        """The result map of one request; RequestFailed for anything that cannot be
+        answered. ``notes`` collects facts for the request's log line; ``emit`` sends the
+        request's event frames, if the client asked for them (``args.progress``)."""
         handler = {
             "hello": self.hello,
             "status": self.status,
@@ -130,15 +122,15 @@ class Service:
             "attribute": self.attribute,
         }.get(op)
         if handler is None:
-            raise ProtocolError("unknown_op", f"unknown op {op!r}; this server knows {', '.join(OPS)}", {"ops": list(OPS)})
+            raise RequestFailed(UNKNOWN_OP, f"unknown op {op!r}; this server knows {', '.join(OPS)}", {"ops": list(OPS)})
         if op in ("hello", "status"):
             return await handler(args, notes)
-        if not _arg(args, "progress", bool, False):
+        if not _checked(PROGRESS, args):
             emit = None
         # Admission: every compute request holds its image (up to a frame) from arrival to
         # answer, so their number is bounded before any decoding, not only at the queue.
         if self.pending >= self.max_pending:
-            raise ProtocolError(
+            raise RequestFailed(
                 OVERLOADED,
                 f"{self.pending} requests are already in progress; try again shortly",
                 {"max_pending": self.max_pending},
@@ -166,7 +158,7 @@ class Service:
                     "max_pixels": self.limits.max_pixels,
                     "max_steps": self.limits.max_steps,
                 },
-                "events": ["starting", "queued", "progress"],
+                "events": list(EVENTS),
             },
         }
         if self.model is None:
@@ -208,7 +200,7 @@ class Service:
 
     async def classify(self, args: dict[str, Any], notes: dict[str, Any], emit: Emit | None) -> dict[str, Any]:
         data = _take_image(args)
-        top = _int_arg(args, "top", 5, 1, MAX_TOP)
+        top = _checked(TOP, args)
         model, _worker = await self._until_ready(emit)
         inputs = await self._decoded(data, notes, model.preprocessing)
         del data
@@ -222,70 +214,46 @@ class Service:
 
     async def attribute(self, args: dict[str, Any], notes: dict[str, Any], emit: Emit | None) -> dict[str, Any]:
         data = _take_image(args)
-        n_steps = _int_arg(args, "n_steps", 50, 1, self.limits.max_steps)
-        method = _choice_arg(args, "method", "gausslegendre", METHODS)
         try:
-            quadrature(method, n_steps)
-        except ValueError as error:
-            raise ProtocolError(BAD_REQUEST, str(error), {"arg": "n_steps"}) from None
-        baseline_name = _choice_arg(args, "baseline", DEFAULT_BASELINE, BASELINES)
-        seed = _int_arg(args, "seed", 0, -(2**63), 2**63 - 1)
-        blur_sigma = _float_arg(args, "blur_sigma", None, 0.0, 1000.0)
-        fmt = _choice_arg(args, "format", "torch", FORMATS)
-        gzip_level = _int_arg(args, "gzip_level", DEFAULT_GZIP_LEVEL, 0, 9)
-        want_heatmap = _arg(args, "heatmap", bool, False)
+            request = parse_attribute(args, max_steps=self.limits.max_steps)
+        except RequestError as error:
+            raise error.failed() from None
         model, _worker = await self._until_ready(emit)
-        target = _target(model, args.get("target"))
-        notes.update(target=target, n_steps=n_steps, method=method, baseline=baseline_name)
-
-        def prepare(image: Image.Image) -> tuple[Tensor, Tensor, Image.Image | None]:
-            inputs, baseline = inputs_and_baseline(
-                image, model.preprocessing, baseline_name, blur_sigma=blur_sigma, seed=seed
-            )
-            # The decoded image (up to max_pixels) is kept only if a heatmap needs it.
-            return inputs, baseline, image if want_heatmap else None
-
-        inputs, baseline, image = await self._decoded(data, notes, prepare)
+        target = pipeline.resolve_target(model, args.get("target"))
+        notes.update(target=target, **request.log_fields())
+        prepared = await self._decoded(data, notes, lambda image: pipeline.prepare(image, request, model))
         del data
         listener = None if emit is None else _EventRelay(asyncio.get_running_loop(), emit)
-        job = Job("attribute", inputs, baseline, target, n_steps, method, listener=listener)
-        part: AttributionSlice = await self._compute(job, notes)
+        part = await self._compute(pipeline.job(prepared, target, request, listener), notes)
+        answer = pipeline.answer(part, request, model, prepared)
         started = time.perf_counter()
 
-        def finish() -> dict[str, Any]:
-            attribution, i = part.attribution, part.index
-            target_index = int(attribution.targets[i])
-            result = result_dict(
-                attribution, i,
-                model=model.name,
-                target_name=model.class_names[target_index],
-                baseline_name=baseline_name,
-            )
-            answer: dict[str, Any] = {"data": encode(result, fmt, gzip_level), "format": fmt}
-            if image is not None:
-                answer["heatmap_png"] = heatmap_png(attribution.integrated_grads[i], image, model.preprocessing)
-            (index, name, probability), = model.top_classes(attribution.logits[i], 1)
-            answer.update(
-                target={"index": target_index, "name": model.class_names[target_index]},
-                prediction={"index": index, "name": name, "probability": probability},
-                convergence_delta=float(attribution.convergence_delta[i]),
-                baseline=baseline_name,
-                n_steps=n_steps,
-                method=method,
-            )
-            return answer
+        def encoded() -> dict[str, Any]:
+            result: dict[str, Any] = {"data": answer.file_bytes(), "format": request.format, **answer.summary()}
+            heatmap = answer.heatmap_png()
+            if heatmap is not None:
+                result["heatmap_png"] = heatmap
+            return result
 
-        answer = await self.in_pool(finish)
+        result = await self.in_pool(encoded)
         notes["encode_ms"] = _ms(time.perf_counter() - started)
-        notes["target"] = answer["target"]["name"]
-        answer["timing_ms"] = {k: notes[k] for k in ("decode_ms", "queue_ms", "compute_ms", "encode_ms")}
-        answer["timing_ms"]["batch_size"] = notes["batch_size"]
-        return answer
+        notes["target"] = answer.target_name
+        result["timing_ms"] = {k: notes[k] for k in ("decode_ms", "queue_ms", "compute_ms", "encode_ms")}
+        result["timing_ms"]["batch_size"] = notes["batch_size"]
+        return result
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def _decoded(self, data: bytes, notes: dict[str, Any], then: Callable[[Image.Image], T]) -> T:
+    async def _until_ready(self, emit: Emit | None) -> tuple[LoadedModel, Worker]:
+        if not self._ready.is_set():
+            if emit is not None:
+                emit("starting", self.startup_facts())
+            await self._ready.wait()
+        assert self.model is not None and self.worker is not None
+        return self.model, self.worker
+
+    async def _decoded(self, data: bytes, notes: dict[str, Any], then: Callable[[Any], T]) -> T:
         """Decode the image and apply ``then`` to it in the I/O pool; only what ``then``
         returns outlives the call."""
         started = time.perf_counter()
@@ -293,23 +261,20 @@ class Service:
         max_pixels = self.limits.max_pixels
 
         def decode_and_prepare() -> tuple[str, T]:
-            image = decode_image(data, max_pixels=max_pixels)
+            image = pipeline.decode(data, max_pixels)
             return f"{image.width}x{image.height}", then(image)
 
-        try:
-            notes["image"], prepared = await self.in_pool(decode_and_prepare)
-        except ImageTooLarge as error:
-            raise ProtocolError(IMAGE_TOO_LARGE, str(error), {"max_pixels": max_pixels}) from None
-        except ImageError as error:
-            raise ProtocolError(BAD_IMAGE, str(error)) from None
+        notes["image"], prepared = await self.in_pool(decode_and_prepare)
         notes["decode_ms"] = _ms(time.perf_counter() - started)
         return prepared
 
     async def _compute(self, job: Job, notes: dict[str, Any]) -> Any:
         assert self.worker is not None
-        future = self.worker.submit(job)
         try:
+            future = self.worker.submit(job)
             result = await asyncio.wrap_future(future)
+        except WorkerError as error:
+            raise pipeline.worker_failure(error) from None
         except asyncio.CancelledError:
             job.cancel()  # the client left, or the request timed out: stop computing it
             raise
@@ -328,66 +293,21 @@ class Service:
         return facts
 
 
-def _target(model: LoadedModel, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise ProtocolError(BAD_REQUEST, f"args.target must be a class name, an index or nil, got {type(value).__name__}",
-                            {"arg": "target"})
+def _checked(option: Any, args: dict[str, Any]) -> Any:
+    """One wire argument through its option's check (igd.request)."""
     try:
-        return model.class_index(value)
-    except UnknownClass as error:
-        raise ProtocolError(UNKNOWN_TARGET, str(error), {"num_classes": len(model.class_names)}) from None
+        return option.check(args.get(option.name))
+    except RequestError as error:
+        raise error.failed() from None
 
 
 def _take_image(args: dict[str, Any]) -> bytes:
     """The image bytes, removed from ``args`` so that the request keeps one reference."""
-    data = _arg(args, "image", bytes)
-    del args["image"]
+    data = args.pop("image", None)
+    if not isinstance(data, bytes):
+        problem = "is required" if data is None else f"must be bytes (msgpack bin), got {type(data).__name__}"
+        raise RequestFailed(BAD_REQUEST, f"args.image {problem}", {"arg": "image"})
     return data
-
-
-def _arg(args: dict[str, Any], name: str, kind: type, default: Any = ...) -> Any:
-    if name not in args or args[name] is None:
-        if default is ...:
-            raise ProtocolError(BAD_REQUEST, f"args.{name} is required", {"arg": name})
-        return default
-    value = args[name]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ProtocolError(
-            BAD_REQUEST,
-            f"args.{name} must be {_kind_name(kind)}, got {type(value).__name__}",
-            {"arg": name},
-        )
-    return value
-
-
-def _int_arg(args: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
-    value = _arg(args, name, int, default)
-    if not low <= value <= high:
-        raise ProtocolError(BAD_REQUEST, f"args.{name} must be between {low} and {high}, got {value}", {"arg": name})
-    return value
-
-
-def _float_arg(args: dict[str, Any], name: str, default: float | None, low: float, high: float) -> float | None:
-    value = _arg(args, name, (int, float), default)
-    if value is not None and (isinstance(value, bool) or not low <= value <= high):
-        raise ProtocolError(BAD_REQUEST, f"args.{name} must be a number between {low} and {high}, got {value}", {"arg": name})
-    return None if value is None else float(value)
-
-
-def _choice_arg(args: dict[str, Any], name: str, default: str, choices: tuple[str, ...]) -> str:
-    value = _arg(args, name, str, default)
-    if value not in choices:
-        raise ProtocolError(BAD_REQUEST, f"args.{name} must be one of {', '.join(choices)}, got {value!r}", {"arg": name, "choices": list(choices)})
-    return value
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    names = {bytes: "bytes (msgpack bin)", int: "an int", str: "a string", bool: "a bool", float: "a number"}
-    if isinstance(kind, tuple):
-        return "a number"
-    return names.get(kind, kind.__name__)
 
 
 def _ms(seconds: float) -> float:

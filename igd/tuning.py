@@ -158,24 +158,39 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass(frozen=True)
+class WarmUp:
+    """What warm-up found: the chunk size and how it was chosen, and how far the opt-in
+    modes move IG (relative L2; 0.0 when not in use)."""
+
+    max_batch: int
+    chunk: ChunkChoice | None  # None: the chunk size was given, not measured
+    memory_format_deviation: float = 0.0
+    tf32_deviation: float = 0.0
+    seconds: float = 0.0
+
+
 def warm_up(model: LoadedModel, max_batch: int | None, memory_format: str = "contiguous",
-            precision: str = "float32", report: Callable[[str], None] = lambda step: None) -> int:
+            precision: str = "float32", report: Callable[[str], None] = lambda step: None) -> WarmUp:
     """Put the model in ``memory_format``, measure the chunk size (unless given) in
-    ``precision``, and run one small attribution end to end. Returns the chunk size.
+    ``precision``, and run one small attribution end to end.
     ``report`` hears each step as it starts (for `igctl status` during start-up)."""
     sample = resources.files("igd").joinpath("data", "chelsea.jpg").read_bytes()
     x = model.preprocess(decode_image(sample))
     started = time.perf_counter()
+    format_moved = tf32_moved = 0.0
     if memory_format != "contiguous":
         report(f"measuring {memory_format}")
-        deviation = use_memory_format(model.module, x, memory_format)
-        log("memory_format", memory_format=memory_format, ig_deviation=f"{deviation:.1e}")
+        format_moved = use_memory_format(model.module, x, memory_format)
+        log("memory_format", memory_format=memory_format, ig_deviation=f"{format_moved:.1e}")
     allow_tf32 = precision == "tf32"
     if allow_tf32 and model.device.type != "cuda":
         log("precision", level=30, precision=precision, note="tf32 only changes CUDA kernels; none here")
     elif allow_tf32:
         report("measuring tf32")
-        log("precision", precision=precision, ig_deviation=f"{tf32_deviation(model.module, x):.1e}")
+        tf32_moved = tf32_deviation(model.module, x)
+        log("precision", precision=precision, ig_deviation=f"{tf32_moved:.1e}")
+    choice = None
     if max_batch is None:
         report("measuring the fastest chunk size")
         choice = choose_max_batch(model.module, x, allow_tf32=allow_tf32)
@@ -186,5 +201,6 @@ def warm_up(model: LoadedModel, max_batch: int | None, memory_format: str = "con
     report("a first attribution")
     attribute(model.module, x, 0, n_steps=2, max_batch=max_batch, allow_tf32=allow_tf32)
     release_free_memory()  # the measurement's large chunks are done with
-    log("warmed_up", seconds=round(time.perf_counter() - started, 2), max_batch=max_batch)
-    return max_batch
+    seconds = time.perf_counter() - started
+    log("warmed_up", seconds=round(seconds, 2), max_batch=max_batch)
+    return WarmUp(max_batch, choice, format_moved, tf32_moved, seconds)

@@ -23,9 +23,9 @@ from torch import Tensor
 
 from igd.attribution import Attribution, attribute, strict_float32
 from igd.logs import log
-from igd.memory import release_free_memory
+from igd.memory import memory_budget, release_free_memory
 from igd.models import LoadedModel
-from igd.protocol import INTERNAL, OVERLOADED, SHUTTING_DOWN, ProtocolError
+from igd.tuning import WarmUp, warm_up
 
 
 # Progress reports of one job come at most this often (and once at its end).
@@ -42,8 +42,41 @@ class JobListener(Protocol):
         """``done`` of the job's ``total`` path points are computed."""
 
 
-class PassCancelled(Exception):
+class WorkerError(Exception):
+    """Why the worker did not give a job its result; the message is for people. The
+    daemon turns these into wire errors, `igd batch` into status rows."""
+
+
+class QueueFull(WorkerError):
+    """The queue holds ``queue_size`` jobs already."""
+
+
+class WorkerClosed(WorkerError):
+    """The worker is stopping: it takes no new jobs, and drops the queued ones."""
+
+
+class ComputeFailed(WorkerError):
+    """The model failed on the job (``reason``: ``out_of_memory`` or the exception's
+    type; the traceback is logged)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class PassCancelled(WorkerError):
     """Every job of a pass was cancelled; the pass stopped between chunks."""
+
+
+@dataclass(frozen=True)
+class ComputeSettings:
+    """How the worker computes, as `igd serve`, `igd batch` and `igd check` set it."""
+
+    max_batch: int | None = None  # path points per forward pass; None: measured at warm-up
+    memory_format: str = "contiguous"  # or channels_last (igd.tuning.MEMORY_FORMATS)
+    precision: str = "float32"  # or tf32 (igd.tuning.PRECISIONS)
+    max_images: int = 32  # most jobs batched into one pass
+    queue_size: int = 64  # jobs waiting before submit() raises QueueFull
 
 
 @dataclass(eq=False)
@@ -104,6 +137,18 @@ class AttributionSlice:
 class Worker:
     """Owns the model; runs queued jobs in batched passes on one thread."""
 
+    @classmethod
+    def warmed_up(cls, model: LoadedModel, settings: ComputeSettings,
+                  report: Callable[[str], None] = lambda step: None) -> Worker:
+        """A started worker for ``model``, after the warm-up every entry point shares
+        (memory format, chunk size, a first attribution; see igd.tuning.warm_up)."""
+        found = warm_up(model, settings.max_batch, settings.memory_format, settings.precision, report)
+        worker = cls(model, max_batch=found.max_batch, max_images=settings.max_images, queue_size=settings.queue_size,
+                     max_pass_bytes=memory_budget(model.device) // 4, allow_tf32=settings.precision == "tf32")
+        worker.warm_up = found
+        worker.start()
+        return worker
+
     def __init__(
         self,
         model: LoadedModel,
@@ -129,6 +174,8 @@ class Worker:
         self.images = 0
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.oom_retries = 0
+        self.split_passes = 0  # shared passes that failed and were rerun one image at a time
+        self.warm_up: WarmUp | None = None  # what warm-up found, when warmed_up() made this worker
         self.compute_s = 0.0
 
     def start(self) -> None:
@@ -137,13 +184,9 @@ class Worker:
     def submit(self, job: Job) -> concurrent.futures.Future[Any]:
         with self._cond:
             if self._closed:
-                raise ProtocolError(SHUTTING_DOWN, "the daemon is shutting down; no new work is accepted")
+                raise WorkerClosed("the worker is stopping; no new work is accepted")
             if len(self._queue) >= self.queue_size:
-                raise ProtocolError(
-                    OVERLOADED,
-                    f"the queue is full ({self.queue_size} requests waiting); try again shortly",
-                    {"queue_size": self.queue_size},
-                )
+                raise QueueFull(f"the queue is full ({self.queue_size} requests waiting); try again shortly")
             self._queue.append((job, time.monotonic()))
             ahead = len(self._queue) - 1 + self._busy
             self._cond.notify()
@@ -170,7 +213,7 @@ class Worker:
                 self._cond.wait(timeout=max(0.0, min(0.1, deadline - time.monotonic())))
             rejected = list(self._queue)
             self._queue.clear()
-        error = ProtocolError(SHUTTING_DOWN, "the daemon shut down before this request could run")
+        error = WorkerClosed("the worker stopped before this job could run")
         for job, _ in rejected:
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(error)
@@ -194,6 +237,7 @@ class Worker:
             "max_images": self.max_images,
             "max_pass_bytes": self.max_pass_bytes,
             "oom_retries": self.oom_retries,
+            "split_passes": self.split_passes,
             "compute_s": round(self.compute_s, 3),
         }
 
@@ -255,12 +299,15 @@ class Worker:
         except PassCancelled as cancelled:
             self._cancelled(jobs, cancelled)
             return
-        except Exception:  # noqa: BLE001 - one request's failure must not end the daemon
+        except Exception as error:  # noqa: BLE001 - one request's failure must not end the daemon
+            log("pass_split", level=30, images=len(jobs), error=type(error).__name__,
+                note="the shared pass failed; each image runs alone")
             results = None
         if results is None:
             # Find the culprit: every other image still gets its result. Outside the except
             # block, so that the failed pass's tensors (held by the traceback) are freed:
             # after an out-of-memory error they are what the single runs need.
+            self.split_passes += 1
             for job in jobs:
                 self._run_alone(job)
             return
@@ -359,10 +406,10 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
-def _internal(error: BaseException) -> ProtocolError:
+def _internal(error: BaseException) -> ComputeFailed:
     if _is_out_of_memory(error):
-        return ProtocolError(INTERNAL, "out of memory even one path point at a time", {"error": "out_of_memory"})
-    return ProtocolError(INTERNAL, "the model failed on this request (logged on the daemon)", {"error": type(error).__name__})
+        return ComputeFailed("out of memory even one path point at a time", "out_of_memory")
+    return ComputeFailed(f"the model failed on this image ({type(error).__name__}; logged)", type(error).__name__)
 
 
 def _to_cpu(result: Attribution) -> Attribution:

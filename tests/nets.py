@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import warnings
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -82,21 +86,17 @@ class _Repeated(nn.Module):
         return x
 
 
-def write_slow_model(directory: object, width: int = 1536, times: int = 8) -> "Path":
+def write_slow_model(directory: Path, width: int = 1536, times: int = 8) -> Path:
     """A TorchScript classifier with a sidecar, for tests that need long requests: tiny
     8x8 inputs (so results stay small at thousands of steps) and a costly forward pass
     (about ``times`` x width^2 multiply-adds per point). Returns the model's path."""
-    import json
-    import warnings
-    from pathlib import Path
-
     torch.manual_seed(7)
     net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, width), _Repeated(width, times), nn.Linear(width, 10))
-    path = Path(directory) / "slow.pt"
+    path = directory / "slow.pt"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated, but served
         torch.jit.save(torch.jit.script(net.eval()), str(path))
     sidecar = {"name": "slow-mlp", "input_size": [8, 8], "resize": "stretch",
                "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "classes": [f"class {i}" for i in range(10)]}
-    (Path(directory) / "slow.pt.json").write_text(json.dumps(sidecar))
+    (directory / "slow.pt.json").write_text(json.dumps(sidecar))
     return path

@@ -141,9 +141,92 @@ def test_bad_image_and_unknown_target_get_their_own_lines(dataset: Path, fixture
     assert by_pair[("good", "cat")]["ok"] and by_pair[("good-again", "7")]["target_name"] == "horse"
     assert by_pair[("good", "unicorn")]["code"] == "unknown_target"
     assert by_pair[("broken.jpg", "cat")]["code"] == "bad_image"
-    assert by_pair[("missing.png", "dog")]["code"] == "missing"
+    missing = by_pair[("missing.png", "dog")]
+    assert missing["code"] == "bad_image" and "No such file or directory" in missing["message"]
     again = igd_batch(str(manifest), str(work / "out"), *model_args(fixtures))
     assert again.returncode == 1 and "--resume" in again.stderr  # never mixes two runs silently
+
+
+def test_hostile_manifests_stay_inside_out_dir(fixtures: Path) -> None:
+    work = short_tempdir()
+    try:
+        outside = work / "elsewhere"
+        outside.mkdir()
+        (outside / "escape.cat.gzip").write_bytes(b"precious")
+        images = work / "in"
+        (images / "sub").mkdir(parents=True)
+        (images / "dup").mkdir()
+        shutil.copy(fixtures / "images" / "chelsea.png", images / "sub" / "cat.png")
+        shutil.copy(fixtures / "images" / "chelsea.png", images / "dup" / "a.png")
+        shutil.copy(fixtures / "images" / "chelsea.jpg", images / "dup" / "a.jpg")
+        os.mkfifo(images / "fifo.png")
+        (images / "folder.png").mkdir()
+        big = images / "big.png"
+        big.write_bytes(b"\x89PNG" + bytes(70 * 2**20))  # over the 64 MiB image limit
+        out = work / "out"
+        out.mkdir()
+        (out / "linked").symlink_to(outside)  # a folder in OUT_DIR that leads out of it
+        manifest = images / "manifest.jsonl"
+        rows = [
+            {"path": "sub/cat.png", "id": str(outside / "escape"), "target": "cat"},
+            {"path": "sub/cat.png", "id": "../../elsewhere/escape", "target": "cat"},
+            {"path": "sub/cat.png", "id": "linked/escape", "target": "cat"},
+            {"path": str(outside / ".." / "in" / "sub" / "cat.png"), "target": "dog"},
+            {"path": "dup/a.png", "target": "cat"},
+            {"path": "dup/a.jpg", "target": "cat"},
+            {"path": "nul\u0000byte.png", "target": "cat"},
+            {"path": "fifo.png", "target": "cat"},
+            {"path": "/dev/zero", "target": "cat"},
+            {"path": "folder.png", "target": "cat"},
+            {"path": "big.png", "target": "cat"},
+        ]
+        manifest.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+        before = {p: p.read_bytes() for p in outside.iterdir()}
+        run = igd_batch(str(manifest), str(out), *model_args(fixtures), timeout=300)
+        assert run.returncode == 1, run.stderr
+        assert "Traceback" not in run.stderr
+        assert {p: p.read_bytes() for p in outside.iterdir()} == before  # nothing outside was made or changed
+        records = statuses(out)
+        assert len(records) == len(rows)  # every row has its status line
+        by_path = {}
+        for record in records:
+            by_path.setdefault(record["path"].rsplit("/", 1)[-1], []).append(record)
+        written = sorted(r["output"] for r in records if r["ok"])
+        assert len(written) == len(set(written)) == 5  # none overwritten by another
+        assert all((out / name).resolve().is_relative_to(out.resolve()) for name in written)
+        assert {"dup/a.png.cat.gzip", "dup/a.jpg.cat.gzip"} <= set(written)
+        linked = next(r for r in records if r["id"] == "linked/escape")
+        assert not linked["ok"] and "symbolic link" in linked["message"]
+        refused = {name: next(r for r in records if r["path"].endswith(name)) for name in
+                   ("byte.png", "fifo.png", "/dev/zero", "folder.png", "big.png")}
+        assert all(not r["ok"] and r["code"] == "bad_image" for r in refused.values()), refused
+        assert "NUL byte" in refused["byte.png"]["message"] and "a FIFO" in refused["fifo.png"]["message"]
+        assert "character device" in refused["/dev/zero"]["message"]
+        assert "a directory" in refused["folder.png"]["message"]
+        assert "images may have up to 67,108,864" in refused["big.png"]["message"]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_result_files_have_igctls_mode(dataset: Path, fixtures: Path) -> None:
+    folder = dataset / "mode"
+    folder.mkdir()
+    shutil.copy(fixtures / "images" / "chelsea.png", folder / "one.png")
+    old = os.umask(0o022)
+    try:
+        run = igd_batch(str(folder), str(dataset / "mode-out"), *model_args(fixtures), "-t", "cat")
+    finally:
+        os.umask(old)
+    assert run.returncode == 0, run.stderr
+    assert oct((dataset / "mode-out" / "one.cat.gzip").stat().st_mode & 0o777) == "0o644"  # as igctl writes them
+
+
+def test_bad_options_fail_before_the_model_loads(dataset: Path, fixtures: Path) -> None:
+    started = time.monotonic()
+    run = igd_batch(str(dataset / "images"), str(dataset / "never"), "-bp", str(fixtures / "bit-tiny.pth"),
+                    "--method", "riemann_left", "--steps", "1")
+    assert run.returncode == 2 and "--steps must be at least 2 for riemann_left, got 1" in run.stderr
+    assert time.monotonic() - started < 10 and not (dataset / "never").exists()
 
 
 def test_inputs_from_globs_and_csv(dataset: Path) -> None:

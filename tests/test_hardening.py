@@ -3,7 +3,6 @@ lost, nobody else is hurt, nobody is let in."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import gzip
 import io
 import os
@@ -25,7 +24,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import require_tool
-from daemon import IGCTL, IGD, SLOW_MODEL_OPTIONS, Igd, short_tempdir, steps_lasting
+from daemon import IGD, SLOW_MODEL_OPTIONS, Igd, short_tempdir, steps_lasting
 from igd import protocol
 from igd.protocol import ERROR_CODES, ProtocolError
 from test_imaging import encoded, gradient, png_chunk, png_declaring

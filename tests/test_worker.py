@@ -17,8 +17,7 @@ import nets
 from igd.attribution import attribute
 from igd.models import Preprocessing
 from igd.models.registry import LoadedModel
-from igd.protocol import ProtocolError
-from igd.worker import Job, Worker
+from igd.worker import ComputeFailed, Job, PassCancelled, QueueFull, Worker, WorkerClosed
 
 
 class Fragile(nn.Module):
@@ -103,9 +102,9 @@ def test_out_of_memory_at_one_point_is_an_internal_error() -> None:
     worker = Worker(loaded(Fragile(nets.groupnorm_cnn(), max_points=0)), max_batch=8)
     worker.start()
     future = worker.submit(job(nets.images(1)[0], 0))
-    with pytest.raises(ProtocolError) as error:
+    with pytest.raises(ComputeFailed) as error:
         future.result(60)
-    assert error.value.code == "internal" and "out of memory" in error.value.message
+    assert error.value.reason == "out_of_memory" and "out of memory" in str(error.value)
     worker.close()
     worker.drain(5)
 
@@ -120,8 +119,9 @@ def test_one_failing_image_does_not_fail_its_batch_mates() -> None:
     worker.start()
     done, _ = concurrent.futures.wait(futures, timeout=60)
     assert len(done) == 4
-    with pytest.raises(ProtocolError, match="internal"):
+    with pytest.raises(ComputeFailed):
         futures[2].result()
+    assert worker.split_passes == 1  # the shared pass failed, was logged and rerun image by image
     for i in (0, 1, 3):
         part = futures[i].result()
         alone = attribute(net, x[i : i + 1], 1, n_steps=6)
@@ -148,9 +148,33 @@ def test_queue_limit_and_closing() -> None:
     x = nets.images(1)[0]
     worker.submit(job(x, 0))
     worker.submit(job(x, 0))
-    with pytest.raises(ProtocolError, match="overloaded"):
+    with pytest.raises(QueueFull):
         worker.submit(job(x, 0))
     worker.close()
-    with pytest.raises(ProtocolError, match="shutting_down"):
+    with pytest.raises(WorkerClosed):
         worker.submit(job(x, 0))
     assert worker.drain(0.1) == 2  # nothing ran them: both rejected
+
+
+def test_a_pass_whose_jobs_are_all_cancelled_stops_at_the_next_chunk() -> None:
+    heard: list[tuple[str, int]] = []
+
+    class CancelOnFirstProgress:
+        def queued(self, ahead: int) -> None:
+            heard.append(("queued", ahead))
+
+        def progress(self, done: int, total: int) -> None:
+            heard.append(("progress", done))
+            doomed.cancel()  # the client leaves as soon as the pass has begun
+
+    worker = Worker(loaded(nets.groupnorm_cnn()), max_batch=4)
+    doomed = job(nets.images(1)[0], 0, n_steps=400)
+    doomed.listener = CancelOnFirstProgress()
+    future = worker.submit(doomed)
+    worker.start()
+    with pytest.raises(PassCancelled, match="after 8 of 400 path points"):
+        future.result(60)
+    assert heard == [("queued", 0), ("progress", 4)]
+    assert worker.submit(job(nets.images(1)[0], 0)).result(60).attribution.n_steps == 6  # still serving
+    worker.close()
+    worker.drain(5)

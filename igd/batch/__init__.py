@@ -8,10 +8,11 @@ from typing import Any
 
 from igd.batch.backends import run_local, run_ray
 from igd.batch.inputs import InputError, discover, in_shard
-from igd.batch.outputs import ParquetShards, StatusLog, TorchFiles, drop_incomplete_parquet, pending
-from igd.batch.runner import BatchOptions
+from igd.batch.outputs import ParquetShards, ResultFiles, StatusLog, drop_incomplete_parquet, pending
+from igd.batch.runner import FORMATS, BatchOptions
+from igd.request import SUFFIXES
 
-__all__ = ["BatchOptions", "InputError", "Summary", "run_batch"]
+__all__ = ["FORMATS", "BatchOptions", "InputError", "Summary", "run_batch"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,6 @@ def run_batch(
     shard: tuple[int, int] | None = None,
     resume: bool = False,
     backend: str = "local",
-    max_batch: int | None = None,
     address: str | None = None,
     workers: int = 2,
     gpus_per_worker: float = 0.0,
@@ -40,7 +40,9 @@ def run_batch(
     pairs = [pair for pair in discover(source, targets) if in_shard(pair, shard)]
     out_dir.mkdir(parents=True, exist_ok=True)
     status = StatusLog(out_dir, shard)
-    writer: TorchFiles | ParquetShards = TorchFiles(out_dir) if options.fmt == "torch" else ParquetShards(out_dir, shard)
+    writer: ResultFiles | ParquetShards = (
+        ParquetShards(out_dir, shard) if options.fmt == "parquet" else ResultFiles(out_dir, SUFFIXES[options.fmt])
+    )
     if resume:
         done = status.done()
         if isinstance(writer, ParquetShards):
@@ -61,10 +63,10 @@ def run_batch(
 
     if todo:
         if backend == "ray":
-            run_ray(todo, model_args, options, max_batch, sink, address=address, workers=workers,
+            run_ray(todo, model_args, options, sink, address=address, workers=workers,
                     gpus_per_worker=gpus_per_worker)
         else:
-            run_local(todo, model_args, options, max_batch, sink)
+            run_local(todo, model_args, options, sink)
     last = writer.close()
     status.append(last)
     counts["ok"] += len(last)

@@ -6,6 +6,7 @@ rows that come back to the same sink, in this process; only the sink writes file
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 from igd.batch.inputs import Pair
@@ -16,9 +17,9 @@ Rows = list[dict[str, Any]]
 PAIRS_PER_CALL = 16
 
 
-def run_local(pairs: list[Pair], model_args: dict[str, Any], options: BatchOptions, max_batch: int | None,
+def run_local(pairs: list[Pair], model_args: dict[str, Any], options: BatchOptions,
               sink: Callable[[Rows], None]) -> None:
-    attributor = BatchAttributor(model_args, options, max_batch)
+    attributor = BatchAttributor(model_args, options)
     try:
         with Progress(len(pairs)) as advance:
             for start in range(0, len(pairs), PAIRS_PER_CALL):
@@ -37,17 +38,18 @@ class RayAttributor:
     rows: an exception would drop or abort a whole block.
     """
 
-    def __init__(self, model_args: dict[str, Any], options: BatchOptions, max_batch: int | None) -> None:
-        self.attributor = BatchAttributor(model_args, options, max_batch)
+    def __init__(self, model_args: dict[str, Any], options: BatchOptions) -> None:
+        self.attributor = BatchAttributor(model_args, options)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
-        pairs = [Pair(str(i), str(p), str(t)) for i, p, t in zip(batch["id"], batch["path"], batch["target"])]
+        pairs = [Pair(*(str(value) for value in values))
+                 for values in zip(batch["id"], batch["path"], batch["target"], batch["output"])]
         rows = self.attributor(pairs)
         columns = sorted({key for row in rows for key in row})
         return {column: [row.get(column) for row in rows] for column in columns}
 
 
-def run_ray(pairs: list[Pair], model_args: dict[str, Any], options: BatchOptions, max_batch: int | None,
+def run_ray(pairs: list[Pair], model_args: dict[str, Any], options: BatchOptions,
             sink: Callable[[Rows], None], *, address: str | None, workers: int, gpus_per_worker: float) -> None:
     try:
         import ray
@@ -55,10 +57,10 @@ def run_ray(pairs: list[Pair], model_args: dict[str, Any], options: BatchOptions
         raise SystemExit("the ray backend needs Ray: pip install 'igd[ray]'") from None
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    dataset = ray.data.from_items([{"id": p.id, "path": p.path, "target": p.target} for p in pairs])
+    dataset = ray.data.from_items([dataclasses.asdict(pair) for pair in pairs])
     results = dataset.map_batches(
         RayAttributor,
-        fn_constructor_kwargs={"model_args": model_args, "options": options, "max_batch": max_batch},
+        fn_constructor_kwargs={"model_args": model_args, "options": options},
         batch_size=PAIRS_PER_CALL,
         batch_format="numpy",
         concurrency=workers,

@@ -3,19 +3,25 @@
 Every pair has a stable key, ``(id, target)``: the id is the image's path relative to
 the input root (or the manifest's ``id`` column), the target what the user wrote. Keys
 decide sharding (a hash, so N shards cover every pair once whatever order files are
-listed in), resuming and the names of output files.
+listed in) and resuming. Output names come from the ids too, made safe: they never
+leave the output directory (absolute ids, ``..``), and two pairs never share one
+(``a.jpg`` and ``a.png`` keep their extensions when both are there).
 """
 
 from __future__ import annotations
 
+import collections
 import csv
+import dataclasses
 import glob
 import hashlib
 import json
+import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+from igd.request import IMAGE_SUFFIXES
+
 PREDICTED = "predicted"  # the target written when none is given: the predicted class
 
 
@@ -30,6 +36,7 @@ class Pair:
     id: str  # unique per image; the relative path unless a manifest says otherwise
     path: str  # where to read the image
     target: str  # a class name, an index, or PREDICTED
+    output: str = ""  # the result's name under OUT_DIR, without the format's suffix
 
     @property
     def key(self) -> str:
@@ -45,7 +52,7 @@ def discover(source: str, targets: tuple[str, ...]) -> list[Pair]:
     path = Path(source)
     default_targets = list(targets) or [PREDICTED]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         pairs = [Pair(str(f.relative_to(path)), str(f), t) for f in files for t in default_targets]
     elif path.is_file() and path.suffix.lower() in (".csv", ".jsonl", ".json"):
         pairs = _manifest(path, default_targets)
@@ -63,7 +70,52 @@ def discover(source: str, targets: tuple[str, ...]) -> list[Pair]:
     if len(set(keys)) != len(keys):
         duplicate = next(k for k in keys if keys.count(k) > 1).replace("\t", " / ")
         raise InputError(f"{source}: the pair {duplicate} appears twice; ids and targets must be unique together")
-    return sorted(pairs, key=lambda pair: pair.key)
+    return name_outputs(sorted(pairs, key=lambda pair: pair.key))
+
+
+def name_outputs(pairs: list[Pair]) -> list[Pair]:
+    """Give each pair its output name: ``cats/001.png`` attributed to ``cat`` becomes
+    ``cats/001.cat``. Ids are made safe (no absolute paths, no ``..``, no control
+    characters); images whose names would collide keep their extension (``a.jpg.cat``,
+    ``a.png.cat``), and any that still collide get ``~2``, ``~3``, ... in key order.
+    Deterministic for a given input, so shards and resumed runs agree."""
+    wanted = [_safe_path(PurePosixPath(*_safe_parts(pair.id)).with_suffix("")) + "." + _safe_target(pair.target)
+              for pair in pairs]
+    images_per_name: dict[str, set[str]] = collections.defaultdict(set)
+    for pair, name in zip(pairs, wanted):
+        images_per_name[name].add(pair.id)
+    taken: set[str] = set()
+    named = []
+    for pair, name in zip(pairs, wanted):
+        if len(images_per_name[name]) > 1:
+            name = _safe_path(PurePosixPath(*_safe_parts(pair.id))) + "." + _safe_target(pair.target)
+        candidate, number = name, 1
+        while candidate in taken:
+            number += 1
+            candidate = f"{name}~{number}"
+        taken.add(candidate)
+        named.append(dataclasses.replace(pair, output=candidate))
+    return named
+
+
+def _safe_parts(image_id: str) -> list[str]:
+    """The folders and name of an id, none of them empty, ``.``, ``..`` or with control
+    characters: whatever the id, the result stays below the output directory."""
+    parts = []
+    for part in re.split(r"[/\\]+", image_id):
+        part = re.sub(r"[\x00-\x1f\x7f]", "_", part)
+        if part in ("", "."):
+            continue
+        parts.append("__" if part == ".." else part)
+    return parts or ["_"]
+
+
+def _safe_path(path: PurePosixPath) -> str:
+    return str(path) if path.name else "_"
+
+
+def _safe_target(target: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", target)
 
 
 def in_shard(pair: Pair, shard: tuple[int, int] | None) -> bool:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
 from igd.batch.inputs import Pair
+from igd.files import write_atomically
+from igd.protocol import BAD_REQUEST, INTERNAL
 
 # No floats: a status line is the same whichever backend, shard or batch produced it
 # (the values themselves are in the result files).
@@ -27,18 +27,6 @@ PARQUET_ROWS_PER_FILE = 256
 
 def status_name(shard: tuple[int, int] | None) -> str:
     return "status.jsonl" if shard is None else f"status.shard-{shard[0]}-of-{shard[1]}.jsonl"
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 class StatusLog:
@@ -66,7 +54,7 @@ class StatusLog:
         return records
 
     def rewrite(self, records: Iterable[dict[str, Any]]) -> None:
-        atomic_write(self.path, b"".join(_line(record) for record in records))
+        write_atomically(self.path, b"".join(_line(record) for record in records))
 
     def append(self, records: list[dict[str, Any]]) -> None:
         with self.path.open("ab") as f:
@@ -79,30 +67,53 @@ def _line(record: dict[str, Any]) -> bytes:
     return (json.dumps({k: record[k] for k in STATUS_FIELDS if k in record}, sort_keys=True) + "\n").encode()
 
 
-class TorchFiles:
-    """One gzip'd torch file per pair, mirroring the input's relative paths:
-    ``cats/001.png`` attributed to ``cat`` goes to ``OUT_DIR/cats/001.cat.gzip``."""
+class ResultFiles:
+    """One result file per pair (torch or npz), at the pair's output name (see
+    igd.batch.inputs.name_outputs): ``cats/001.png`` attributed to ``cat`` goes to
+    ``OUT_DIR/cats/001.cat.gzip``. Folders are created below OUT_DIR only: a symbolic
+    link on the way (which could lead outside) makes that pair an error row instead."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, suffix: str) -> None:
         self.out_dir = out_dir
+        self.root = out_dir.resolve()
+        self.suffix = suffix
 
     def write(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Write the results of ``rows``; returns the rows whose status line is due (all)."""
         for row in rows:
             if row["ok"]:
-                relative = output_name(row["id"], row["target"])
-                atomic_write(self.out_dir / relative, row.pop("data"))
+                relative = row["output"] + self.suffix
+                data = row.pop("data")
+                try:
+                    write_atomically(self._inside(relative), data)
+                except (OSError, Escape) as error:
+                    row.update(ok=False, code=INTERNAL if isinstance(error, OSError) else BAD_REQUEST,
+                               message=f"cannot write {relative}: {error}")
+                    row.pop("output")
+                    continue
                 row["output"] = relative
         return rows
 
     def close(self) -> list[dict[str, Any]]:
         return []
 
+    def _inside(self, relative: str) -> Path:
+        """OUT_DIR/relative, creating its folders, none of which may be a symlink."""
+        folder = self.root
+        *folders, name = PurePosixPath(relative).parts
+        for part in folders:
+            folder = folder / part
+            if folder.is_symlink():
+                raise Escape(f"{folder} is a symbolic link; results stay inside {self.out_dir}")
+            folder.mkdir(exist_ok=True)
+        path = folder / name
+        if path.is_symlink():
+            raise Escape(f"{path} is a symbolic link; results stay inside {self.out_dir}")
+        return path
 
-def output_name(image_id: str, target: str) -> str:
-    safe = re.sub(r"[^\w.-]+", "_", target)
-    stem = Path(image_id).with_suffix("")
-    return str(stem.parent / f"{stem.name}.{safe}.gzip")
+
+class Escape(ValueError):
+    """A result path that would lead out of OUT_DIR."""
 
 
 class ParquetShards:
@@ -149,7 +160,7 @@ class ParquetShards:
         table = pa.table({c: [row[c] for row in rows] for c in columns})
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
-        atomic_write(self.out_dir / name, buffer.getvalue())
+        write_atomically(self.out_dir / name, buffer.getvalue())
         for row in rows:
             row["output"] = name
         return rows

@@ -1,86 +1,74 @@
 """The per-batch work of `igd batch`, one code path for every backend.
 
-A :class:`BatchAttributor` loads the model once, measures the chunk size as the daemon
-does, and owns the daemon's batching :class:`~igd.worker.Worker`. Called with a list
-of pairs it returns one row per pair: the result (the very bytes igctl would write, or
-the arrays for parquet) or the error, never an exception for one bad image or target.
+A :class:`BatchAttributor` loads the model once, warms up and starts the daemon's
+batching :class:`~igd.worker.Worker`, and sends each (image, target) pair down the
+daemon's own request path (igd.pipeline). Called with a list of pairs it returns one
+row per pair: the result (the very bytes igctl would write, or the arrays for parquet)
+or the error in the daemon's vocabulary, never an exception for one bad image or target.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from igd.baselines import inputs_and_baseline
+from igd import pipeline
 from igd.batch.inputs import PREDICTED, Pair
-from igd.imaging import ImageError, ImageTooLarge, decode_image
-from igd.models import UnknownClass, load_model
-from igd.protocol import BAD_IMAGE, IMAGE_TOO_LARGE, INTERNAL, UNKNOWN_TARGET, ProtocolError
-from igd.results import DEFAULT_GZIP_LEVEL, encode, result_dict
-from igd.memory import memory_budget
-from igd.tuning import warm_up
-from igd.worker import AttributionSlice, Job, Worker
+from igd.files import UnreadableInput, read_regular_file
+from igd.models import load_model
+from igd.protocol import BAD_IMAGE, DEFAULT_MAX_FRAME_BYTES
+from igd.request import DEFAULT_MAX_PIXELS, AttributeRequest, RequestFailed
+from igd.worker import AttributionSlice, ComputeSettings, Worker, WorkerError
 
-MISSING = "missing"  # the image file cannot be read
+FORMATS = ("torch", "npz", "parquet")
 
 
 @dataclass(frozen=True)
 class BatchOptions:
-    n_steps: int = 50
-    method: str = "gausslegendre"
-    baseline: str = "zero"
-    seed: int = 0
-    blur_sigma: float | None = None
-    fmt: str = "torch"  # torch | parquet
+    request: AttributeRequest = AttributeRequest()  # what to compute, as any request
+    fmt: str = "torch"  # torch | npz: one result file per pair, as igctl writes; parquet: rows
     dtype: str = "float16"  # parquet: of the stored gradients
     with_steps: bool = False  # parquet: also the per-step gradients
-    max_pixels: int = 50_000_000
-    memory_format: str = "contiguous"
-    precision: str = "float32"  # or tf32 (igd.tuning.PRECISIONS)
-    gzip_level: int = DEFAULT_GZIP_LEVEL  # torch: compression of the result files
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_image_bytes: int = DEFAULT_MAX_FRAME_BYTES  # larger input files are refused, as igd serve does
+    compute: ComputeSettings = field(default_factory=lambda: ComputeSettings(queue_size=1 << 30))
 
 
 class BatchAttributor:
     """Model, worker and options; ``attributor(pairs) -> rows``."""
 
-    def __init__(self, model_args: dict[str, Any], options: BatchOptions, max_batch: int | None = None,
-                 max_images: int = 32) -> None:
+    def __init__(self, model_args: dict[str, Any], options: BatchOptions) -> None:
         self.model = load_model(**model_args)
         self.options = options
-        chunk = warm_up(self.model, max_batch, options.memory_format, options.precision)
-        self.worker = Worker(self.model, max_batch=chunk, max_images=max_images, queue_size=1 << 30,
-                             max_pass_bytes=memory_budget(self.model.device) // 4,
-                             allow_tf32=options.precision == "tf32")
-        self.worker.start()
+        self.worker = Worker.warmed_up(self.model, options.compute)
 
     def __call__(self, pairs: list[Pair]) -> list[dict[str, Any]]:
         """One row per pair, in order; images shared by several pairs are decoded once."""
+        request = self.options.request
         rows: list[dict[str, Any] | None] = [None] * len(pairs)
-        pending: list[tuple[int, concurrent.futures.Future[Any]]] = []
-        prepared: dict[str, tuple[Any, Any] | ProtocolError] = {}
+        pending: list[tuple[int, pipeline.Prepared, concurrent.futures.Future[Any]]] = []
+        prepared: dict[str, pipeline.Prepared | RequestFailed] = {}
         for i, pair in enumerate(pairs):
             if pair.path not in prepared:
                 prepared[pair.path] = self._prepare(pair.path)
             ready = prepared[pair.path]
-            if isinstance(ready, ProtocolError):
-                rows[i] = error_row(pair, ready)
-                continue
             try:
-                target = None if pair.target == PREDICTED else self.model.class_index(pair.target)
-            except UnknownClass as error:
-                rows[i] = error_row(pair, ProtocolError(UNKNOWN_TARGET, str(error)))
-                continue
-            inputs, baseline = ready
-            job = Job("attribute", inputs, baseline, target, self.options.n_steps, self.options.method)
-            pending.append((i, self.worker.submit(job)))
-        for i, future in pending:
+                if isinstance(ready, RequestFailed):
+                    raise ready
+                target = pipeline.resolve_target(self.model, None if pair.target == PREDICTED else pair.target)
+                pending.append((i, ready, self.worker.submit(pipeline.job(ready, target, request))))
+            except RequestFailed as failure:
+                rows[i] = error_row(pair, failure)
+            except WorkerError as error:
+                rows[i] = error_row(pair, pipeline.worker_failure(error))
+        for i, ready, future in pending:
             try:
-                rows[i] = self._row(pairs[i], future.result())
-            except ProtocolError as error:
-                rows[i] = error_row(pairs[i], error)
+                rows[i] = self._row(pairs[i], pipeline.answer(future.result(), request, self.model, ready))
+            except WorkerError as error:
+                rows[i] = error_row(pairs[i], pipeline.worker_failure(error))
         return rows  # type: ignore[return-value]
 
     def close(self) -> None:
@@ -88,52 +76,51 @@ class BatchAttributor:
         self.worker.drain(60)
         self.worker.join(60)
 
-    def _prepare(self, path: str) -> tuple[Any, Any] | ProtocolError:
+    def _prepare(self, path: str) -> pipeline.Prepared | RequestFailed:
         try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as error:
-            return ProtocolError(MISSING, f"cannot read {path}: {error.strerror}")
-        try:
-            image = decode_image(data, max_pixels=self.options.max_pixels)
-        except ImageTooLarge as error:
-            return ProtocolError(IMAGE_TOO_LARGE, str(error))
-        except ImageError as error:
-            return ProtocolError(BAD_IMAGE, str(error))
-        return inputs_and_baseline(image, self.model.preprocessing, self.options.baseline,
-                                   blur_sigma=self.options.blur_sigma, seed=self.options.seed)
+            data = read_regular_file(path, self.options.max_image_bytes)
+            return pipeline.prepare(pipeline.decode(data, self.options.max_pixels), self.options.request, self.model)
+        except UnreadableInput as error:
+            return RequestFailed(BAD_IMAGE, str(error))
+        except RequestFailed as failure:
+            return failure
 
-    def _row(self, pair: Pair, part: AttributionSlice) -> dict[str, Any]:
-        attribution, i = part.attribution, part.index
-        target_index = int(attribution.targets[i])
-        (prediction, name, probability), = self.model.top_classes(attribution.logits[i], 1)
+    def _row(self, pair: Pair, answer: pipeline.Answer) -> dict[str, Any]:
+        _index, prediction, probability = answer.prediction
         row = {
             **base_row(pair),
             "ok": True,
-            "target_index": target_index,
-            "target_name": self.model.class_names[target_index],
-            "prediction": name,
+            "target_index": answer.target_index,
+            "target_name": answer.target_name,
+            "prediction": prediction,
             "probability": probability,
-            "convergence_delta": float(attribution.convergence_delta[i]),
+            "convergence_delta": answer.convergence_delta,
         }
-        if self.options.fmt == "torch":
-            result = result_dict(attribution, i, model=self.model.name, target_name=row["target_name"],
-                                 baseline_name=self.options.baseline)
-            row["data"] = encode(result, "torch", self.options.gzip_level)
+        if self.options.fmt != "parquet":
+            row["data"] = answer.file_bytes()
         else:
-            dtype = np.float16 if self.options.dtype == "float16" else np.float32
-            row["shape"] = list(attribution.integrated_grads.shape[1:])
-            row["integrated_grads"] = attribution.integrated_grads[i].numpy().astype(dtype).ravel()
-            if self.options.with_steps:
-                row["directional_grads"] = attribution.directional_grads[i].numpy().astype(dtype).ravel()
-                row["step_sizes"] = attribution.step_sizes.numpy().astype(np.float32)
+            row.update(_arrays(answer.part, self.options))
         return row
 
 
+def _arrays(part: AttributionSlice, options: BatchOptions) -> dict[str, Any]:
+    """The parquet columns of one result: IG flat, and optionally the per-step gradients."""
+    attribution, i = part.attribution, part.index
+    dtype = np.float16 if options.dtype == "float16" else np.float32
+    columns: dict[str, Any] = {
+        "shape": list(attribution.integrated_grads.shape[1:]),
+        "integrated_grads": attribution.integrated_grads[i].numpy().astype(dtype).ravel(),
+    }
+    if options.with_steps:
+        columns["directional_grads"] = attribution.directional_grads[i].numpy().astype(dtype).ravel()
+        columns["step_sizes"] = attribution.step_sizes.numpy().astype(np.float32)
+    return columns
+
+
 def base_row(pair: Pair) -> dict[str, Any]:
-    return {"id": pair.id, "path": pair.path, "target": pair.target}
+    return {"id": pair.id, "path": pair.path, "target": pair.target, "output": pair.output}
 
 
-def error_row(pair: Pair, error: ProtocolError) -> dict[str, Any]:
-    return {**base_row(pair), "ok": False, "code": error.code or INTERNAL, "message": error.message}
-
+def error_row(pair: Pair, failure: RequestFailed) -> dict[str, Any]:
+    return {"id": pair.id, "path": pair.path, "target": pair.target, "ok": False, "code": failure.code,
+            "message": failure.message}

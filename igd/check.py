@@ -1,0 +1,70 @@
+"""`igd check`: a loaded model through the daemon's own warm-up, worker and request path
+(igd.pipeline), on one image, with what happened as (label, value) lines."""
+
+from __future__ import annotations
+
+import time
+
+from igd import pipeline
+from igd.models import LoadedModel
+from igd.request import DEFAULT_MAX_PIXELS, AttributeRequest
+from igd.worker import ComputeSettings, Job, Worker
+
+
+def run_check(model: LoadedModel, data: bytes, label: str, request: AttributeRequest,
+              compute: ComputeSettings) -> list[tuple[str, str]]:
+    """Warm up, classify the image in ``data`` (called ``label``), attribute it to its
+    most likely class. Raises RequestFailed (a bad image) or the worker's errors; the
+    worker is stopped either way."""
+    started = time.perf_counter()
+    worker = Worker.warmed_up(model, compute)
+    warm_s = time.perf_counter() - started
+    try:
+        image = pipeline.decode(data, DEFAULT_MAX_PIXELS)
+        prepared = pipeline.prepare(image, request, model)
+        started = time.perf_counter()
+        logits = worker.submit(Job("classify", prepared.inputs)).result()
+        classify_s = time.perf_counter() - started
+        top = model.top_classes(logits, 5)
+        started = time.perf_counter()
+        part = worker.submit(pipeline.job(prepared, top[0][0], request)).result()
+        attribute_s = time.perf_counter() - started
+    finally:
+        worker.close()
+        worker.join(60)
+    answer = pipeline.answer(part, request, model, prepared)
+    attribution, i = part.attribution, part.index
+    rise = float(attribution.logits[i, answer.target_index] - attribution.baseline_logits[i, answer.target_index])
+    delta = answer.convergence_delta
+    found = worker.warm_up
+    assert found is not None
+    c, h, w = model.input_shape
+    device = str(model.device)
+    if found.memory_format_deviation:
+        device += f", {compute.memory_format} (IG moved by {found.memory_format_deviation:.1e})"
+    if compute.precision == "tf32" and model.device.type == "cuda":
+        device += f", tf32 (IG moved by {found.tf32_deviation:.1e})"
+    chunk = f"chunks of {found.max_batch} " + ("(measured)" if found.chunk else "(given)")
+    return [
+        ("model", f"{model.name}: {model.description}"),
+        ("source", model.source),
+        ("parameters", f"{model.num_parameters:,}"),
+        ("input", f"{c}x{h}x{w} ({model.preprocessing.describe()})"),
+        ("device", device),
+        ("classes", _class_list(model.class_names)),
+        ("image", f"{label} ({image.width}x{image.height})"),
+        ("top-5", "; ".join(f"{name} ({index}) {p:.3f}" for index, name, p in top)),
+        ("attribution", f"target {answer.target_name!r}, {request.n_steps} {request.method} steps, "
+                        f"{request.baseline} baseline, {chunk}"),
+        ("convergence", f"delta {delta:+.4g} = sum(IG) - (F(x) - F(b)), {_percent(delta, rise)} of {rise:.4g}"),
+        ("timings", f"warm-up {warm_s:.2f} s, classify {classify_s * 1000:.0f} ms, attribute {attribute_s:.2f} s"),
+    ]
+
+
+def _class_list(names: tuple[str, ...]) -> str:
+    shown = ", ".join(names[:10])
+    return f"{len(names)}: {shown}" + (", ..." if len(names) > 10 else "")
+
+
+def _percent(delta: float, rise: float) -> str:
+    return f"{abs(delta / rise):.1%}" if rise else "n/a"

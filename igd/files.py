@@ -1,0 +1,102 @@
+"""Result files on disk: one atomic writer for igctl and `igd batch`, and a careful reader
+of input files for `igd batch`.
+
+Standard library only: igctl imports this module.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+# Temporary files being written right now (any thread): a process that must end at once
+# (igctl on Ctrl-C) removes them first, so that nothing partial is left behind.
+TEMPORARIES: set[str] = set()
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Put ``data`` at ``path`` so that a crash or a failure at any moment leaves either
+    the old file or the whole new one, never a partial one.
+
+    A temporary file beside ``path`` (same file system) is written, flushed to disk,
+    given the mode the user's umask allows (as ``open()`` would), renamed over ``path``,
+    and the directory entry is flushed too. The folder must exist."""
+    folder = path.parent if str(path.parent) else Path(".")
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
+    TEMPORARIES.add(temporary)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, path)
+        _fsync_directory(folder)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        raise
+    finally:
+        TEMPORARIES.discard(temporary)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_directory(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class UnreadableInput(ValueError):
+    """An input path that is not a readable regular file of an acceptable size."""
+
+
+def read_regular_file(path: str, limit: int) -> bytes:
+    """The bytes of the regular file at ``path`` (symlinks followed), at most ``limit``.
+
+    Never blocks or reads without end: a FIFO, a device (``/dev/zero``), a directory, a
+    path with a NUL byte or a file over ``limit`` bytes is an UnreadableInput saying so.
+    The file is opened non-blocking and checked on the open descriptor, so it cannot be
+    swapped for something else between the check and the read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except ValueError:
+        raise UnreadableInput(f"{path!r}: the path contains a NUL byte") from None
+    except OSError as error:
+        raise UnreadableInput(f"cannot read {path}: {error.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = _kinds.get(stat.S_IFMT(info.st_mode), "not a regular file")
+            raise UnreadableInput(f"{path} is {kind}, not an image file")
+        if info.st_size > limit:
+            raise UnreadableInput(f"{path} is {info.st_size:,} bytes; images may have up to {limit:,}")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as error:
+        raise UnreadableInput(f"cannot read {path}: {error.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:  # it grew while we read
+        raise UnreadableInput(f"{path} is over {limit:,} bytes; images may have up to {limit:,}")
+    return data
+
+
+_kinds = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}

@@ -1,0 +1,57 @@
+"""The command-line flags of the request options (igd.request), for igctl, `igd batch` and
+`igd check` alike: the same names, defaults and help everywhere.
+
+The flags take their values as plain ints, numbers and strings and leave every check to
+igd.request.parse_attribute, so that a bad value gets the very message the daemon gives
+(naming the flag instead of the wire argument), whichever command it was given to.
+Torch-free: igctl imports this module.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import click
+
+from igd import request as spec
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def flag(option: spec.Option, *, choices: tuple[str, ...] | None = None, help: str | None = None) -> Decorator:
+    """A click option for ``option``: ``--steps`` passes ``n_steps=...`` to the command."""
+    kind = {int: int, float: float, str: str}[option.kind]
+    shown = choices if choices is not None else option.choices
+    return click.option(
+        option.flag,
+        option.name,
+        type=kind,
+        default=option.default,
+        show_default=option.default is not None,
+        metavar=f"[{'|'.join(shown)}]" if shown else kind.__name__.upper().replace("STR", "TEXT"),
+        help=help or option.help,
+    )
+
+
+def attribute_flags(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--steps, --method, --baseline, --seed, --blur-sigma, --gzip-level (the format flag
+    differs between commands: each adds its own)."""
+    steps_help = f"{spec.STEPS.help} At most {spec.MAX_STEPS} (`igd serve --max-steps` may allow more)."
+    for decorator in reversed((
+        flag(spec.STEPS, help=steps_help),
+        flag(spec.METHOD),
+        flag(spec.BASELINE),
+        flag(spec.SEED),
+        flag(spec.BLUR_SIGMA),
+        flag(spec.GZIP_LEVEL),
+    )):
+        command = decorator(command)
+    return command
+
+
+def checked_request(values: dict[str, Any], *, max_steps: int = spec.MAX_STEPS) -> spec.AttributeRequest:
+    """The request the flags describe; a usage error (exit 2) naming the flag otherwise."""
+    try:
+        return spec.parse_attribute(values, max_steps=max_steps)
+    except spec.RequestError as error:
+        raise click.UsageError(error.message("flag")) from None
