@@ -114,32 +114,19 @@ def test_npz_format(lanet: Igd, photos: dict[str, Path], workdir: Path) -> None:
 
 
 def test_terminal_default_writes_stem_file_and_never_overwrites(lanet: Igd, photos: dict[str, Path], workdir: Path) -> None:
-    def on_a_terminal(*args: str) -> tuple[int, str]:
-        main, replica = pty.openpty()
-        process = subprocess.Popen([IGCTL, "--socket", str(lanet.socket), *args], cwd=workdir,
-                                   stdout=replica, stderr=subprocess.PIPE)
-        os.close(replica)
-        chunks = []
-        while True:
-            try:
-                chunk = os.read(main, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        os.close(main)
-        process.wait(120)
-        return process.returncode, b"".join(chunks).decode() + process.stderr.read().decode()
+    def attribute(*args: str) -> tuple[int, str]:
+        status, shown, other = on_a_terminal([IGCTL, "--socket", str(lanet.socket), "attribute", *args],
+                                             cwd=workdir, stream="stdout")
+        return status, shown + other.decode()
 
-    status, text = on_a_terminal("attribute", str(photos["chelsea.png"]), "dog", "--steps", "4")
+    status, text = attribute(str(photos["chelsea.png"]), "dog", "--steps", "4")
     assert status == 0, text
     assert (workdir / "chelsea.gzip").exists() and "chelsea.gzip" in text
     before = (workdir / "chelsea.gzip").read_bytes()
-    status, text = on_a_terminal("attribute", str(photos["chelsea.png"]), "cat", "--steps", "4")
+    status, text = attribute(str(photos["chelsea.png"]), "cat", "--steps", "4")
     assert status == 1 and "exists (use --force to overwrite)" in text
     assert (workdir / "chelsea.gzip").read_bytes() == before
-    status, _ = on_a_terminal("attribute", str(photos["chelsea.png"]), "cat", "--steps", "4", "--force")
+    status, _ = attribute(str(photos["chelsea.png"]), "cat", "--steps", "4", "--force")
     assert status == 0 and (workdir / "chelsea.gzip").read_bytes() != before
 
 
@@ -318,10 +305,12 @@ def test_gzip_level_trades_size_for_speed(lanet: Igd, photos: dict[str, Path], w
     assert lanet.igctl("attribute", str(photos["chelsea.png"]), "--gzip-level", "10").returncode == 2
 
 
-def on_a_terminal(command: list[str], cwd: Path | None = None) -> tuple[int, str, bytes]:
-    """Run ``command`` with stderr on a pseudo-terminal: (status, what the terminal showed, stdout)."""
+def on_a_terminal(command: list[str], cwd: Path | None = None, stream: str = "stderr") -> tuple[int, str, bytes]:
+    """Run ``command`` with ``stream`` (stdout or stderr) on a pseudo-terminal: (status,
+    what the terminal showed, what the other stream carried)."""
     main, replica = pty.openpty()
-    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=replica)
+    terminal, other = (replica, subprocess.PIPE) if stream == "stdout" else (subprocess.PIPE, replica)
+    process = subprocess.Popen(command, cwd=cwd, stdout=terminal, stderr=other)
     os.close(replica)
     shown = []
     while True:
@@ -333,8 +322,8 @@ def on_a_terminal(command: list[str], cwd: Path | None = None) -> tuple[int, str
             break
         shown.append(chunk)
     os.close(main)
-    stdout = process.stdout.read()
-    return process.wait(120), b"".join(shown).decode(errors="replace"), stdout
+    piped = (process.stderr if stream == "stdout" else process.stdout).read()
+    return process.wait(120), b"".join(shown).decode(errors="replace"), piped
 
 
 @pytest.fixture(scope="module")
