@@ -34,7 +34,7 @@ from igctl.client import (
     RequestFailed,
 )
 from igd import request as spec
-from igd.files import TEMPORARIES, write_atomically
+from igd.files import TEMPORARIES, AtomicFile, write_atomically
 from igd.flags import attribute_flags, checked_request, flag
 from igd.progress import Progress, RequestProgress
 from igd.protocol import VERSION, default_socket_path
@@ -429,12 +429,14 @@ def _attribute_one(
 ) -> Outcome:
     try:
         data = _read_image(image, client.max_image_bytes())
-        result = client.call("attribute", {**args, "image": data}, on_event)
-        if out is None:
-            sys.stdout.buffer.write(result["data"])
-            sys.stdout.buffer.flush()
-        else:
-            write_atomically(out, result["data"])
+        with contextlib.ExitStack() as stack:
+            # The result file streams in (data events) straight into its destination.
+            destination = sys.stdout.buffer if out is None else stack.enter_context(AtomicFile(out))
+            result = client.call("attribute", {**args, "image": data, "stream": True},
+                                 _receiver(destination, on_event))
+            if "data" in result:  # a daemon that does not stream
+                destination.write(result["data"])
+            destination.flush()
         if heatmap is not None and "heatmap_png" in result:
             write_atomically(heatmap, result["heatmap_png"])
     except ConnectionLost as error:
@@ -456,6 +458,19 @@ def _attribute_one(
         timing_ms=result.get("timing_ms", {}),
     )
     return Outcome(record, EXIT_OK)
+
+
+def _receiver(destination: Any, on_event: Callable[[dict[str, Any]], None] | None) -> Callable[[dict[str, Any]], None]:
+    """The event handler of one attribute request: the file's data into ``destination``,
+    everything else to ``on_event`` (progress)."""
+
+    def receive(event: dict[str, Any]) -> None:
+        if event.get("event") == "data" and isinstance(event.get("data"), bytes):
+            destination.write(event["data"])
+        elif on_event is not None:
+            on_event(event)
+
+    return receive
 
 
 def _read_image(image: str, limit: int) -> bytes:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -69,7 +70,7 @@ class Client:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
         try:
-            self._sock.connect(os.fspath(path))
+            self._connect(timeout)
         except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as error:
             self._sock.close()
             raise NoDaemon(
@@ -83,6 +84,23 @@ class Client:
             self._sock.close()
             raise NoDaemon(f"cannot connect to {path}: {error.strerror or error}") from None
         self._hello: dict[str, Any] | None = None
+
+    def _connect(self, timeout: float | None) -> None:
+        """Connect; while igd's listen backlog is full (it is busy accepting), retry for up
+        to ``timeout`` seconds rather than take a busy daemon for an absent one."""
+        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
+        while True:
+            try:
+                self._sock.connect(os.fspath(self.path))
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    self._sock.close()
+                    raise ClientError(
+                        f"igd at {self.path} is busy: its queue of new connections stayed full for "
+                        f"{timeout:g} s (--timeout)"
+                    ) from None
+                time.sleep(0.05)
 
     def call(
         self, op: str, args: dict[str, Any] | None = None, on_event: Callable[[dict[str, Any]], None] | None = None

@@ -10,6 +10,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 # Temporary files being written right now (any thread): a process that must end at once
 # (igctl on Ctrl-C) removes them first, so that nothing partial is left behind.
@@ -18,30 +19,53 @@ TEMPORARIES: set[str] = set()
 
 def write_atomically(path: Path, data: bytes) -> None:
     """Put ``data`` at ``path`` so that a crash or a failure at any moment leaves either
-    the old file or the whole new one, never a partial one.
+    the old file or the whole new one, never a partial one (see :class:`AtomicFile`)."""
+    with AtomicFile(path) as f:
+        f.write(data)
+
+
+class AtomicFile:
+    """A file written in pieces that appears at ``path`` whole or not at all:
+    ``with AtomicFile(path) as f: f.write(...)``.
 
     A temporary file beside ``path`` (same file system) is written, flushed to disk,
     given the mode the user's umask allows (as ``open()`` would), renamed over ``path``,
-    and the directory entry is flushed too. The folder must exist."""
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
-    TEMPORARIES.add(temporary)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, path)
-        _fsync_directory(folder)
-    except BaseException:
+    and the directory entry is flushed too; an exception inside the block removes the
+    temporary file and leaves ``path`` as it was. The folder must exist."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.folder = path.parent if str(path.parent) else Path(".")
+        self._file: BinaryIO | None = None
+        self._temporary = ""
+
+    def __enter__(self) -> BinaryIO:
+        fd, self._temporary = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.folder)
+        TEMPORARIES.add(self._temporary)
+        self._file = os.fdopen(fd, "wb")
+        return self._file
+
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        assert self._file is not None
         try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
-    finally:
-        TEMPORARIES.discard(temporary)
+            if kind is None:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            self._file.close()
+            if kind is None:
+                os.chmod(self._temporary, 0o666 & ~_umask())
+                os.replace(self._temporary, self.path)
+                _fsync_directory(self.folder)
+        except BaseException:
+            kind = kind or BaseException
+            raise
+        finally:
+            if kind is not None:
+                try:
+                    os.unlink(self._temporary)
+                except FileNotFoundError:
+                    pass
+            TEMPORARIES.discard(self._temporary)
 
 
 def _umask() -> int:

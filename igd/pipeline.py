@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, BinaryIO
 
 from PIL import Image
 from torch import Tensor
@@ -25,8 +25,17 @@ from igd.imaging import ImageError, ImageTooLarge, decode_image
 from igd.models import LoadedModel, UnknownClass
 from igd.protocol import BAD_IMAGE, IMAGE_TOO_LARGE, INTERNAL, OVERLOADED, SHUTTING_DOWN, UNKNOWN_TARGET
 from igd.request import AttributeRequest, RequestError, RequestFailed, check_target
-from igd.results import Result, encode, result_dict
-from igd.worker import AttributionSlice, ComputeFailed, Job, JobListener, QueueFull, WorkerClosed, WorkerError
+from igd.results import Result, encode, result_dict, write_result
+from igd.worker import (
+    AttributionSlice,
+    ComputeFailed,
+    Job,
+    JobListener,
+    PassCancelled,
+    QueueFull,
+    WorkerClosed,
+    WorkerError,
+)
 
 
 def decode(data: bytes, max_pixels: int) -> Image.Image:
@@ -70,6 +79,15 @@ def prepare(image: Image.Image, request: AttributeRequest, model: LoadedModel) -
     return Prepared(inputs, baseline, image if request.heatmap else None)
 
 
+def footprint(request: AttributeRequest, model: LoadedModel) -> int:
+    """Bytes one attribution may hold at its largest, known before it runs: its path points
+    and per-step gradients (n_steps x C x H x W float32 each), the few single-image
+    tensors, and the encoded file, which is no larger than what it encodes."""
+    c, h, w = model.input_shape
+    tensors = (2 * request.n_steps + 4) * c * h * w * 4 + 4 * len(model.class_names) * 4
+    return 2 * tensors
+
+
 def job(prepared: Prepared, target: int | None, request: AttributeRequest,
         listener: JobListener | None = None) -> Job:
     return Job("attribute", prepared.inputs, prepared.baseline, target, request.n_steps, request.method,
@@ -105,12 +123,25 @@ class Answer:
 
     def result(self) -> Result:
         """The result dict (the predecessor's keys and igd's additions)."""
-        return result_dict(self.part.attribution, self.part.index, model=self.model.name,
-                           target_name=self.target_name, baseline_name=self.request.baseline)
+        result = result_dict(self.part.attribution, self.part.index, model=self.model.name,
+                             target_name=self.target_name, baseline_name=self.request.baseline)
+        result["max_batch"] = self.part.max_batch
+        return result
 
     def file_bytes(self) -> bytes:
         """The result file in the request's format, exactly what igctl writes."""
         return encode(self.result(), self.request.format, self.request.gzip_level)
+
+    def write_file(self, out: BinaryIO) -> None:
+        """Write the result file to ``out`` as it is made (the same bytes as
+        :meth:`file_bytes`), at the least memory: the path points are made only when
+        their turn comes, and each large tensor is freed once written, so this answer
+        (its per-step gradients included) is unusable afterwards."""
+        result = result_dict(self.part.attribution, self.part.index, model=self.model.name,
+                             target_name=self.target_name, baseline_name=self.request.baseline,
+                             defer_intermediates=True)
+        result["max_batch"] = self.part.max_batch
+        write_result(result, self.request.format, self.request.gzip_level, out, consume=True)
 
     def heatmap_png(self) -> bytes | None:
         if self.image is None:
@@ -141,5 +172,7 @@ def worker_failure(error: WorkerError) -> RequestFailed:
         return RequestFailed(OVERLOADED, str(error))
     if isinstance(error, WorkerClosed):
         return RequestFailed(SHUTTING_DOWN, str(error))
+    if isinstance(error, PassCancelled):  # while someone still waits for it: igd is stopping
+        return RequestFailed(SHUTTING_DOWN, f"the daemon stopped before this request finished ({error})")
     reason = error.reason if isinstance(error, ComputeFailed) else type(error).__name__
     return RequestFailed(INTERNAL, str(error), {"error": reason})

@@ -102,6 +102,53 @@ def encode_frame(kind: int, body: dict[str, Any]) -> bytes:
     return HEADER.pack(MAGIC, VERSION, kind, len(payload)) + payload
 
 
+class Blob:
+    """A byte string kept in pieces (e.g. a result file as its encoder wrote it), sent
+    as one msgpack bin by :func:`encode_frame_parts` without ever being joined."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = pieces
+        self.size = sum(len(piece) for piece in pieces)
+
+
+def encode_frame_parts(kind: int, body: dict[str, Any]) -> list[bytes]:
+    """The frame of ``body`` as a list of buffers whose concatenation is the frame: as
+    :func:`encode_frame`, but Blob values (in ``body`` or maps inside it) are not copied."""
+    packer = msgpack.Packer(use_bin_type=True)
+    parts: list[bytes] = []
+    _pack_parts(body, packer, parts)
+    size = sum(len(part) for part in parts)
+    if size > MAX_BODY_BYTES:
+        raise FrameTooLarge(f"a body of {size:,} bytes is over the {MAX_BODY_BYTES:,}-byte frame limit")
+    return [HEADER.pack(MAGIC, VERSION, kind, size), *parts]
+
+
+def _pack_parts(value: Any, packer: msgpack.Packer, parts: list[bytes]) -> None:
+    if isinstance(value, Blob):
+        parts.append(_bin_header(value.size))
+        parts.extend(value.pieces)
+    elif isinstance(value, dict) and _holds_blob(value):
+        parts.append(packer.pack_map_header(len(value)))
+        for key, item in value.items():
+            parts.append(packer.pack(key))
+            _pack_parts(item, packer, parts)
+    else:
+        parts.append(packer.pack(value))
+
+
+def _bin_header(size: int) -> bytes:
+    """msgpack's bin 8/16/32 header (the msgpack package has no call for it alone)."""
+    if size < 1 << 8:
+        return struct.pack(">BB", 0xC4, size)
+    if size < 1 << 16:
+        return struct.pack(">BH", 0xC5, size)
+    return struct.pack(">BI", 0xC6, size)
+
+
+def _holds_blob(value: Any) -> bool:
+    return isinstance(value, Blob) or (isinstance(value, dict) and any(_holds_blob(v) for v in value.values()))
+
+
 def parse_header(header: bytes, max_body: int, expected_kinds: tuple[int, ...]) -> tuple[int, int]:
     """Check a header before any body byte is read: returns (kind, body length)."""
     if len(header) != HEADER_SIZE:
@@ -141,8 +188,9 @@ def request(request_id: int, op: str, args: dict[str, Any] | None = None) -> byt
     return encode_frame(REQUEST, {"id": request_id, "op": op, "args": args or {}})
 
 
-def ok_response(request_id: int | None, result: dict[str, Any]) -> bytes:
-    return encode_frame(RESPONSE, {"id": request_id, "ok": True, "result": result})
+def ok_response(request_id: int | None, result: dict[str, Any]) -> list[bytes]:
+    """The success frame, in parts (see :func:`encode_frame_parts`)."""
+    return encode_frame_parts(RESPONSE, {"id": request_id, "ok": True, "result": result})
 
 
 def error_response(request_id: int | None, error: ProtocolError) -> bytes:

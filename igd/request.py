@@ -122,11 +122,13 @@ GZIP_LEVEL = Option("gzip_level", "--gzip-level", int, DEFAULT_GZIP_LEVEL,
                     "Compression of torch results, 0-9: 0 is fastest (still gzip), 9 smallest.", low=0, high=9)
 HEATMAP = Option("heatmap", "--heatmap", bool, False, "Also render a heatmap PNG.")
 PROGRESS = Option("progress", "--progress-json", bool, False, "Send progress events while the request runs.")
+STREAM = Option("stream", "--stream", bool, False,
+                "Send the result file in data events as it is made, not in the response (docs/protocol.md).")
 TOP = Option("top", "--top", int, 5, "How many of the most likely classes.", low=1, high=MAX_TOP)
 
 ATTRIBUTE_OPTIONS = (STEPS, METHOD, BASELINE, SEED, BLUR_SIGMA, FORMAT, GZIP_LEVEL, HEATMAP, PROGRESS)
 CLASSIFY_OPTIONS = (TOP, PROGRESS)
-BY_NAME = {option.name: option for option in (*ATTRIBUTE_OPTIONS, *CLASSIFY_OPTIONS)}
+BY_NAME = {option.name: option for option in (*ATTRIBUTE_OPTIONS, *CLASSIFY_OPTIONS, STREAM)}
 
 
 @dataclass(frozen=True)

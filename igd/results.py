@@ -11,14 +11,18 @@ Keys are only ever added, never renamed or removed (the key table in README.md).
 from __future__ import annotations
 
 import gzip
+import inspect
 import io
-from typing import Any
+import pickle
+import zipfile
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from igd.attribution import Attribution
+from igd.attribution import Attribution, path_points
 from igd.request import DEFAULT_GZIP_LEVEL, FORMATS
 
 
@@ -35,6 +39,16 @@ PREDECESSOR_KEYS = (
 Result = dict[str, Any]
 
 
+@dataclass(frozen=True)
+class Deferred:
+    """A tensor of a result that is made only when the file is written: ``fill(out)``
+    writes its float32 values into ``out``, a tensor of ``shape``. Big and cheap to
+    remake (the path points), it then never sits in memory beside the gradients."""
+
+    shape: tuple[int, ...]
+    fill: Callable[[Tensor], None]
+
+
 def result_dict(
     attribution: Attribution,
     index: int = 0,
@@ -42,6 +56,7 @@ def result_dict(
     model: str | None = None,
     target_name: str | None = None,
     baseline_name: str = "zero",
+    defer_intermediates: bool = False,
 ) -> Result:
     """The result dict of image ``index`` of a batch attribution.
 
@@ -49,16 +64,22 @@ def result_dict(
     ``input`` and ``baseline`` (1, C, H, W); ``integrated_directional_grads`` and
     ``intermediates`` (n, C, H, W); ``step_sizes`` (n, 1); ``alphas`` (n,);
     ``output`` and ``baseline_output`` (1, K); all float32 on the CPU, each with storage
-    of its own (``torch.save`` of a view would write the whole batch).
+    of its own (``torch.save`` of a view would write the whole batch). The per-step
+    gradients of a one-image attribution are its own already and are shared, not copied.
+    ``defer_intermediates``: ``intermediates`` is a :class:`Deferred`, made only by
+    :func:`write_result`.
     """
     if not 0 <= index < attribution.inputs.shape[0]:
         raise IndexError(f"index {index} out of range for a batch of {attribution.inputs.shape[0]}")
     one = slice(index, index + 1)
+    n = attribution.n_steps
+
     result: Result = {
         "integrated_grads": _own(attribution.integrated_grads[one]),
         "integrated_directional_grads": _own(attribution.directional_grads[index]),
         "step_sizes": _own(attribution.step_sizes.view(-1, 1)),
-        "intermediates": _own(attribution.intermediates[index]),
+        "intermediates": (Deferred((n, *attribution.inputs.shape[1:]), _path_filler(attribution, index))
+                          if defer_intermediates else _own(attribution.intermediates_of(index))),
         "output": _own(attribution.logits[one]),
         "target_class": int(attribution.targets[index]),
         "alphas": _own(attribution.alphas),
@@ -77,40 +98,149 @@ def result_dict(
     return result
 
 
+_STEP_BLOCK = 64  # path points made at a time when filling a Deferred
+
+
+def _path_filler(attribution: Attribution, index: int) -> Callable[[Tensor], None]:
+    """Writes image ``index``'s path points (n, *F) into a tensor, a block of steps at a
+    time, with the engine's own arithmetic (so the very same float32 values)."""
+    one = slice(index, index + 1)
+    inputs, baselines, alphas = attribution.inputs[one], attribution.baselines[one], attribution.alphas
+
+    def fill(out: Tensor) -> None:
+        for start in range(0, len(alphas), _STEP_BLOCK):
+            block = slice(start, start + _STEP_BLOCK)
+            out[block] = path_points(inputs, baselines, alphas[block])[0]
+
+    return fill
+
+
 def _own(tensor: Tensor) -> Tensor:
-    return tensor.detach().to("cpu", torch.float32).clone(memory_format=torch.contiguous_format)
+    """``tensor`` on the CPU as float32 with a storage of its own: shared when it already
+    is the whole of its storage, else copied."""
+    tensor = tensor.detach().to("cpu", torch.float32)
+    whole = tensor.storage_offset() == 0 and tensor.untyped_storage().nbytes() == tensor.numel() * 4
+    if whole and tensor.is_contiguous():
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
 
 
 def encode(result: Result, fmt: str = "torch", gzip_level: int = DEFAULT_GZIP_LEVEL) -> bytes:
     """The bytes of a result file in ``fmt`` (one of :data:`FORMATS`)."""
-    if fmt == "torch":
-        return encode_torch(result, gzip_level)
-    if fmt == "npz":
-        return encode_npz(result)
-    raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    buffer = io.BytesIO()
+    write_result(result, fmt, gzip_level, buffer)
+    return buffer.getvalue()
 
 
 def encode_torch(result: Result, compresslevel: int = DEFAULT_GZIP_LEVEL) -> bytes:
-    """gzip(torch.save(result)); ``mtime=0`` makes equal results give equal bytes.
-
-    Gradients compress poorly: measured on EfficientNet-Lite0's 62 MB result, level 1
-    gave 39 MB in 1.6 s, level 6 37 MB in 4.0 s, level 0 (stored, still gzip) 62 MB in
-    0.06 s. Level 1 is the default; requests may ask for another."""
-    buffer = io.BytesIO()
-    torch.save(result, buffer)
-    return gzip.compress(buffer.getvalue(), compresslevel=compresslevel, mtime=0)
+    return encode(result, "torch", compresslevel)
 
 
 def encode_npz(result: Result) -> bytes:
-    """An uncompressed ``.npz`` with the same keys; scalars and strings as 0-d arrays,
-    so ``numpy.load`` reads it without ``allow_pickle``."""
-    arrays = {
-        key: value.numpy() if isinstance(value, Tensor) else np.asarray(value)
-        for key, value in result.items()
-    }
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
+    return encode(result, "npz")
+
+
+def write_result(result: Result, fmt: str, gzip_level: int, out: BinaryIO, *, consume: bool = False) -> None:
+    """Write a result file to ``out`` as it is made, never holding it whole in memory.
+
+    torch: gzip(torch.save(result)), ``mtime=0``, so equal results give equal bytes.
+    Gradients compress poorly: measured on EfficientNet-Lite0's 62 MB result, level 1
+    gave 39 MB in 1.6 s, level 6 37 MB in 4.0 s, level 0 (stored, still gzip) 62 MB in
+    0.06 s. npz: uncompressed, scalars and strings as 0-d arrays, so ``numpy.load``
+    reads it without ``allow_pickle``.
+
+    :class:`Deferred` values are made when their turn comes. ``consume`` (torch format)
+    frees each large tensor's memory as soon as it is written (the result, and an
+    Attribution sharing its tensors, are unusable afterwards): one maximal answer then
+    costs about one (n, C, H, W) tensor at a time, not all of them at once.
+    """
+    if fmt == "torch":
+        with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=gzip_level, mtime=0) as compressed:
+            _torch_save(result, _InSlices(compressed), consume)
+    elif fmt == "npz":
+        _write_npz(result, out)
+    else:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+class _InSlices(io.RawIOBase):
+    """Passes writes on in slices of at most 1 MiB: torch.save hands over a whole storage
+    at once (hundreds of MB), which gzip would otherwise compress, and return, in one piece."""
+
+    def __init__(self, inner: BinaryIO) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), _SLICE):
+            self._inner.write(view[start : start + _SLICE])
+        return len(view)
+
+
+_SLICE = 1 << 20
+
+
+def _torch_save(result: Result, out: BinaryIO, consume: bool) -> None:
+    """torch.save, with Deferred tensors made (and large tensors freed, if ``consume``)
+    as their turn comes. That needs torch.serialization's writer in the form it has had
+    since 2.1; if it is not there, all Deferred tensors are made first and torch.save
+    does the rest (the same bytes, more memory)."""
+    placeholders = {key: torch.empty(value.shape) for key, value in result.items() if isinstance(value, Deferred)}
+    ready = {**result, **placeholders}  # torch.empty leaves the memory untouched until filled
+    fills = {placeholders[key].untyped_storage().data_ptr(): (result[key].fill, placeholders[key])
+             for key in placeholders}
+    if not _LEAN_SAVE:
+        for fill, tensor in fills.values():
+            fill(tensor)
+        torch.save(ready, out)
+        return
+    with torch.serialization._open_zipfile_writer(out) as writer:
+        torch.serialization._save(ready, _Records(writer, fills, consume), pickle, 2, False)
+
+
+class _Records:
+    """torch.serialization's record writer, making a Deferred tensor just before its
+    storage is written, and freeing large storages right after (with ``consume``)."""
+
+    def __init__(self, writer: Any, fills: dict[int, tuple[Callable[[Tensor], None], Tensor]], consume: bool) -> None:
+        self._writer = writer
+        self._fills = fills
+        self._consume = consume
+
+    def write_record(self, name: str, data: Any, size: int) -> None:
+        storage = data if isinstance(data, torch.UntypedStorage) else None
+        if storage is not None and storage.data_ptr() in self._fills:
+            fill, tensor = self._fills.pop(storage.data_ptr())
+            fill(tensor)
+        self._writer.write_record(name, data, size)
+        if storage is not None and self._consume and size >= _CONSUMED_BYTES:
+            storage.resize_(0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._writer, name)
+
+
+_CONSUMED_BYTES = 1 << 20
+_LEAN_SAVE = hasattr(torch.serialization, "_open_zipfile_writer") and list(
+    inspect.signature(getattr(torch.serialization, "_save", lambda: None)).parameters
+) == ["obj", "zip_file", "pickle_module", "pickle_protocol", "_disable_byteorder_record"]
+
+
+def _write_npz(result: Result, out: BinaryIO) -> None:
+    with zipfile.ZipFile(out, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for key, value in result.items():
+            if isinstance(value, Deferred):
+                value_tensor = torch.empty(value.shape)
+                value.fill(value_tensor)
+                value = value_tensor
+            array = value.numpy() if isinstance(value, Tensor) else np.asarray(value)
+            with archive.open(f"{key}.npy", mode="w", force_zip64=True) as member:
+                np.lib.format.write_array(member, array, allow_pickle=False)
+            del array, value  # a Deferred's tensor goes now; shared ones stay (numpy views pin them)
 
 
 def decode_torch(data: bytes) -> Result:

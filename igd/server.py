@@ -30,10 +30,13 @@ from igd.protocol import (
 )
 from igd.request import RequestFailed
 from igd.service import Service
-from igd.socket_file import OwnedPath
+from igd.ledger import Ledger, Reservation
+from igd.socket_file import LISTEN_BACKLOG, OwnedPath
 
 # Bodies larger than this are decoded off the event loop.
 _INLINE_BYTES = 1 << 20
+# Large frames are written in slices of this size, each drained before the next.
+_SLICE_BYTES = 1 << 20
 
 
 class Connection:
@@ -48,11 +51,13 @@ class Connection:
         self.tasks: set[asyncio.Task[None]] = set()
         self.broken = False  # a response was cut off: the stream can carry nothing more
         self._lock = asyncio.Lock()
+        self._posted: list[bytes] = []  # events that wait for the frame being written
 
-    async def read_body(self, max_body: int) -> bytes:
-        """The next request's body. Raises ProtocolError for a bad header, TimeoutError when
-        the client is idle (nothing pending) or sends one frame too slowly,
-        IncompleteReadError when it leaves."""
+    async def read_body(self, max_body: int, ledger: Ledger) -> tuple[bytes, Reservation]:
+        """The next request's body, and its reservation of the memory budget (taken before
+        the body is read: a large frame waits for room). Raises ProtocolError for a bad
+        header, TimeoutError when the client is idle (nothing pending) or sends one frame
+        too slowly, IncompleteReadError when it leaves."""
         while True:
             try:
                 header = await asyncio.wait_for(self.reader.readexactly(protocol.HEADER_SIZE), self.idle_timeout)
@@ -62,18 +67,29 @@ class Connection:
                     raise
                 # Requests pending: the client is waiting for answers, not idle.
         _kind, length = protocol.parse_header(header, max_body, (REQUEST,))
-        return await asyncio.wait_for(self.reader.readexactly(length), self.idle_timeout)
+        reservation = await ledger.room_for(length)
+        try:
+            return await asyncio.wait_for(self.reader.readexactly(length), self.idle_timeout), reservation
+        except BaseException:
+            reservation.release()
+            raise
 
-    async def send(self, frame: bytes) -> bool:
-        """Write one whole frame; False if it could not be delivered. A client that stops
-        reading for the idle timeout, or a write cut short, ends the connection: a
-        partial frame must never be followed by another."""
+    async def send(self, frame: bytes | list[bytes]) -> bool:
+        """Write one whole frame (bytes, or a list of parts); False if it could not be
+        delivered. Large frames go in slices, each drained before the next, so that the
+        transport never holds a second copy of an answer. A client that stops reading
+        for the idle timeout, or a write cut short, ends the connection: a partial frame
+        must never be followed by another."""
         async with self._lock:
             if self.broken:
                 return False
             try:
-                self.writer.write(frame)
-                await asyncio.wait_for(self.writer.drain(), self.idle_timeout)
+                for part in [frame] if isinstance(frame, bytes) else frame:
+                    view = memoryview(part)
+                    for start in range(0, len(view), _SLICE_BYTES):
+                        self.writer.write(view[start : start + _SLICE_BYTES])
+                        await asyncio.wait_for(self.writer.drain(), self.idle_timeout)
+                self._write_posted()
                 return True
             except asyncio.TimeoutError:
                 log("client_not_reading", timeout_s=self.idle_timeout, **self.peer)
@@ -86,10 +102,19 @@ class Connection:
             return False
 
     def post(self, frame: bytes) -> None:
-        """Queue a small frame (an event) without waiting for it to be sent. Whole frames
-        never interleave: the transport appends each write to its buffer as one piece."""
-        if not self.broken and not self.writer.is_closing():
+        """Queue a small frame (an event) without waiting for it to be sent; while a
+        frame is being written it waits for that frame's end (frames never interleave)."""
+        if self.broken or self.writer.is_closing():
+            return
+        if self._lock.locked():
+            self._posted.append(frame)
+        else:
             self.writer.write(frame)
+
+    def _write_posted(self) -> None:
+        for frame in self._posted:
+            self.writer.write(frame)
+        self._posted.clear()
 
     async def refuse(self, error: ProtocolError) -> None:
         """Answer ``error`` and end the connection so that the client can read the answer:
@@ -156,9 +181,10 @@ class Server:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)  # handlers only set a flag
+        loop.add_signal_handler(signal.SIGHUP, _hangup)
         if stop_requested():  # a signal arrived before these handlers
             self._stop.set()
-        server = await asyncio.start_unix_server(self._connection, sock=self.listener)
+        server = await asyncio.start_unix_server(self._connection, sock=self.listener, backlog=LISTEN_BACKLOG)
         starting = asyncio.create_task(start(self._stop.is_set))
         stop = asyncio.create_task(self._stop.wait())
         await asyncio.wait({starting, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -188,8 +214,12 @@ class Server:
             worker.close()
             loop = asyncio.get_running_loop()
             rejected = await loop.run_in_executor(None, worker.drain, self.drain_timeout)
-            # A pass still running past the drain ends on its own; wait a little for it.
-            await loop.run_in_executor(None, worker.join, 10.0)
+            # A pass still running past the drain stops at its next chunk; its requests
+            # answer shutting_down. The compute thread must end before the process does.
+            cancelled = worker.cancel_running()
+            if cancelled:
+                log("stopping", note="the pass in progress stops at its next chunk", requests=cancelled)
+            await loop.run_in_executor(None, worker.join, None)
         requests = self._requests()
         if requests:
             # Give answered work a moment to be written, then end what is left: each
@@ -236,9 +266,15 @@ class Server:
             self.service.failed[FORBIDDEN] += 1
             await connection.refuse(error)
             return
+        cap = self.service.limits.max_outstanding
         while not self.stopping and not connection.broken:
+            if len(connection.tasks) >= cap:
+                # Backpressure: read nothing more from this client until an answer is out.
+                await asyncio.wait(set(connection.tasks), return_when=asyncio.FIRST_COMPLETED)
+                continue
             try:
-                payload = await connection.read_body(self.service.limits.max_frame_bytes)
+                payload, reservation = await connection.read_body(self.service.limits.max_frame_bytes,
+                                                                  self.service.ledger)
             except asyncio.IncompleteReadError as error:
                 if error.partial:
                     log("client_gone", reason="half a frame", received=len(error.partial), **peer)
@@ -254,7 +290,7 @@ class Server:
                 break
             except (ConnectionError, OSError):
                 break
-            task = asyncio.create_task(self._request(connection, payload))
+            task = asyncio.create_task(self._request(connection, payload, reservation))
             del payload  # the task holds it now, and drops it once decoded
             connection.tasks.add(task)
             task.add_done_callback(connection.tasks.discard)
@@ -265,18 +301,14 @@ class Server:
         if connection.tasks:
             await asyncio.gather(*connection.tasks, return_exceptions=True)
 
-    async def _request(self, connection: Connection, payload: bytes) -> None:
+    async def _request(self, connection: Connection, payload: bytes, reservation: Reservation) -> None:
         started = time.perf_counter()
         request_id: int | None = None
         op = "?"
         notes: dict[str, Any] = {}
         service = self.service
         service.in_flight += 1
-        answered = False
-
-        def emit(name: str, fields: dict[str, Any]) -> None:
-            if not answered and request_id is not None:
-                connection.post(protocol.event(request_id, name, **fields))
+        events = RequestEvents(connection)
 
         try:
             try:
@@ -285,15 +317,17 @@ class Server:
                 else:
                     body = protocol.decode_body(payload)
                 del payload
-                request_id = _request_id(body)
+                request_id = events.request_id = _request_id(body)
                 op, args = _op_and_args(body)
                 del body
                 if request_id is None:
                     raise ProtocolError(BAD_REQUEST, "a request needs an integer id", {"field": "id"})
                 if self.stopping and op in ("classify", "attribute"):
                     raise ProtocolError(SHUTTING_DOWN, "the daemon is shutting down")
-                result = await asyncio.wait_for(service.handle(op, args, notes, emit), service.limits.request_timeout)
+                result = await asyncio.wait_for(service.handle(op, args, notes, events, reservation),
+                                                service.limits.request_timeout)
                 frame = await service.in_pool(_ok_frame, request_id, result)
+                del result
                 outcome = "ok"
             except ProtocolError as error:
                 frame, outcome = protocol.error_response(request_id, error), error.code
@@ -315,7 +349,8 @@ class Server:
                     request_id, ProtocolError(INTERNAL, "internal error (logged on the daemon)", {"error": type(error).__name__})
                 )
                 outcome = INTERNAL
-            answered = True
+            events.answered = True
+            reservation.settle(sum(map(len, frame)) if isinstance(frame, list) else len(frame))  # until it is written out, the frame is what this request holds
             delivered = await connection.send(frame)
             if outcome == "ok" and delivered:
                 service.served[op] += 1
@@ -327,10 +362,35 @@ class Server:
             log("request", op=op, id=request_id, outcome="cancelled", **connection.peer, **notes)
             raise
         finally:
+            reservation.release()
             service.in_flight -= 1
 
 
-def _ok_frame(request_id: int, result: dict[str, Any]) -> bytes:
+class RequestEvents:
+    """The event frames of one request: small ones posted without waiting (progress),
+    large ones sent with backpressure (result data); none after its response."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.request_id: int | None = None
+        self.answered = False
+
+    def emit(self, name: str, fields: dict[str, Any]) -> None:
+        if not self.answered and self.request_id is not None:
+            self.connection.post(protocol.event(self.request_id, name, **fields))
+
+    async def send(self, name: str, fields: dict[str, Any]) -> bool:
+        """Write the event and wait until it is out; False if the client is gone."""
+        if self.answered or self.request_id is None:
+            return False
+        return await self.connection.send(protocol.event(self.request_id, name, **fields))
+
+
+def _hangup() -> None:
+    log("sighup_ignored", level=30, note="igd has no configuration to reload: restart it to change settings")
+
+
+def _ok_frame(request_id: int, result: dict[str, Any]) -> list[bytes]:
     """The success frame; a result over the frame format's 4 GiB becomes a clear error."""
     try:
         return protocol.ok_response(request_id, result)

@@ -16,16 +16,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import io
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Protocol, TypeVar
 
 import torch
 
 from igd import __version__, pipeline
+from igd.ledger import Ledger, Overbudget, Reservation
 from igd.models import LoadedModel
-from igd.protocol import BAD_REQUEST, DEFAULT_MAX_FRAME_BYTES, OPS, OVERLOADED, UNKNOWN_OP, VERSION
+from igd.protocol import BAD_REQUEST, DEFAULT_MAX_FRAME_BYTES, OPS, OVERLOADED, UNKNOWN_OP, VERSION, Blob
 from igd.request import (
     BASELINES,
     DEFAULT_MAX_PIXELS,
@@ -33,6 +35,7 @@ from igd.request import (
     MAX_STEPS,
     METHODS,
     PROGRESS,
+    STREAM,
     TOP,
     RequestError,
     RequestFailed,
@@ -44,9 +47,21 @@ T = TypeVar("T")
 
 # Sends one event frame for the request being handled: emit(name, fields). Loop thread only.
 Emit = Callable[[str, dict[str, Any]], None]
+# The result file is streamed in data events of this size (args.stream).
+DATA_EVENT_BYTES = 1 << 20
+
+
+class Events(Protocol):
+    """The event frames of the request being handled (the server's RequestEvents)."""
+
+    def emit(self, name: str, fields: dict[str, Any]) -> None:
+        """Post a small event; never waits."""
+
+    async def send(self, name: str, fields: dict[str, Any]) -> bool:
+        """Write an event and wait until it is out; False if the client is gone."""
 
 STARTING, READY = "starting", "ready"
-EVENTS = ("starting", "queued", "progress")
+EVENTS = ("starting", "queued", "progress", "data")
 
 
 class _EventRelay:
@@ -71,6 +86,8 @@ class Limits:
     max_steps: int = MAX_STEPS
     request_timeout: float = 600.0
     idle_timeout: float = 300.0
+    max_outstanding: int = 16  # requests of one connection between arrival and written answer
+    memory_budget: int = 4 << 30  # bytes all requests together may hold (igd.ledger)
 
 
 class Service:
@@ -92,6 +109,7 @@ class Service:
         self.connections = 0
         self.pending = 0  # classify/attribute requests between arrival and answer
         self.max_pending = max_pending
+        self.ledger = Ledger(limits.memory_budget)
         self._ready = asyncio.Event()
         self._pool = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="igd-io")
 
@@ -111,10 +129,13 @@ class Service:
     def startup_facts(self) -> dict[str, Any]:
         return {"phase": self.phase, "phase_s": round(time.monotonic() - self.phase_started, 1)}
 
-    async def handle(self, op: str, args: dict[str, Any], notes: dict[str, Any], emit: Emit | None = None) -> dict[str, Any]:
+    async def handle(self, op: str, args: dict[str, Any], notes: dict[str, Any], events: Events | None = None,
+                     reservation: Reservation | None = None) -> dict[str, Any]:
         """The result map of one request; RequestFailed for anything that cannot be
-        answered. ``notes`` collects facts for the request's log line; ``emit`` sends the
-        request's event frames, if the client asked for them (``args.progress``)."""
+        answered. ``notes`` collects facts for the request's log line; ``events`` sends
+        the request's event frames (progress, if asked for with ``args.progress``; the
+        result file, with ``args.stream``); ``reservation`` is the request's share of the
+        memory budget."""
         handler = {
             "hello": self.hello,
             "status": self.status,
@@ -125,8 +146,6 @@ class Service:
             raise RequestFailed(UNKNOWN_OP, f"unknown op {op!r}; this server knows {', '.join(OPS)}", {"ops": list(OPS)})
         if op in ("hello", "status"):
             return await handler(args, notes)
-        if not _checked(PROGRESS, args):
-            emit = None
         # Admission: every compute request holds its image (up to a frame) from arrival to
         # answer, so their number is bounded before any decoding, not only at the queue.
         if self.pending >= self.max_pending:
@@ -137,7 +156,7 @@ class Service:
             )
         self.pending += 1
         try:
-            return await handler(args, notes, emit)
+            return await handler(args, notes, events, reservation or Reservation(self.ledger, 0))
         finally:
             self.pending -= 1
 
@@ -185,7 +204,7 @@ class Service:
         }
         if self.model is None or self.worker is None:
             answer["startup"] = self.startup_facts()
-            answer["memory"] = {"rss_bytes": _rss_bytes()}
+            answer["memory"] = {"rss_bytes": _rss_bytes(), **self.ledger.facts()}
             return answer
         answer.update(
             device=str(self.model.device),
@@ -194,13 +213,15 @@ class Service:
             queue_depth=self.worker.queue_depth,
             queue_size=self.worker.queue_size,
             batching=self.worker.stats(),
-            memory=_memory(self.model.device),
+            memory={**_memory(self.model.device), **self.ledger.facts()},
         )
         return answer
 
-    async def classify(self, args: dict[str, Any], notes: dict[str, Any], emit: Emit | None) -> dict[str, Any]:
+    async def classify(self, args: dict[str, Any], notes: dict[str, Any], events: Events | None,
+                       reservation: Reservation) -> dict[str, Any]:
         data = _take_image(args)
         top = _checked(TOP, args)
+        emit = _progress(args, events)
         model, _worker = await self._until_ready(emit)
         inputs = await self._decoded(data, notes, model.preprocessing)
         del data
@@ -212,32 +233,52 @@ class Service:
             ]
         }
 
-    async def attribute(self, args: dict[str, Any], notes: dict[str, Any], emit: Emit | None) -> dict[str, Any]:
+    async def attribute(self, args: dict[str, Any], notes: dict[str, Any], events: Events | None,
+                        reservation: Reservation) -> dict[str, Any]:
         data = _take_image(args)
         try:
             request = parse_attribute(args, max_steps=self.limits.max_steps)
         except RequestError as error:
             raise error.failed() from None
+        emit = _progress(args, events)
+        stream = events is not None and _checked(STREAM, args)
         model, _worker = await self._until_ready(emit)
         target = pipeline.resolve_target(model, args.get("target"))
+        try:
+            reservation.expect(pipeline.footprint(request, model))
+        except Overbudget as error:
+            raise RequestFailed(OVERLOADED, str(error), {"needed_bytes": error.needed, "accounted_bytes": error.used,
+                                                        "memory_budget_bytes": error.limit}) from None
         notes.update(target=target, **request.log_fields())
         prepared = await self._decoded(data, notes, lambda image: pipeline.prepare(image, request, model))
         del data
         listener = None if emit is None else _EventRelay(asyncio.get_running_loop(), emit)
         part = await self._compute(pipeline.job(prepared, target, request, listener), notes)
         answer = pipeline.answer(part, request, model, prepared)
+        del part, prepared
         started = time.perf_counter()
+        loop = asyncio.get_running_loop()
 
         def encoded() -> dict[str, Any]:
-            result: dict[str, Any] = {"data": answer.file_bytes(), "format": request.format, **answer.summary()}
+            """The result map; the file is written last (it consumes the attribution)."""
+            result: dict[str, Any] = {"format": request.format, **answer.summary()}
             heatmap = answer.heatmap_png()
             if heatmap is not None:
                 result["heatmap_png"] = heatmap
+            if stream:
+                assert events is not None
+                sink = _EventSink(loop, events)
+                answer.write_file(sink)
+                result["data_bytes"] = sink.finish()
+            else:
+                pieces = _Pieces()
+                answer.write_file(pieces)
+                result["data"] = Blob(pieces.pieces)
             return result
 
         result = await self.in_pool(encoded)
         notes["encode_ms"] = _ms(time.perf_counter() - started)
-        notes["target"] = answer.target_name
+        notes["target"] = result["target"]["name"]
         result["timing_ms"] = {k: notes[k] for k in ("decode_ms", "queue_ms", "compute_ms", "encode_ms")}
         result["timing_ms"]["batch_size"] = notes["batch_size"]
         return result
@@ -291,6 +332,66 @@ class Service:
         if not with_classes:
             facts.pop("classes")
         return facts
+
+
+class _Pieces(io.RawIOBase):
+    """A write-only file that keeps what is written as a list of pieces (never joined)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pieces: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.pieces.append(bytes(data))
+        return len(data)
+
+
+class _EventSink(io.RawIOBase):
+    """A write-only file whose bytes leave as ``data`` events of DATA_EVENT_BYTES, from a
+    worker thread: each write of a full event waits until it is out (backpressure), and
+    a client that is gone ends the writing (OSError)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, events: Events) -> None:
+        super().__init__()
+        self._loop = loop
+        self._events = events
+        self._buffer = bytearray()
+        self.sent = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        taken = 0
+        while len(self._buffer) + len(view) - taken >= DATA_EVENT_BYTES:
+            needed = DATA_EVENT_BYTES - len(self._buffer)
+            self._send(bytes(self._buffer) + bytes(view[taken : taken + needed]))
+            self._buffer.clear()
+            taken += needed
+        self._buffer += view[taken:]
+        return len(view)
+
+    def finish(self) -> int:
+        """Send what is left; the file's size in bytes."""
+        if self._buffer:
+            self._send(bytes(self._buffer))
+            self._buffer.clear()
+        return self.sent
+
+    def _send(self, chunk: bytes) -> None:
+        delivered = asyncio.run_coroutine_threadsafe(self._events.send("data", {"data": chunk}), self._loop).result()
+        if not delivered:
+            raise ConnectionAbortedError("the client is gone; the result file is not needed")
+        self.sent += len(chunk)
+
+
+def _progress(args: dict[str, Any], events: Events | None) -> Emit | None:
+    """Where the request's progress events go: nowhere unless it asked (args.progress)."""
+    return events.emit if events is not None and _checked(PROGRESS, args) else None
 
 
 def _checked(option: Any, args: dict[str, Any]) -> Any:

@@ -468,3 +468,16 @@ def test_progress_events_as_documented(bit_daemon: Igd, chelsea_png: bytes) -> N
         silent = client.request("attribute", {"image": chelsea_png, "n_steps": 8})  # not asked: no events
         events, response = client.receive_with_events()
         assert events == [] and response["id"] == silent and response["ok"]
+
+
+def test_a_streamed_result_is_the_same_file(bit_daemon: Igd, chelsea_png: bytes) -> None:
+    """docs/protocol.md: with args.stream the file arrives in data events, in order, and
+    the response says its size instead of carrying it."""
+    with WireClient(str(bit_daemon.socket)) as client:
+        whole = client.call("attribute", {"image": chelsea_png, "target": "cat", "n_steps": 200})["result"]
+        request_id = client.request("attribute", {"image": chelsea_png, "target": "cat", "n_steps": 200, "stream": True})
+        events, response = client.receive_with_events()
+    pieces = [event["data"] for event in events if event["event"] == "data"]
+    assert all(event["id"] == request_id for event in events) and len(pieces) > 1
+    assert response["ok"] and "data" not in response["result"]
+    assert response["result"]["data_bytes"] == len(whole["data"]) and b"".join(pieces) == whole["data"]

@@ -51,3 +51,12 @@ def test_errors_round_trip_as_dicts() -> None:
     again = ProtocolError.from_wire(body["error"])
     assert again == error and str(again) == "unknown_target: no such class"
     assert ProtocolError.from_wire("junk").code == "bad_frame"
+
+
+@pytest.mark.parametrize("size", [0, 1, 255, 256, 65535, 65536, 300_000])
+def test_frames_in_parts_equal_whole_frames(size: int) -> None:
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    body = {"id": 3, "ok": True, "result": {"data": data, "format": "torch", "n": 1.5}}
+    pieces = [data[i : i + 1000] for i in range(0, len(data), 1000)]
+    parts = protocol.encode_frame_parts(protocol.RESPONSE, {**body, "result": {**body["result"], "data": protocol.Blob(pieces)}})
+    assert b"".join(parts) == protocol.encode_frame(protocol.RESPONSE, body)

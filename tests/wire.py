@@ -45,6 +45,12 @@ class WireClient:
                 return body
             assert kind == 2, kind
 
+    def receive_frame(self) -> tuple[int, dict[str, Any]]:
+        """The next frame, whatever its kind: (kind, body)."""
+        magic, version, kind, length = struct.unpack(HEADER, self._exactly(8))
+        assert magic == b"IG" and version == 1, (magic, version)
+        return kind, msgpack.unpackb(self._exactly(length), raw=False)
+
     def receive_with_events(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """The events that come before the next response, and the response."""
         events = []

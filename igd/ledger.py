@@ -1,0 +1,84 @@
+"""The daemon's memory budget: every byte it holds for its clients, accounted.
+
+Each request holds a :class:`Reservation` from the moment its frame's header is read
+until its answer has been written out: its request frame, the answer it is expected to
+produce (path points, gradients and the encoded file, estimated from n_steps and the
+model's input size before anything runs), then the answer frame itself, which a client
+that does not read keeps in the daemon. A large frame waits for room before its body is
+read (backpressure: the client's sends block); a request whose answer does not fit is
+refused at once with ``overloaded`` and the figures. Event-loop thread only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+# Frames up to this size are read even when the budget is spent (they are counted all
+# the same); with the per-connection cap on outstanding requests they stay small.
+SMALL_FRAME = 64 * 1024
+
+
+class Ledger:
+    """``limit`` bytes for all requests together; ``used`` is what they hold now."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+        self._freed = asyncio.Event()
+
+    def fits(self, nbytes: int) -> bool:
+        return self.used + nbytes <= self.limit
+
+    async def room_for(self, nbytes: int) -> Reservation:
+        """A reservation of ``nbytes``, waiting until they fit (small ones never wait)."""
+        while nbytes > SMALL_FRAME and not self.fits(nbytes) and self.used > 0:
+            self._freed.clear()
+            await self._freed.wait()
+        return Reservation(self, nbytes)
+
+    def _change(self, delta: int) -> None:
+        self.used += delta
+        self.peak = max(self.peak, self.used)
+        if delta < 0:
+            self._freed.set()
+
+    def facts(self) -> dict[str, int]:
+        return {"accounted_bytes": self.used, "limit_bytes": self.limit, "peak_accounted_bytes": self.peak}
+
+
+class Overbudget(Exception):
+    """An answer that does not fit the memory budget now."""
+
+    def __init__(self, needed: int, used: int, limit: int) -> None:
+        super().__init__(
+            f"this request needs about {needed / 2**20:,.0f} MiB and {used / 2**20:,.0f} of the "
+            f"{limit / 2**20:,.0f} MiB memory budget are taken; try again shortly, or ask for fewer steps"
+        )
+        self.needed, self.used, self.limit = needed, used, limit
+
+
+class Reservation:
+    """What one request holds of the budget; :meth:`release` gives it all back."""
+
+    def __init__(self, ledger: Ledger, nbytes: int) -> None:
+        self.ledger = ledger
+        self.held = 0
+        self._set(nbytes)
+
+    def expect(self, nbytes: int) -> None:
+        """Add room for an answer of ``nbytes`` now, or Overbudget."""
+        if not self.ledger.fits(nbytes):
+            raise Overbudget(nbytes, self.ledger.used, self.ledger.limit)
+        self._set(self.held + nbytes)
+
+    def settle(self, nbytes: int) -> None:
+        """Hold exactly ``nbytes`` from now on (e.g. the answer frame, once built)."""
+        self._set(nbytes)
+
+    def release(self) -> None:
+        self._set(0)
+
+    def _set(self, nbytes: int) -> None:
+        self.ledger._change(nbytes - self.held)
+        self.held = nbytes

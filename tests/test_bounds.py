@@ -1,0 +1,231 @@
+"""A daemon bounded whatever its clients do, stopping cleanly however it is stopped, and
+giving the same answer across restarts: each test against a real `igd serve`."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import torch
+
+from daemon import IGCTL, SLOW_MODEL_OPTIONS, Igd, short_tempdir, steps_lasting
+from wire import WireClient
+
+BUDGET_MIB = 64
+# What a daemon holds beyond its budget and its idle self: socket buffers, Python's and
+# the allocator's slack, one pass's activations. Measured here: under 40 MiB.
+SLACK_MIB = 96
+
+
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+def hello_frame(request_id: int) -> bytes:
+    body = msgpack.packb({"id": request_id, "op": "hello"})
+    return struct.pack(">2sBBI", b"IG", 1, 0, len(body)) + body
+
+
+def timed_attribute(igd: Igd, image: bytes) -> float:
+    with WireClient(str(igd.socket), timeout=300) as client:
+        started = time.perf_counter()
+        assert client.call("attribute", {"image": image, "target": "cat", "n_steps": 8})["ok"]
+        return time.perf_counter() - started
+
+
+@pytest.fixture(scope="module")
+def chelsea_png(fixtures: Path) -> bytes:
+    return (fixtures / "images" / "chelsea.png").read_bytes()
+
+
+def test_pipelined_hellos_that_are_never_read_stay_within_the_budget(fixtures: Path, chelsea_png: bytes) -> None:
+    with Igd("-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "16", "--memory-budget", f"{BUDGET_MIB}M") as igd:
+        normal = min(timed_attribute(igd, chelsea_png) for _ in range(3))
+        idle = rss(igd.process.pid)
+        frames = b"".join(hello_frame(i) for i in range(25_000))  # 550 KB of requests per client
+        hogs = []
+        for _ in range(4):
+            hog = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            hog.connect(str(igd.socket))
+            hog.settimeout(5.0)
+            try:
+                hog.sendall(frames)  # igd stops reading after 16 unanswered: this blocks
+                sent_all = True
+            except TimeoutError:
+                sent_all = False
+            assert not sent_all, "igd read 25,000 requests from a client that reads no answers"
+            hogs.append(hog)
+        grown = rss(igd.process.pid) - idle
+        assert grown < (BUDGET_MIB + SLACK_MIB) * 2**20, f"RSS grew by {grown / 2**20:.0f} MiB"
+        status = json.loads(igd.igctl("status", "--json").stdout)
+        assert status["memory"]["limit_bytes"] == BUDGET_MIB * 2**20
+        assert status["requests"]["in_flight"] <= 4 * 16 + 1  # the per-connection cap, and this status
+        after = timed_attribute(igd, chelsea_png)
+        assert after < 5 * normal + 2.0, (normal, after)  # answered in normal time
+        for hog in hogs:
+            hog.close()
+        assert timed_attribute(igd, chelsea_png) < 5 * normal + 2.0
+
+
+def test_clients_that_never_read_large_answers_cannot_pass_the_budget(fixtures: Path, chelsea_png: bytes) -> None:
+    # bit-tiny at 1024 steps: each answer is about 25 MB raw, so a 64 MiB budget holds one.
+    with Igd("-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "16", "--memory-budget", f"{BUDGET_MIB}M",
+             "--idle-timeout", "60") as igd:
+        idle = rss(igd.process.pid)
+        hogs = [WireClient(str(igd.socket), timeout=300) for _ in range(3)]
+        for hog in hogs:
+            for _ in range(4):
+                hog.request("attribute", {"image": chelsea_png, "n_steps": 1024, "gzip_level": 0})
+        time.sleep(3.0)
+        grown = rss(igd.process.pid) - idle
+        assert grown < (BUDGET_MIB + SLACK_MIB) * 2**20, f"RSS grew by {grown / 2**20:.0f} MiB"
+        with WireClient(str(igd.socket), timeout=60) as client:
+            started = time.monotonic()
+            refused = client.call("attribute", {"image": chelsea_png, "n_steps": 1024})
+            assert time.monotonic() - started < 5  # at once, not after the hogs
+            assert refused["error"]["code"] == "overloaded"
+            assert refused["error"]["details"]["memory_budget_bytes"] == BUDGET_MIB * 2**20
+            assert "memory budget" in refused["error"]["message"]
+            assert client.call("hello")["ok"]  # small requests still get through
+        for hog in hogs:
+            hog.close()
+        deadline = time.monotonic() + 60
+        while json.loads(igd.igctl("status", "--json").stdout)["memory"]["accounted_bytes"] > 2**20:  # status's own
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        with WireClient(str(igd.socket), timeout=300) as client:  # the budget is free again
+            assert client.call("attribute", {"image": chelsea_png, "n_steps": 1024})["ok"]
+
+
+def test_sigterm_during_a_long_pass_exits_0(slow_model: Path, chelsea_png: bytes) -> None:
+    igd = Igd("--model", str(slow_model), *SLOW_MODEL_OPTIONS, "--drain-timeout", "1")
+    try:
+        steps = steps_lasting(igd, chelsea_png, 20.0)
+        with WireClient(str(igd.socket), timeout=120) as client:
+            client.request("attribute", {"image": chelsea_png, "n_steps": steps, "format": "npz", "progress": True})
+            while True:  # until the pass is under way
+                kind, event = client.receive_frame()
+                assert kind == 2, event
+                if event["event"] == "progress" and event["done"] > 0:
+                    break
+            started = time.monotonic()
+            igd.process.send_signal(signal.SIGTERM)
+            response = client.receive()
+            assert igd.process.wait(60) == 0
+            assert time.monotonic() - started < 1 + 5  # the drain, one chunk, and leaving
+        assert response["error"]["code"] == "shutting_down"
+        assert not igd.socket.exists()
+        log = igd.log()
+        assert "the pass in progress stops at its next chunk" in log and "event=pass_cancelled" in log
+        assert "terminate called" not in log and "Traceback" not in log
+    finally:
+        igd.stop()
+        igd.cleanup()
+
+
+def test_sighup_is_logged_and_ignored(fixtures: Path, chelsea_png: bytes) -> None:
+    igd = Igd("-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "16")
+    try:
+        igd.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "event=sighup_ignored" not in igd.log():
+            assert time.monotonic() < deadline and igd.process.poll() is None
+            time.sleep(0.05)
+        assert timed_attribute(igd, chelsea_png) > 0  # still serving
+        assert igd.stop() == 0 and not igd.socket.exists()
+    finally:
+        igd.stop()
+        igd.cleanup()
+
+
+def test_a_vanishing_blur_never_answers_nan(fixtures: Path, chelsea_png: bytes) -> None:
+    with Igd("-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "16") as igd:
+        with WireClient(str(igd.socket)) as client:
+            for sigma in (1e-300, 5e-324, 1e-3):
+                response = client.call("attribute", {"image": chelsea_png, "n_steps": 4, "baseline": "blur",
+                                                     "blur_sigma": sigma})
+                assert response["ok"], response
+                result = torch.load(io.BytesIO(gzip.decompress(response["result"]["data"])), weights_only=True)
+                assert torch.isfinite(result["integrated_grads"]).all() and result["convergence_delta"] == 0.0
+        run = igd.igctl("attribute", str(fixtures / "images" / "chelsea.png"), "cat",
+                        "--baseline", "blur", "--blur-sigma", "1e-300", "--steps", "4", "-o", "-")
+        assert run.returncode == 0 and b"nan" not in run.stderr.lower()
+
+
+def test_a_full_backlog_makes_igctl_wait(fixtures: Path) -> None:
+    igd = Igd("-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "16")
+    waiting: subprocess.Popen | None = None
+    queued: list[socket.socket] = []
+    try:
+        igd.process.send_signal(signal.SIGSTOP)  # busy: it accepts nothing
+        while True:  # fill its listen queue
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                sock.connect(str(igd.socket))
+            except BlockingIOError:
+                sock.close()
+                break
+            queued.append(sock)
+        assert len(queued) >= 100  # the backlog igd asked for (128), not asyncio's 100 minus some
+        waiting = subprocess.Popen([IGCTL, "--socket", str(igd.socket), "status"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+        time.sleep(2.0)
+        assert waiting.poll() is None, waiting.stderr.read()  # waiting, not "no daemon" (exit 3)
+        igd.process.send_signal(signal.SIGCONT)
+        for sock in queued:
+            sock.close()
+        assert waiting.wait(60) == 0, waiting.stderr.read()
+        assert b"state      ready" in waiting.stdout.read()
+    finally:
+        igd.process.send_signal(signal.SIGCONT)
+        if waiting is not None and waiting.poll() is None:
+            waiting.kill()
+        igd.stop()
+        igd.cleanup()
+
+
+def _saturate(seconds: float) -> list[subprocess.Popen]:
+    """Busy processes on every core, for ``seconds``."""
+    spin = f"import time\nend = time.time() + {seconds}\nwhile time.time() < end: pass\n"
+    return [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(os.cpu_count() or 2)]
+
+
+def test_restarts_choose_the_same_chunk_and_give_the_same_bytes(fixtures: Path, chelsea_png: bytes) -> None:
+    cache = short_tempdir()
+    try:
+        environment = {"IGD_CACHE_DIR": str(cache)}
+        answers, chunks = [], []
+        for busy in (False, True):
+            spinners = _saturate(120) if busy else []
+            try:
+                with Igd("-lp", str(fixtures / "lanet-tiny.pth"), env=environment) as igd:  # --max-batch auto
+                    status = json.loads(igd.igctl("status", "--json").stdout)
+                    chunks.append((status["batching"]["max_batch_points"], status["batching"]["chunk_source"]))
+                    with WireClient(str(igd.socket), timeout=300) as client:
+                        answers.append(client.call("attribute", {"image": chelsea_png, "target": 3,
+                                                                 "n_steps": 50})["result"]["data"])
+            finally:
+                for spinner in spinners:
+                    spinner.kill()
+        (first, source), (second, again) = chunks
+        assert (source, again) == ("measured", "cached") and first == second >= 2
+        assert answers[0] == answers[1]  # the same bytes
+        result = torch.load(io.BytesIO(gzip.decompress(answers[0])), weights_only=True)
+        assert result["max_batch"] == first  # recorded with the result
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
