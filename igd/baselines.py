@@ -20,6 +20,11 @@ from igd.request import BASELINES
 DEFAULT_BASELINE = BASELINES[0]  # zero
 
 
+# Below this (in pixels) a Gaussian weighs the neighbours by less than exp(-5000): no blur.
+# Tinier sigmas (1e-300) would even round to 0 in float32 and give NaN kernels.
+NEGLIGIBLE_SIGMA = 0.01
+
+
 def default_blur_sigma(pixels: Tensor) -> float:
     """A sixteenth of the shorter side: 14 px at 224x224, 2 px at 32x32."""
     return min(pixels.shape[-2:]) / 16
@@ -67,7 +72,7 @@ def inputs_and_baseline(
 def gaussian_blur(pixels: Tensor, sigma: float) -> Tensor:
     """Gaussian blur of (1, C, H, W) with standard deviation ``sigma`` pixels (reflect
     padding; the kernel spans 3 sigma each side, at most the image)."""
-    if sigma <= 0:
+    if sigma < NEGLIGIBLE_SIGMA:
         return pixels.clone()
     largest = 2 * (min(pixels.shape[-2:]) // 2) - 1  # reflect padding needs kernel < 2 * side
     kernel = min(2 * math.ceil(3 * sigma) + 1, max(largest, 1))

@@ -31,7 +31,7 @@ def run_check(model: LoadedModel, data: bytes, label: str, request: AttributeReq
         attribute_s = time.perf_counter() - started
     finally:
         worker.close()
-        worker.join(60)
+        worker.join()
     answer = pipeline.answer(part, request, model, prepared)
     attribution, i = part.attribution, part.index
     rise = float(attribution.logits[i, answer.target_index] - attribution.baseline_logits[i, answer.target_index])
@@ -44,7 +44,7 @@ def run_check(model: LoadedModel, data: bytes, label: str, request: AttributeReq
         device += f", {compute.memory_format} (IG moved by {found.memory_format_deviation:.1e})"
     if compute.precision == "tf32" and model.device.type == "cuda":
         device += f", tf32 (IG moved by {found.tf32_deviation:.1e})"
-    chunk = f"chunks of {found.max_batch} " + ("(measured)" if found.chunk else "(given)")
+    chunk = f"chunks of {found.max_batch} ({found.chunk_source})"
     return [
         ("model", f"{model.name}: {model.description}"),
         ("source", model.source),

@@ -77,7 +77,9 @@ def compute_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--max-batch", default="auto", callback=_parse_max_batch, envvar="IGD_MAX_BATCH",
                      show_envvar=True, show_default=True,
-                     help="Path points per forward+backward pass, or 'auto' to measure the fastest at start-up."),
+                     help="Path points per forward+backward pass. auto: the fastest, measured once per model, "
+                          "input size, device and thread count and kept in the cache directory ($IGD_CACHE_DIR, "
+                          "else ~/.cache/igd), so every start chooses the same; measure: measure again now."),
         click.option("--memory-format", type=click.Choice(["contiguous", "channels_last"]), default="contiguous",
                      envvar="IGD_MEMORY_FORMAT", show_envvar=True, show_default=True,
                      help="Weight layout. channels_last is faster for some models on some CPUs but moves IG by "
@@ -92,21 +94,40 @@ def compute_options(command: Callable[..., Any]) -> Callable[..., Any]:
         command = option(command)
 
     @functools.wraps(command)
-    def with_settings(*args: Any, max_batch: int | None, memory_format: str, precision: str, **kwargs: Any) -> Any:
+    def with_settings(*args: Any, max_batch: int | str, memory_format: str, precision: str, **kwargs: Any) -> Any:
         from igd.worker import ComputeSettings
 
-        compute = ComputeSettings(max_batch=max_batch, memory_format=memory_format, precision=precision)
+        compute = ComputeSettings(max_batch=max_batch if isinstance(max_batch, int) else None,
+                                  remeasure=max_batch == "measure", memory_format=memory_format, precision=precision)
         return command(*args, compute=compute, **kwargs)
 
     return with_settings
 
 
-def _parse_max_batch(_ctx: click.Context, _param: click.Parameter, value: str) -> int | None:
-    if value == "auto":
-        return None
+def _parse_max_batch(_ctx: click.Context, _param: click.Parameter, value: str) -> int | str:
+    if value in ("auto", "measure"):
+        return value
     if value.isdigit() and int(value) > 0:
         return int(value)
-    raise click.BadParameter("use 'auto' or a positive number of path points")
+    raise click.BadParameter("use 'auto', 'measure' or a positive number of path points")
+
+
+_SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _parse_size(_ctx: click.Context, _param: click.Parameter, value: str) -> int | None:
+    """'auto' (None), or bytes with an optional K, M, G or T (powers of 1024)."""
+    if value == "auto":
+        return None
+    text = value.strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in _SIZE_UNITS else (text, "")
+    try:
+        size = int(float(number) * _SIZE_UNITS[unit])
+    except ValueError:
+        raise click.BadParameter(f"use 'auto' or a size such as 2G, 512M or 1073741824, got {value!r}") from None
+    if size < 2**20:
+        raise click.BadParameter(f"{value} is less than 1M")
+    return size
 
 
 def _log_level_option(default: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -195,6 +216,14 @@ def check(image: Path | None, compute: Any, **args: Any) -> None:
               show_envvar=True, show_default=True, help="Largest decoded image, in pixels.")
 @click.option("--max-steps", type=click.IntRange(1), default=spec.MAX_STEPS, envvar="IGD_MAX_STEPS",
               show_envvar=True, show_default=True, help="Largest n_steps a request may ask for.")
+@click.option("--memory-budget", default="auto", callback=_parse_size, envvar="IGD_MEMORY_BUDGET", show_envvar=True,
+              show_default=True, metavar="BYTES",
+              help="Memory all requests together may hold: frames, expected answers, answers not yet read "
+                   "(e.g. 2G, 512M). A request that does not fit gets 'overloaded'. auto: half the available "
+                   "memory at start-up.")
+@click.option("--max-outstanding", type=click.IntRange(1, 4096), default=16, envvar="IGD_MAX_OUTSTANDING",
+              show_envvar=True, show_default=True,
+              help="Requests one connection may have in progress; igd reads no more from it until one is answered.")
 @click.option("--request-timeout", type=click.FloatRange(min=0.1), default=600.0, envvar="IGD_REQUEST_TIMEOUT",
               show_envvar=True, show_default=True, help="Seconds from a request's arrival to its answer.")
 @click.option("--idle-timeout", type=click.FloatRange(min=0.1), default=300.0, envvar="IGD_IDLE_TIMEOUT",
@@ -215,6 +244,8 @@ def serve(
     max_frame_bytes: int,
     max_pixels: int,
     max_steps: int,
+    memory_budget: int | None,
+    max_outstanding: int,
     request_timeout: float,
     idle_timeout: float,
     drain_timeout: float,
@@ -241,9 +272,13 @@ def serve(
     from igd import logs
     from igd.access import AccessPolicy
     from igd.daemon import ServeOptions, StartupError, serve_forever
+    from igd.memory import available_ram
     from igd.service import Limits
 
     logs.configure(log_level)
+    if memory_budget is not None and memory_budget < max_frame_bytes:
+        raise click.BadParameter(f"{memory_budget:,} bytes cannot hold one request of --max-frame-bytes "
+                                 f"{max_frame_bytes:,}", param_hint="--memory-budget")
     try:
         access = AccessPolicy.parse(allow_uid, allow_group)
     except ValueError as error:
@@ -252,7 +287,8 @@ def serve(
         socket_path=socket_path,
         compute=dataclasses.replace(compute, max_images=max_images, queue_size=queue_size),
         limits=Limits(max_frame_bytes=max_frame_bytes, max_pixels=max_pixels, max_steps=max_steps,
-                      request_timeout=request_timeout, idle_timeout=idle_timeout),
+                      request_timeout=request_timeout, idle_timeout=idle_timeout, max_outstanding=max_outstanding,
+                      memory_budget=memory_budget or available_ram() // 2),
         drain_timeout=drain_timeout,
         access=access,
     )

@@ -51,6 +51,7 @@ class _StopFlag:
         self.raised = False
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # see Server.run: logged and ignored
 
     def _handle(self, signum: int, _frame: object) -> None:
         self.raised = True
@@ -103,7 +104,7 @@ async def _start(service: Service, options: ServeOptions, model_args: dict[str, 
     )
     if stopped():
         worker.close()
-        worker.join(10.0)
+        worker.join()
         return
     service.serve(model, worker)
 

@@ -72,7 +72,8 @@ class PassCancelled(WorkerError):
 class ComputeSettings:
     """How the worker computes, as `igd serve`, `igd batch` and `igd check` set it."""
 
-    max_batch: int | None = None  # path points per forward pass; None: measured at warm-up
+    max_batch: int | None = None  # path points per forward pass; None: measured at warm-up (or cached)
+    remeasure: bool = False  # with max_batch None: measure even if a measurement is cached
     memory_format: str = "contiguous"  # or channels_last (igd.tuning.MEMORY_FORMATS)
     precision: str = "float32"  # or tf32 (igd.tuning.PRECISIONS)
     max_images: int = 32  # most jobs batched into one pass
@@ -128,10 +129,12 @@ class Job:
 
 @dataclass(frozen=True)
 class AttributionSlice:
-    """Image ``index`` of a pass's (CPU) Attribution."""
+    """Image ``index`` of a pass's (CPU) Attribution, and the chunk size that pass ran
+    with (path points per forward+backward; results can differ in the last bits with it)."""
 
     attribution: Attribution
     index: int
+    max_batch: int = 0
 
 
 class Worker:
@@ -142,7 +145,8 @@ class Worker:
                   report: Callable[[str], None] = lambda step: None) -> Worker:
         """A started worker for ``model``, after the warm-up every entry point shares
         (memory format, chunk size, a first attribution; see igd.tuning.warm_up)."""
-        found = warm_up(model, settings.max_batch, settings.memory_format, settings.precision, report)
+        found = warm_up(model, settings.max_batch, settings.memory_format, settings.precision, report,
+                        remeasure=settings.remeasure)
         worker = cls(model, max_batch=found.max_batch, max_images=settings.max_images, queue_size=settings.queue_size,
                      max_pass_bytes=memory_budget(model.device) // 4, allow_tf32=settings.precision == "tf32")
         worker.warm_up = found
@@ -169,6 +173,7 @@ class Worker:
         self._cond = threading.Condition()
         self._closed = False
         self._busy = False
+        self._running: list[Job] = []  # the pass in progress
         self._thread = threading.Thread(target=self._run, name="igd-compute", daemon=True)
         self.passes = 0
         self.images = 0
@@ -219,9 +224,19 @@ class Worker:
                 job.future.set_exception(error)
         return len(rejected)
 
-    def join(self, timeout: float) -> bool:
-        """Wait for the thread to end (after :meth:`close`, once the queue is empty). A
-        thread left inside PyTorch at interpreter exit can abort the process."""
+    def cancel_running(self) -> int:
+        """Cancel every job of the pass in progress: it stops at its next chunk. Returns
+        how many were cancelled. For shutdown, after :meth:`drain`."""
+        with self._cond:
+            running = list(self._running)
+        for job in running:
+            job.cancel()
+        return len(running)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the thread to end (after :meth:`close`, once the queue is empty; None:
+        however long the pass in progress needs). A thread left inside PyTorch at
+        interpreter exit aborts the process."""
         if self._thread.is_alive():
             self._thread.join(timeout)
         return not self._thread.is_alive()
@@ -234,6 +249,7 @@ class Worker:
             "largest_batch": max(self.batch_sizes, default=0),
             "batch_sizes": {str(size): n for size, n in sorted(self.batch_sizes.items())},
             "max_batch_points": self.max_batch,
+            "chunk_source": self.warm_up.chunk_source if self.warm_up else "given",
             "max_images": self.max_images,
             "max_pass_bytes": self.max_pass_bytes,
             "oom_retries": self.oom_retries,
@@ -246,10 +262,13 @@ class Worker:
             batch = self._next_batch()
             if batch is None:
                 return
+            with self._cond:
+                self._running = batch
             try:
                 self._run_batch(batch)
             finally:
                 with self._cond:
+                    self._running = []
                     self._busy = False
                     idle = not self._queue
                     self._cond.notify_all()
@@ -319,7 +338,7 @@ class Worker:
         for job, result in zip(jobs, results):
             job.batch_size = len(jobs)
             job.compute_s = elapsed
-            job.future.set_result(result)
+            _settle(job, result)
 
     def _run_alone(self, job: Job) -> None:
         started = time.perf_counter()
@@ -338,7 +357,7 @@ class Worker:
         self.batch_sizes[1] += 1
         self.compute_s += elapsed
         job.batch_size, job.compute_s = 1, elapsed
-        job.future.set_result(result)
+        _settle(job, result)
 
     def _cancelled(self, jobs: list[Job], cancelled: PassCancelled) -> None:
         log("pass_cancelled", images=len(jobs), reason=str(cancelled))
@@ -354,9 +373,9 @@ class Worker:
             return [logits[i] for i in range(len(jobs))]
         targets = self._targets(jobs, inputs)
         baselines = torch.cat([job.baseline for job in jobs]).to(device)  # type: ignore[misc]
-        result = self._attribute(inputs, targets, baselines, jobs[0].n_steps, jobs[0].method, _watch(jobs))
+        result, chunk = self._attribute(inputs, targets, baselines, jobs[0].n_steps, jobs[0].method, _watch(jobs))
         cpu = _to_cpu(result)
-        return [AttributionSlice(cpu, i) for i in range(len(jobs))]
+        return [_finite(AttributionSlice(cpu, i, chunk)) for i in range(len(jobs))]
 
     def _targets(self, jobs: list[Job], inputs: Tensor) -> list[int]:
         if all(job.target is not None for job in jobs):
@@ -366,9 +385,10 @@ class Worker:
         return [p if job.target is None else job.target for job, p in zip(jobs, predicted)]
 
     def _attribute(self, inputs: Tensor, targets: list[int], baselines: Tensor, n_steps: int, method: str,
-                   on_chunk: Callable[[int, int], None]) -> Attribution:
-        """One pass. Out of memory with several images: raised, so that each image runs
-        alone; with one image: retried in ever smaller chunks (for this pass only)."""
+                   on_chunk: Callable[[int, int], None]) -> tuple[Attribution, int]:
+        """One pass, and the chunk size it ran with. Out of memory with several images:
+        raised, so that each image runs alone; with one image: retried in ever smaller
+        chunks (for this pass only)."""
         chunk = self.max_batch
         while True:
             try:
@@ -376,7 +396,7 @@ class Worker:
                     self.model.module, inputs, targets, baselines=baselines,
                     n_steps=n_steps, method=method, max_batch=chunk, allow_tf32=self.allow_tf32,
                     on_chunk=on_chunk,
-                )
+                ), chunk
             except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
                 if not _is_out_of_memory(error) or chunk == 1 or len(inputs) > 1:
                     raise
@@ -386,6 +406,33 @@ class Worker:
             self.oom_retries += 1
             chunk = max(1, chunk // 2)
             log("out_of_memory", level=30, retry_max_batch=chunk)
+
+
+def _finite(part: AttributionSlice) -> AttributionSlice | ComputeFailed:
+    """The image's result, or ComputeFailed if any of it is NaN or infinite (never a
+    success that nobody can use)."""
+    attribution, i = part.attribution, part.index
+    for name, tensor in (("IG", attribution.integrated_grads[i]), ("the per-step gradients",
+                         attribution.directional_grads[i]), ("the logits", attribution.logits[i])):
+        if not _all_finite(tensor):
+            log("non_finite", level=30, where=name)
+            return ComputeFailed(f"{name} of this image are not finite (NaN or infinity): the model or the "
+                                 "baseline overflowed", "non_finite")
+    return part
+
+
+def _all_finite(tensor: Tensor, block: int = 1 << 22) -> bool:
+    """torch.isfinite(tensor).all(), a block at a time: isfinite makes an abs() copy and
+    two masks as large as its input, 1.5x a maximal answer's gradients at once."""
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[start : start + block]).all()) for start in range(0, len(flat), block))
+
+
+def _settle(job: Job, result: Any) -> None:
+    if isinstance(result, Exception):
+        job.future.set_exception(result)
+    else:
+        job.future.set_result(result)
 
 
 def _watch(jobs: list[Job]) -> Callable[[int, int], None]:

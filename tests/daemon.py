@@ -118,9 +118,10 @@ class Igd:
         self.cleanup()
 
 
-# `igd serve` options for the slow test model (tests/nets.py: write_slow_model): small
-# chunks, so that a cancelled or interrupted pass stops within about 50 ms, and room for
-# the thousands of steps that make a request last seconds on a fast machine.
+# `igd serve` options for the slow test model (tests/nets.py: write_slow_model): chunks
+# of about a quarter second, so that a cancelled or interrupted pass stops soon, and room
+# for the thousands of steps that make a request last seconds on a fast machine (few
+# enough that Gauss-Legendre's nodes, an n x n eigenproblem, cost a second at most).
 SLOW_MODEL_OPTIONS = ("--max-batch", "16", "--max-steps", "1000000")
 
 

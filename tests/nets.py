@@ -86,7 +86,7 @@ class _Repeated(nn.Module):
         return x
 
 
-def write_slow_model(directory: Path, width: int = 1536, times: int = 8) -> Path:
+def write_slow_model(directory: Path, width: int = 1536, times: int = 96) -> Path:
     """A TorchScript classifier with a sidecar, for tests that need long requests: tiny
     8x8 inputs (so results stay small at thousands of steps) and a costly forward pass
     (about ``times`` x width^2 multiply-adds per point). Returns the model's path."""

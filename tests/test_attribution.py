@@ -281,3 +281,17 @@ def test_end_logits_ride_along_with_the_first_chunk(max_batch: int, calls: int) 
     torch.testing.assert_close(result.baseline_logits, net(torch.zeros_like(x)).detach())
     reference = attribute(net, x, 2, n_steps=10)
     torch.testing.assert_close(result.integrated_grads, reference.integrated_grads)
+
+
+@pytest.mark.parametrize("shape", [(1, 1024, 3, 32, 32), (2, 700, 3, 17, 23), (1, 64, 3, 224, 224), (3, 5, 1, 7, 3)])
+def test_weighted_sum_in_blocks_is_exact(shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large products are summed a block of features at a time (no second copy of the
+    gradients); the result must be the whole product's, to the bit."""
+    from igd import attribution
+
+    monkeypatch.setattr(attribution, "_WHOLE_PRODUCT_BYTES", 0)  # every size takes the blocked path
+    generator = torch.Generator().manual_seed(5)
+    directional = torch.randn(shape, generator=generator)
+    weights = torch.rand(shape[1], generator=generator)
+    whole = (directional * weights.view(1, -1, 1, 1, 1)).sum(dim=1)
+    assert torch.equal(attribution.weighted_sum(directional, weights), whole)

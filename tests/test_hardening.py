@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import require_tool
+from conftest import record_hardening, require_tool
 from daemon import IGD, SLOW_MODEL_OPTIONS, Igd, short_tempdir, steps_lasting
 from igd import protocol
 from igd.protocol import ERROR_CODES, ProtocolError
@@ -119,13 +119,57 @@ def answered_properly(client: WireClient) -> str:
     return error["code"]
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(body=BODIES)
-def test_fuzzed_requests_get_well_formed_answers(target: Igd, body: object) -> None:
-    with WireClient(str(target.socket), timeout=60) as client:
+GENERATED_CASES = 10_000  # CI runs them all, derandomised: the same cases every run
+
+
+class Reused:
+    """One connection for many generated requests; a new one when igd ends it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.client: WireClient | None = None
+
+    def get(self) -> WireClient:
+        if self.client is None:
+            self.client = WireClient(str(self.path), timeout=60)
+        return self.client
+
+    def drop(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        self.client = None
+
+
+def test_ten_thousand_generated_requests_get_well_formed_answers(target: Igd, chelsea_png: bytes) -> None:
+    """Generated request bodies (every argument with every wrong type, extra keys, odd ops)
+    through one live daemon; every one gets one well-formed answer, and afterwards a real
+    request gets exactly the answer it got before."""
+    reference = exact_answer(target, chelsea_png)
+    connection = Reused(target.socket)
+    codes: dict[str, int] = {}
+
+    @settings(max_examples=GENERATED_CASES, derandomize=True, database=None, deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(body=BODIES)
+    def one(body: object) -> None:
         payload = msgpack.packb(body, use_bin_type=True)
+        client = connection.get()
         client.send_raw(struct.pack(">2sBBI", b"IG", 1, 0, len(payload)) + payload)
-        answered_properly(client)
+        code = answered_properly(client)
+        codes[code] = codes.get(code, 0) + 1
+
+    one()
+    connection.drop()
+    assert sum(codes.values()) >= GENERATED_CASES
+    record_hardening("generated protocol cases", sum(codes.values()))
+    assert exact_answer(target, chelsea_png) == reference
+
+
+def exact_answer(igd: Igd, image: bytes) -> bytes:
+    with WireClient(str(igd.socket), timeout=120) as client:
+        response = client.call("attribute", {"image": image, "target": 3, "n_steps": 8})
+    assert response["ok"], response
+    return response["result"]["data"]
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -405,3 +449,99 @@ def test_allow_lists_use_the_kernels_peer_credentials(fixtures: Path) -> None:
                 assert "uid 65534 may not use this igd" in answer["error"]["message"]
             with WireClient(str(igd.socket)) as root_client:
                 assert root_client.call("hello")["ok"]  # root always may
+
+
+# --- a corpus of hostile and odd inputs -----------------------------------------------------------
+
+
+def frame(body: object, *, magic: bytes = b"IG", version: int = 1, kind: int = 0) -> bytes:
+    payload = msgpack.packb(body, use_bin_type=True)
+    return struct.pack(">2sBBI", magic, version, kind, len(payload)) + payload
+
+
+def attribute_frame(**args: object) -> bytes:
+    return frame({"id": 1, "op": "attribute", "args": args})
+
+
+def _corpus() -> dict[str, tuple[bytes, set[str]]]:
+    """name -> (the bytes a client sends, the codes igd may answer). Frames, arguments
+    and images; the images of HOSTILE and VALID above included."""
+    picture = encoded(gradient(64, 48), "PNG")
+    cases: dict[str, tuple[bytes, set[str]]] = {
+        "frame: wrong magic": (frame({"id": 1, "op": "hello"}, magic=b"XX"), {"bad_frame"}),
+        "frame: version 9": (frame({"id": 1, "op": "hello"}, version=9), {"unsupported_version"}),
+        "frame: a response kind": (frame({"id": 1, "op": "hello"}, kind=1), {"bad_frame"}),
+        "frame: declares 3 GB": (struct.pack(">2sBBI", b"IG", 1, 0, 3 << 30), {"frame_too_large"}),
+        "frame: body not msgpack": (struct.pack(">2sBBI", b"IG", 1, 0, 4) + b"\xc1\xc1\xc1\xc1", {"bad_frame"}),
+        "frame: body a list": (frame([1, 2, 3]), {"bad_frame"}),
+        "frame: body a number": (frame(7), {"bad_frame"}),
+        "frame: 100000 nested arrays": (struct.pack(">2sBBI", b"IG", 1, 0, 100_001) + b"\x91" * 100_000 + b"\x00",
+                                        {"bad_frame"}),
+        "request: no id": (frame({"op": "hello"}), {"bad_request"}),
+        "request: id a string": (frame({"id": "1", "op": "hello"}), {"bad_request"}),
+        "request: id a float": (frame({"id": 1.5, "op": "hello"}), {"bad_request"}),
+        "request: no op": (frame({"id": 1}), {"bad_request"}),
+        "request: op a number": (frame({"id": 1, "op": 4}), {"bad_request"}),
+        "request: unknown op": (frame({"id": 1, "op": "shutdown"}), {"unknown_op"}),
+        "request: args a list": (frame({"id": 1, "op": "attribute", "args": [1]}), {"bad_request"}),
+        "image: missing": (attribute_frame(n_steps=4), {"bad_request"}),
+        "image: a string": (attribute_frame(image="cat.jpg"), {"bad_request"}),
+        "image: a number": (attribute_frame(image=5), {"bad_request"}),
+        "classify: top 0": (frame({"id": 1, "op": "classify", "args": {"image": picture, "top": 0}}), {"bad_request"}),
+        "classify: top 5000": (frame({"id": 1, "op": "classify", "args": {"image": picture, "top": 5000}}),
+                               {"bad_request"}),
+        "classify: top a string": (frame({"id": 1, "op": "classify", "args": {"image": picture, "top": "3"}}),
+                                   {"bad_request"}),
+    }
+    wrong_args = {
+        "n_steps a string": {"n_steps": "5"}, "n_steps a float": {"n_steps": 1.5}, "n_steps true": {"n_steps": True},
+        "n_steps -1": {"n_steps": -1}, "n_steps 0": {"n_steps": 0}, "n_steps 2^64-1": {"n_steps": 2**64 - 1},
+        "n_steps over the limit": {"n_steps": 2000}, "riemann with 1 step": {"method": "riemann_left", "n_steps": 1},
+        "method a number": {"method": 5}, "method empty": {"method": ""}, "method in capitals": {"method": "GAUSSLEGENDRE"},
+        "baseline grey": {"baseline": "grey"}, "baseline a number": {"baseline": 7},
+        "format NPZ": {"format": "NPZ"}, "format png": {"format": "png"},
+        "gzip_level -1": {"gzip_level": -1}, "gzip_level 10": {"gzip_level": 10}, "gzip_level a string": {"gzip_level": "1"},
+        "blur_sigma a string": {"blur_sigma": "x"}, "blur_sigma infinite": {"blur_sigma": float("inf")},
+        "blur_sigma NaN": {"blur_sigma": float("nan")}, "blur_sigma negative": {"blur_sigma": -1.0},
+        "seed 2^64": {"seed": 2**64 - 1}, "seed a string": {"seed": "1"},
+        "heatmap a string": {"heatmap": "yes"}, "progress a number": {"progress": 1}, "stream a string": {"stream": "on"},
+        "target a list": {"target": []}, "target a map": {"target": {}}, "target a float": {"target": 1.5},
+        "target true": {"target": True},
+    }
+    for name, args in wrong_args.items():
+        cases[f"argument: {name}"] = (attribute_frame(image=picture, **{"n_steps": 4, **args}), {"bad_request"})
+    for name, target in {"-1": -1, "10": 10, "5000 nines": "9" * 5000, "unicorn": "unicorn", "²": "²"}.items():
+        cases[f"target: {name}"] = (attribute_frame(image=picture, n_steps=4, target=target), {"unknown_target"})
+    for name, (data, expected) in HOSTILE.items():
+        cases[f"image: {name}"] = (attribute_frame(image=data, n_steps=4), set(expected) if isinstance(expected, tuple)
+                                   else {expected})
+    for name, data in VALID.items():
+        cases[f"odd image: {name}"] = (attribute_frame(image=data, n_steps=4, target=3), {"ok"})
+    for name, sigma in {"1e-300": 1e-300, "smallest float": 5e-324}.items():
+        cases[f"blur sigma {name}"] = (attribute_frame(image=picture, n_steps=4, baseline="blur", blur_sigma=sigma),
+                                       {"ok"})
+    return cases
+
+
+CORPUS = _corpus()
+
+
+def test_the_corpus_is_large() -> None:
+    assert len(CORPUS) >= 50
+
+
+@pytest.mark.parametrize("name", list(CORPUS))
+def test_each_hostile_or_odd_input_gets_its_code_and_harms_nothing(target: Igd, chelsea_png: bytes, name: str,
+                                                                   reference: bytes) -> None:
+    data, expected = CORPUS[name]
+    with WireClient(str(target.socket), timeout=120) as client:
+        client.send_raw(data)
+        code = answered_properly(client)
+    assert code in expected, (name, code)
+    assert exact_answer(target, chelsea_png) == reference  # the next request is served exactly
+    record_hardening("hostile or odd inputs (frames, arguments, images)", 1)
+
+
+@pytest.fixture(scope="module")
+def reference(target: Igd, chelsea_png: bytes) -> bytes:
+    return exact_answer(target, chelsea_png)

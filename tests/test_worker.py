@@ -178,3 +178,30 @@ def test_a_pass_whose_jobs_are_all_cancelled_stops_at_the_next_chunk() -> None:
     assert worker.submit(job(nets.images(1)[0], 0)).result(60).attribution.n_steps == 6  # still serving
     worker.close()
     worker.drain(5)
+
+
+class Overflowing(nn.Module):
+    """A net whose logits overflow to infinity for inputs with a large first pixel."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.where(x[:, :1, :1, :1].flatten(1) > 100, torch.tensor(1e38), torch.tensor(1.0))
+        return self.net(x) * scale * 1e3
+
+
+def test_a_non_finite_attribution_is_an_error_not_a_result() -> None:
+    worker = Worker(loaded(Overflowing(nets.groupnorm_cnn())), max_batch=64, max_images=8)
+    x = nets.images(3)
+    x[1, 0, 0, 0] = 1000.0  # only this image overflows
+    futures = [worker.submit(job(x[i], 1)) for i in range(3)]  # one shared pass
+    worker.start()
+    with pytest.raises(ComputeFailed) as error:
+        futures[1].result(60)
+    assert error.value.reason == "non_finite" and "not finite" in str(error.value)
+    for i in (0, 2):
+        assert torch.isfinite(futures[i].result(60).attribution.integrated_grads[i]).all()
+    worker.close()
+    worker.drain(5)

@@ -74,7 +74,7 @@ class BatchAttributor:
     def close(self) -> None:
         self.worker.close()
         self.worker.drain(60)
-        self.worker.join(60)
+        self.worker.join()
 
     def _prepare(self, path: str) -> pipeline.Prepared | RequestFailed:
         try:

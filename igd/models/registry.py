@@ -57,6 +57,7 @@ class LoadedModel:
     description: str  # one line for people
     source: str  # the file it came from
     device: torch.device
+    weights_sha256: str = ""  # of the source file, hashed once at load: which weights, exactly
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -109,6 +110,7 @@ class LoadedModel:
             "preprocessing": self.preprocessing.describe(),
             "parameters": self.num_parameters,
             "device": str(self.device),
+            "weights_sha256": self.weights_sha256,
         }
 
 
@@ -199,7 +201,17 @@ def load_model(
         description=f"{parts.description}, {len(class_names)} classes",
         source=parts.source,
         device=target,
+        weights_sha256=file_sha256(Path(parts.source)),
     )
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file (read in 1 MiB blocks: about 1 s per GB here)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
