@@ -258,10 +258,13 @@ def attribute(
         return _attribute_one(session, client, image, request_args, out, heatmap_out, None)
 
     outcomes = _run_all(session, images, one, jobs, as_json)
-    if not as_json and not to_stdout:
-        for outcome in outcomes:
-            if outcome.record["ok"]:
+    for outcome in outcomes:
+        if outcome.record["ok"]:
+            if not as_json and not to_stdout:
                 click.echo(_describe(outcome.record))
+            warning = _accuracy_warning(outcome.record)
+            if warning is not None:
+                click.echo(f"igctl: warning: {warning}", err=True)
     _finish(outcomes)
 
 
@@ -418,6 +421,10 @@ def _user_message(error: Any) -> str:
     return error.message.replace(f"args.{option.name}", option.flag) if option else error.message
 
 
+# The accuracy facts of a result that igctl reports (older daemons send none of them).
+ACCURACY_KEYS = ("error_estimate", "completeness_gap", "tolerance", "tolerance_met")
+
+
 def _attribute_one(
     session: Session,
     client: Client,
@@ -455,8 +462,12 @@ def _attribute_one(
         prediction=result["prediction"]["name"],
         probability=result["prediction"]["probability"],
         convergence_delta=result["convergence_delta"],
+        n_steps=result.get("n_steps"),
+        method=result.get("method"),
         timing_ms=result.get("timing_ms", {}),
     )
+    # Older daemons send none of these (and get no accuracy warning); null: unbounded.
+    record.update({key: result[key] for key in ACCURACY_KEYS if key in result})
     return Outcome(record, EXIT_OK)
 
 
@@ -533,8 +544,41 @@ def _describe(record: dict[str, Any]) -> str:
         f"{record['image']}: {record['prediction']} ({record['probability']:.2f}); "
         f"attributed to {record['target']!r} -> {record['output']}"
         + (f", heatmap {record['heatmap']}" if record.get("heatmap") else "")
-        + f" (convergence delta {record['convergence_delta']:+.3g})"
+        + f" ({_accuracy(record)})"
     )
+
+
+def _accuracy(record: dict[str, Any]) -> str:
+    """``estimated error 9.6 %, completeness gap -4.0 %, 50 steps`` (or, from a daemon
+    that does not estimate, the convergence delta)."""
+    if "error_estimate" not in record:
+        return f"convergence delta {record['convergence_delta']:+.3g}"
+    return (f"estimated error {_percent(record['error_estimate'])}, "
+            f"completeness gap {_percent(record.get('completeness_gap'), signed=True)}, {record['n_steps']} steps")
+
+
+def _percent(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "unbounded"
+    return f"{value * 100:+.1f} %" if signed else f"{value * 100:.1f} %"
+
+
+def _accuracy_warning(record: dict[str, Any]) -> str | None:
+    """A warning when the estimated error or the completeness gap is above
+    spec.WARN_ERROR (or unbounded), naming what fixes it; None otherwise."""
+    high = [f"{name} {_percent(record[key], signed)}"
+            for name, key, signed in (("estimated error", "error_estimate", False),
+                                      ("completeness gap", "completeness_gap", True))
+            if key in record and (record[key] is None or abs(record[key]) > spec.WARN_ERROR)]
+    if not high:
+        return None
+    if record.get("tolerance_met") is False:
+        fix = f"the tolerance was not met within {record['n_steps']} steps; allow more with --steps"
+    elif "tolerance" in record:
+        fix = "lower --tolerance"
+    else:
+        fix = f"ask for --tolerance {spec.WARN_ERROR / 2:g} (adaptive steps) or more --steps"
+    return f"{record['image']}: {' and '.join(high)} above {spec.WARN_ERROR * 100:g} %; {fix}"
 
 
 def _finish(outcomes: list[Outcome]) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from igd import accuracy
 from igd.request import METHODS  # the rules' names belong to the request vocabulary
 
 DEFAULT_METHOD = METHODS[0]  # gausslegendre
@@ -54,7 +55,11 @@ class Attribution:
     inputs: Tensor  # (B, *F)
     baselines: Tensor  # (B, *F)
     targets: Tensor  # (B,) int64
-    method: str
+    method: str  # a rule of METHODS, or "adaptive" (igd.adaptive)
+    path_logits: Tensor  # (B, n): the target logit F_t at every path point
+    error_estimate: Tensor  # (B,) float64: the estimated relative L2 error of IG (igd.accuracy)
+    tolerance: float | None = None  # adaptive: the error asked for (then B == 1)
+    tolerance_met: bool | None = None  # adaptive: whether error_estimate <= tolerance
 
     @property
     def n_steps(self) -> int:
@@ -192,71 +197,118 @@ def attribute_points(
     batch, device, dtype = inputs.shape[0], inputs.device, inputs.dtype
     chunk = balanced_chunk(batch * n_steps, max_batch)
 
-    with contextlib.ExitStack() as stack:
-        # Gradients must flow even when the caller runs under no_grad or inference_mode;
-        # every tensor that autograd may save is therefore made inside this block.
-        stack.enter_context(torch.inference_mode(False))
-        stack.enter_context(torch.enable_grad())
-        stack.enter_context(strict_float32(not allow_tf32))
-        stack.enter_context(evaluation_mode(modules))
-        x = inputs.detach().clone() if inputs.is_inference() else inputs.detach()
-        b = _broadcast_baselines(baselines, x)
-        targets = _target_vector(target, batch, device)
+    with engine_mode(allow_tf32, modules):
+        path = Path(forward, inputs, baselines, target, chunk)
         alphas = torch.tensor(alphas_list, dtype=dtype, device=device)
         weights = torch.tensor(weights_list, dtype=dtype, device=device)
-        image_index = torch.arange(batch, device=device)
+        # Point (i, k) sits at flat index i * n + k.
+        point_image = torch.arange(batch, device=device).repeat_interleave(n_steps)
+        grads, path_logits = path.gradients(point_image, alphas.repeat(batch), on_chunk)
 
-        # The logits at the inputs and baselines ride along with the first chunk when they
-        # are few next to it: one model call fewer (a call has a fixed cost: BiT-R101x3
-        # re-lays out 380M weights in every one). Otherwise they get calls of their own.
-        ends, end_index = torch.cat([x, b]), image_index.repeat(2)
-        ride_along = len(ends) * 4 <= chunk
-        end_logits = None
-        if not ride_along:
-            with torch.no_grad():
-                end_logits = _forward_chunks(forward, ends, end_index, chunk)
-            _check_targets(targets, end_logits.shape[1])
-
-        feature_dims = (1,) * (x.dim() - 1)
-        delta = x - b
-        # Point (i, k) sits at flat index i * n + k. The points are made chunk by chunk,
-        # so that only the gradients take (B, n, *F) memory; Attribution.intermediates
-        # makes the very same values again (the same float32 operations) when asked.
-        total = batch * n_steps
-        point_image = image_index.repeat_interleave(n_steps)
-        point_step = torch.arange(n_steps, device=device).repeat(batch)
-        grads = torch.empty((total, *x.shape[1:]), dtype=dtype, device=device)
-        for start in range(0, total, chunk):
-            part = slice(start, start + chunk)
-            images, steps = point_image[part], point_step[part]
-            points = b[images] + alphas[steps].view(-1, *feature_dims) * delta[images]
-            extra = (ends, end_index) if ride_along and start == 0 else None
-            grads[part], extra_logits = _target_gradients(forward, points, images, targets, extra)
-            del points
-            if extra is not None:
-                end_logits = extra_logits
-            if on_chunk is not None:
-                on_chunk(min(start + chunk, total), total)
-        assert end_logits is not None
-
-    directional = grads.view(batch, n_steps, *x.shape[1:])
-    integrated = delta * weighted_sum(directional, weights)
-    logits, baseline_logits = end_logits[:batch], end_logits[batch:]
-    rise = logits[image_index, targets] - baseline_logits[image_index, targets]
-    convergence_delta = integrated.flatten(1).double().sum(1) - rise.double()
+    directional = grads.view(batch, n_steps, *inputs.shape[1:])
+    integrated = path.delta * weighted_sum(directional, weights)
     return Attribution(
         integrated_grads=integrated,
         directional_grads=directional,
         alphas=alphas,
         step_sizes=weights,
-        logits=logits,
-        baseline_logits=baseline_logits,
-        convergence_delta=convergence_delta.to(dtype),
-        inputs=x,
-        baselines=b,
-        targets=targets,
+        logits=path.logits,
+        baseline_logits=path.baseline_logits,
+        convergence_delta=path.convergence_delta(integrated),
+        inputs=path.inputs,
+        baselines=path.baselines,
+        targets=path.targets,
         method=method,
+        path_logits=path_logits.view(batch, n_steps),
+        error_estimate=torch.tensor([accuracy.error_estimate(alphas, weights, directional[i], path.delta[i], integrated[i])
+                                     for i in range(batch)], dtype=torch.float64),
     )
+
+
+@contextlib.contextmanager
+def engine_mode(allow_tf32: bool, modules: Iterable[nn.Module]) -> Iterator[None]:
+    """What every gradient pass runs under: gradients enabled even when the caller runs
+    under no_grad or inference_mode (every tensor autograd may save is made inside), strict
+    float32 unless TF32 is allowed, and the modules in eval mode with frozen parameters."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(strict_float32(not allow_tf32))
+        stack.enter_context(evaluation_mode(modules))
+        yield
+
+
+class Path:
+    """The straight paths from baselines to inputs of a batch, and the model along them.
+
+    Made inside :func:`engine_mode`. ``inputs``, ``baselines`` and ``delta`` (x - b) are
+    (B, *F); ``logits`` and ``baseline_logits`` (B, K) are known after the first call of
+    :meth:`gradients` (they ride along with its first chunk when they are few next to it:
+    one model call fewer, and a call has a fixed cost: BiT-R101x3 re-lays out 380M
+    weights in every one).
+    """
+
+    def __init__(self, forward: PointForward, inputs: Tensor, baselines: Tensor | float | None,
+                 target: Target, chunk: int) -> None:
+        self.forward = forward
+        self.inputs = inputs.detach().clone() if inputs.is_inference() else inputs.detach()
+        self.baselines = _broadcast_baselines(baselines, self.inputs)
+        self.delta = self.inputs - self.baselines
+        batch = self.inputs.shape[0]
+        self.targets = _target_vector(target, batch, inputs.device)
+        self.chunk = chunk
+        self._end_logits: Tensor | None = None
+
+    @property
+    def logits(self) -> Tensor:
+        assert self._end_logits is not None, "no gradients computed yet"
+        return self._end_logits[: len(self.inputs)]
+
+    @property
+    def baseline_logits(self) -> Tensor:
+        assert self._end_logits is not None, "no gradients computed yet"
+        return self._end_logits[len(self.inputs) :]
+
+    def gradients(self, point_image: Tensor, point_alpha: Tensor,
+                  on_chunk: ChunkCallback | None = None) -> tuple[Tensor, Tensor]:
+        """For M path points, each given by its image (M,) int64 and its node a (M,):
+        the gradients of the target logit there (M, *F) and the target logit itself (M,),
+        ``chunk`` points per forward+backward. The points ``b + a (x - b)`` are made chunk
+        by chunk, so that only the gradients take (M, *F) memory."""
+        x, b, delta = self.inputs, self.baselines, self.delta
+        feature_dims = (1,) * (x.dim() - 1)
+        ends: tuple[Tensor, Tensor] | None = None
+        if self._end_logits is None:
+            image_index = torch.arange(len(x), device=x.device)
+            ends = (torch.cat([x, b]), image_index.repeat(2))
+            if len(ends[0]) * 4 > self.chunk:  # too many to ride along: calls of their own
+                with torch.no_grad():
+                    self._end_logits = _forward_chunks(self.forward, *ends, self.chunk)
+                _check_targets(self.targets, self._end_logits.shape[1])
+                ends = None
+        total = len(point_image)
+        grads = torch.empty((total, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        path_logits = torch.empty(total, dtype=x.dtype, device=x.device)
+        for start in range(0, total, self.chunk):
+            part = slice(start, start + self.chunk)
+            images = point_image[part]
+            points = b[images] + point_alpha[part].view(-1, *feature_dims) * delta[images]
+            grads[part], path_logits[part], end_logits = _target_gradients(
+                self.forward, points, images, self.targets, ends if start == 0 else None)
+            del points
+            if end_logits is not None:
+                self._end_logits = end_logits
+            if on_chunk is not None:
+                on_chunk(min(start + self.chunk, total), total)
+        return grads, path_logits
+
+    def convergence_delta(self, integrated: Tensor, rows: slice = slice(None)) -> Tensor:
+        """sum(IG) - (F_t(x) - F_t(b)) for IG (R, *F) of the images ``rows`` (default all),
+        in float64, then the inputs' dtype: (R,)."""
+        images = torch.arange(len(self.inputs), device=self.inputs.device)[rows]
+        targets = self.targets[rows]
+        rise = self.logits[images, targets] - self.baseline_logits[images, targets]
+        return (integrated.flatten(1).double().sum(1) - rise.double()).to(self.inputs.dtype)
 
 
 # Above this, weighted_sum works through the features in blocks (see there).
@@ -297,9 +349,10 @@ def _target_gradients(
     image_index: Tensor,
     targets: Tensor,
     extra: tuple[Tensor, Tensor] | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """d logit_target / d point for each of the points (M, *F), one backward pass; and
-    the logits (E, K) of ``extra`` points (E, *F) run in the same forward call, if given."""
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """d logit_target / d point for each of the points (M, *F), one backward pass; the
+    target logits there (M,); and the logits (E, K) of ``extra`` points (E, *F) run in
+    the same forward call, if given."""
     leaf = points.detach().requires_grad_(True)
     if extra is None:
         out = _checked_logits(forward(leaf, image_index), len(leaf))
@@ -309,14 +362,14 @@ def _target_gradients(
         both = _checked_logits(forward(torch.cat([rows, leaf]), torch.cat([rows_index, image_index])), len(rows) + len(leaf))
         _check_targets(targets, both.shape[1])
         extra_logits, out = both[: len(rows)].detach(), both[len(rows) :]
-    picked = out.gather(1, targets[image_index].unsqueeze(1)).sum()
+    picked = out.gather(1, targets[image_index].unsqueeze(1)).squeeze(1)
     if not picked.requires_grad:
         raise RuntimeError(
             "the model output does not depend on its input through autograd "
             "(is the forward running under torch.no_grad or detaching its input?)"
         )
-    (grad,) = torch.autograd.grad(picked, leaf, allow_unused=True)
-    return (torch.zeros_like(leaf) if grad is None else grad), extra_logits
+    (grad,) = torch.autograd.grad(picked.sum(), leaf, allow_unused=True)
+    return (torch.zeros_like(leaf) if grad is None else grad), picked.detach(), extra_logits
 
 
 def _forward_chunks(forward: PointForward, points: Tensor, image_index: Tensor, chunk: int) -> Tensor:

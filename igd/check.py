@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 from igd import pipeline
+from igd.attribution import Attribution
 from igd.models import LoadedModel
 from igd.request import DEFAULT_MAX_PIXELS, AttributeRequest
 from igd.worker import ComputeSettings, Job, Worker
@@ -33,8 +34,7 @@ def run_check(model: LoadedModel, data: bytes, label: str, request: AttributeReq
         worker.close()
         worker.join()
     answer = pipeline.answer(part, request, model, prepared)
-    attribution, i = part.attribution, part.index
-    rise = float(attribution.logits[i, answer.target_index] - attribution.baseline_logits[i, answer.target_index])
+    attribution = part.attribution
     delta = answer.convergence_delta
     found = worker.warm_up
     assert found is not None
@@ -54,9 +54,10 @@ def run_check(model: LoadedModel, data: bytes, label: str, request: AttributeReq
         ("classes", _class_list(model.class_names)),
         ("image", f"{label} ({image.width}x{image.height})"),
         ("top-5", "; ".join(f"{name} ({index}) {p:.3f}" for index, name, p in top)),
-        ("attribution", f"target {answer.target_name!r}, {request.n_steps} {request.method} steps, "
+        ("attribution", f"target {answer.target_name!r}, {attribution.n_steps} {attribution.method} steps, "
                         f"{request.baseline} baseline, {chunk}"),
-        ("convergence", f"delta {delta:+.4g} = sum(IG) - (F(x) - F(b)), {_percent(delta, rise)} of {rise:.4g}"),
+        ("accuracy", f"estimated error {answer.error_estimate:.1%}{_tolerance(attribution)}, completeness gap "
+                     f"{answer.completeness_gap:+.1%} (delta {delta:+.4g} = sum(IG) - (F(x) - F(b)))"),
         ("timings", f"warm-up {warm_s:.2f} s, classify {classify_s * 1000:.0f} ms, attribute {attribute_s:.2f} s"),
     ]
 
@@ -66,5 +67,7 @@ def _class_list(names: tuple[str, ...]) -> str:
     return f"{len(names)}: {shown}" + (", ..." if len(names) > 10 else "")
 
 
-def _percent(delta: float, rise: float) -> str:
-    return f"{abs(delta / rise):.1%}" if rise else "n/a"
+def _tolerance(attribution: Attribution) -> str:
+    if attribution.tolerance is None:
+        return ""
+    return f" ({'meets' if attribution.tolerance_met else 'misses'} the tolerance {attribution.tolerance:g})"

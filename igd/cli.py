@@ -385,7 +385,7 @@ def batch(source: str, out_dir: Path, targets: tuple[str, ...], dtype: str, with
     from igd.models import ModelError
 
     model_args = {name: args.pop(name) for name in MODEL_ARGS}
-    fmt = args.pop("format")
+    fmt = args.pop("format") or spec.FORMAT.default
     if fmt not in BATCH_FORMATS:
         raise click.UsageError(f"--format must be one of {', '.join(BATCH_FORMATS)}, got {fmt!r}")
     request = checked_request({**args, "format": fmt if fmt != "parquet" else spec.FORMAT.default})

@@ -19,26 +19,30 @@ Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
 def flag(option: spec.Option, *, choices: tuple[str, ...] | None = None, help: str | None = None) -> Decorator:
-    """A click option for ``option``: ``--steps`` passes ``n_steps=...`` to the command."""
+    """A click option for ``option``: ``--steps`` passes ``n_steps=...`` to the command,
+    or None when it is not given (the default is shown in the help, and applied by
+    igd.request, which can then tell "not given" from "given the default value")."""
     kind = {int: int, float: float, str: str}[option.kind]
     shown = choices if choices is not None else option.choices
     return click.option(
         option.flag,
         option.name,
         type=kind,
-        default=option.default,
-        show_default=option.default is not None,
+        default=None,
+        show_default=False if option.default is None else str(option.default),
         metavar=f"[{'|'.join(shown)}]" if shown else kind.__name__.upper().replace("STR", "TEXT"),
         help=help or option.help,
     )
 
 
 def attribute_flags(command: Callable[..., Any]) -> Callable[..., Any]:
-    """--steps, --method, --baseline, --seed, --blur-sigma, --gzip-level (the format flag
-    differs between commands: each adds its own)."""
-    steps_help = f"{spec.STEPS.help} At most {spec.MAX_STEPS} (`igd serve --max-steps` may allow more)."
+    """--steps, --tolerance, --method, --baseline, --seed, --blur-sigma, --gzip-level (the
+    format flag differs between commands: each adds its own)."""
+    steps_help = (f"{spec.STEPS.help} At most {spec.MAX_STEPS} (`igd serve --max-steps` may allow more); "
+                  "with --tolerance, the most it may take.")
     for decorator in reversed((
         flag(spec.STEPS, help=steps_help),
+        flag(spec.TOLERANCE),
         flag(spec.METHOD),
         flag(spec.BASELINE),
         flag(spec.SEED),

@@ -12,6 +12,7 @@ self-test) and turn failures into wire errors or status rows.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, BinaryIO
@@ -19,6 +20,7 @@ from typing import Any, BinaryIO
 from PIL import Image
 from torch import Tensor
 
+from igd.accuracy import completeness_gap
 from igd.baselines import inputs_and_baseline
 from igd.heatmap import heatmap_png
 from igd.imaging import ImageError, ImageTooLarge, decode_image
@@ -91,7 +93,7 @@ def footprint(request: AttributeRequest, model: LoadedModel) -> int:
 def job(prepared: Prepared, target: int | None, request: AttributeRequest,
         listener: JobListener | None = None) -> Job:
     return Job("attribute", prepared.inputs, prepared.baseline, target, request.n_steps, request.method,
-               listener=listener)
+               tolerance=request.tolerance, listener=listener)
 
 
 @dataclass(frozen=True)
@@ -121,12 +123,27 @@ class Answer:
     def convergence_delta(self) -> float:
         return float(self.part.attribution.convergence_delta[self.part.index])
 
+    @property
+    def error_estimate(self) -> float:
+        return float(self.part.attribution.error_estimate[self.part.index])
+
+    @property
+    def completeness_gap(self) -> float:
+        attribution, i = self.part.attribution, self.part.index
+        target = self.target_index
+        rise = float(attribution.logits[i, target]) - float(attribution.baseline_logits[i, target])
+        return completeness_gap(self.convergence_delta, rise)
+
     def result(self) -> Result:
         """The result dict (the predecessor's keys and igd's additions)."""
         result = result_dict(self.part.attribution, self.part.index, model=self.model.name,
                              target_name=self.target_name, baseline_name=self.request.baseline)
-        result["max_batch"] = self.part.max_batch
+        result.update(self._facts())
         return result
+
+    def _facts(self) -> dict[str, Any]:
+        """The result's keys that the attribution alone does not know."""
+        return {"max_batch": self.part.max_batch, "completeness_gap": self.completeness_gap}
 
     def file_bytes(self) -> bytes:
         """The result file in the request's format, exactly what igctl writes."""
@@ -140,7 +157,7 @@ class Answer:
         result = result_dict(self.part.attribution, self.part.index, model=self.model.name,
                              target_name=self.target_name, baseline_name=self.request.baseline,
                              defer_intermediates=True)
-        result["max_batch"] = self.part.max_batch
+        result.update(self._facts())
         write_result(result, self.request.format, self.request.gzip_level, out, consume=True)
 
     def heatmap_png(self) -> bytes | None:
@@ -152,14 +169,25 @@ class Answer:
     def summary(self) -> dict[str, Any]:
         """The facts an entry point reports beside the file (wire result, JSON lines, rows)."""
         index, name, probability = self.prediction
-        return {
+        attribution = self.part.attribution
+        summary = {
             "target": {"index": self.target_index, "name": self.target_name},
             "prediction": {"index": index, "name": name, "probability": probability},
             "convergence_delta": self.convergence_delta,
+            "completeness_gap": finite_or_none(self.completeness_gap),
+            "error_estimate": finite_or_none(self.error_estimate),
             "baseline": self.request.baseline,
-            "n_steps": self.request.n_steps,
-            "method": self.request.method,
+            "n_steps": attribution.n_steps,
+            "method": attribution.method,
         }
+        if attribution.tolerance is not None:
+            summary.update(tolerance=attribution.tolerance, tolerance_met=attribution.tolerance_met)
+        return summary
+
+
+def finite_or_none(value: float) -> float | None:
+    """JSON has no infinity: an unbounded estimate is reported as null."""
+    return value if math.isfinite(value) else None
 
 
 def answer(part: AttributionSlice, request: AttributeRequest, model: LoadedModel, prepared: Prepared) -> Answer:

@@ -29,6 +29,10 @@ DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_GZIP_LEVEL = 1
 MAX_TOP = 1000
 MAX_BLUR_SIGMA = 1000.0
+ADAPTIVE = "adaptive"  # the rule of a request with a tolerance (igd.adaptive)
+ADAPTIVE_START = 17  # an adaptive request's first look along the path, in points
+MIN_TOLERANCE = 1e-4
+WARN_ERROR = 0.05  # igctl warns when the estimated error or the completeness gap is above
 
 
 @dataclass(frozen=True)
@@ -120,13 +124,17 @@ FORMAT = Option("format", "--format", str, FORMATS[0],
                 "torch: the predecessor's gzip'd torch.save dict; npz: the same keys for numpy.", choices=FORMATS)
 GZIP_LEVEL = Option("gzip_level", "--gzip-level", int, DEFAULT_GZIP_LEVEL,
                     "Compression of torch results, 0-9: 0 is fastest (still gzip), 9 smallest.", low=0, high=9)
+TOLERANCE = Option("tolerance", "--tolerance", float, None,
+                   "Adaptive steps: place path points until IG's estimated relative L2 error is at most this "
+                   "(e.g. 0.02); --steps is then the cap [default cap: the daemon's --max-steps].",
+                   low=MIN_TOLERANCE, high=1.0)
 HEATMAP = Option("heatmap", "--heatmap", bool, False, "Also render a heatmap PNG.")
 PROGRESS = Option("progress", "--progress-json", bool, False, "Send progress events while the request runs.")
 STREAM = Option("stream", "--stream", bool, False,
                 "Send the result file in data events as it is made, not in the response (docs/protocol.md).")
 TOP = Option("top", "--top", int, 5, "How many of the most likely classes.", low=1, high=MAX_TOP)
 
-ATTRIBUTE_OPTIONS = (STEPS, METHOD, BASELINE, SEED, BLUR_SIGMA, FORMAT, GZIP_LEVEL, HEATMAP, PROGRESS)
+ATTRIBUTE_OPTIONS = (STEPS, TOLERANCE, METHOD, BASELINE, SEED, BLUR_SIGMA, FORMAT, GZIP_LEVEL, HEATMAP, PROGRESS)
 CLASSIFY_OPTIONS = (TOP, PROGRESS)
 BY_NAME = {option.name: option for option in (*ATTRIBUTE_OPTIONS, *CLASSIFY_OPTIONS, STREAM)}
 
@@ -136,8 +144,9 @@ class AttributeRequest:
     """One attribution, validated: what to compute and how to return it (the image and
     the target travel beside it: the target needs the model's classes to check)."""
 
-    n_steps: int = DEFAULT_STEPS
-    method: str = METHOD.default
+    n_steps: int = DEFAULT_STEPS  # with a tolerance: the most points it may take
+    method: str = METHOD.default  # with a tolerance: ADAPTIVE
+    tolerance: float | None = None
     baseline: str = BASELINE.default
     seed: int = SEED.default
     blur_sigma: float | None = None
@@ -146,15 +155,37 @@ class AttributeRequest:
     heatmap: bool = False
 
     def log_fields(self) -> dict[str, Any]:
-        return {"n_steps": self.n_steps, "method": self.method, "baseline": self.baseline}
+        fields: dict[str, Any] = {"n_steps": self.n_steps, "method": self.method, "baseline": self.baseline}
+        if self.tolerance is not None:
+            fields["tolerance"] = self.tolerance
+        return fields
 
 
 def parse_attribute(args: Mapping[str, Any], *, max_steps: int = MAX_STEPS) -> AttributeRequest:
     """Check the options of an attribution (wire args, or flags under their wire names);
-    RequestError for the first that is not allowed. Unknown keys are ignored."""
-    request = AttributeRequest(
-        n_steps=STEPS.check(args.get("n_steps"), high=max_steps),
-        method=METHOD.check(args.get("method")),
+    RequestError for the first that is not allowed. Unknown keys are ignored.
+
+    With a ``tolerance`` the rule is ADAPTIVE and ``n_steps`` caps the points (default:
+    ``max_steps``); giving a ``method`` as well is an error, since the tolerance places
+    the points itself."""
+    tolerance = TOLERANCE.check(args.get("tolerance"))
+    steps = STEPS.check(args.get("n_steps"), high=max_steps)
+    method = METHOD.check(args.get("method"))
+    if tolerance is not None:
+        if args.get("method") is not None:
+            raise RequestError(METHOD, "cannot be given with a tolerance, which places the points itself")
+        if args.get("n_steps") is None:
+            steps = max_steps
+        if steps < ADAPTIVE_START:
+            raise RequestError(STEPS, f"must be at least {ADAPTIVE_START} with a tolerance (its first look "
+                                      f"along the path), got {steps}")
+        method = ADAPTIVE
+    elif method != "gausslegendre" and steps < 2:
+        raise RequestError(STEPS, f"must be at least 2 for {method}, got {steps}")
+    return AttributeRequest(
+        n_steps=steps,
+        method=method,
+        tolerance=tolerance,
         baseline=BASELINE.check(args.get("baseline")),
         seed=SEED.check(args.get("seed")),
         blur_sigma=BLUR_SIGMA.check(args.get("blur_sigma")),
@@ -162,9 +193,6 @@ def parse_attribute(args: Mapping[str, Any], *, max_steps: int = MAX_STEPS) -> A
         gzip_level=GZIP_LEVEL.check(args.get("gzip_level")),
         heatmap=HEATMAP.check(args.get("heatmap")),
     )
-    if request.method != "gausslegendre" and request.n_steps < 2:
-        raise RequestError(STEPS, f"must be at least 2 for {request.method}, got {request.n_steps}")
-    return request
 
 
 def check_target(value: Any) -> str | int | None:

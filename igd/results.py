@@ -63,7 +63,8 @@ def result_dict(
     Shapes for an input of C x H x W, K classes and n steps: ``integrated_grads``,
     ``input`` and ``baseline`` (1, C, H, W); ``integrated_directional_grads`` and
     ``intermediates`` (n, C, H, W); ``step_sizes`` (n, 1); ``alphas`` (n,);
-    ``output`` and ``baseline_output`` (1, K); all float32 on the CPU, each with storage
+    ``output`` and ``baseline_output`` (1, K); ``path_logits`` (n,), the target's logit at
+    each path point; all float32 on the CPU, each with storage
     of its own (``torch.save`` of a view would write the whole batch). The per-step
     gradients of a one-image attribution are its own already and are shared, not copied.
     ``defer_intermediates``: ``intermediates`` is a :class:`Deferred`, made only by
@@ -90,7 +91,12 @@ def result_dict(
         "method": attribution.method,
         "n_steps": attribution.n_steps,
         "baseline_name": baseline_name,
+        "path_logits": _own(attribution.path_logits[index]),
+        "error_estimate": float(attribution.error_estimate[index]),
     }
+    if attribution.tolerance is not None:
+        result["tolerance"] = attribution.tolerance
+        result["tolerance_met"] = bool(attribution.tolerance_met)
     if model is not None:
         result["model"] = model
     if target_name is not None:

@@ -1,8 +1,9 @@
 """The single compute thread: it alone owns the model and the device.
 
 Requests wait in one bounded queue. Each pass takes the oldest job and every queued job
-it can share a pass with (same op, and for attributions the same n_steps and method;
-baselines and targets are per image), up to ``max_images``. Jobs that arrive while a
+it can share a pass with (same op, and for attributions the same n_steps and method, or
+all adaptive ones, whose tolerances and caps are per image like baselines and targets),
+up to ``max_images``. Jobs that arrive while a
 pass runs are batched into the next one, so batching costs no waiting. Every image gets
 exactly the result it would get alone: the model runs in eval mode, so images in a pass
 do not interact.
@@ -16,17 +17,20 @@ import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, TypeVar
 
 import torch
 from torch import Tensor
 
+from igd.adaptive import attribute_adaptive
 from igd.attribution import Attribution, attribute, strict_float32
 from igd.logs import log
 from igd.memory import memory_budget, release_free_memory
 from igd.models import LoadedModel
 from igd.tuning import WarmUp, warm_up
 
+
+T = TypeVar("T")
 
 # Progress reports of one job come at most this often (and once at its end).
 PROGRESS_INTERVAL_S = 0.25
@@ -91,8 +95,9 @@ class Job:
     inputs: Tensor
     baseline: Tensor | None = None
     target: int | None = None  # None: the predicted class
-    n_steps: int = 50
+    n_steps: int = 50  # with a tolerance: the cap
     method: str = "gausslegendre"
+    tolerance: float | None = None  # adaptive steps to this estimated error (igd.adaptive)
     listener: JobListener | None = None
     future: concurrent.futures.Future[Any] = field(default_factory=concurrent.futures.Future)
     batch_size: int = 0  # set by the worker: images in the pass that served this job
@@ -118,7 +123,9 @@ class Job:
         self.listener.progress(round(fraction * self.n_steps), self.n_steps)
 
     def batch_key(self) -> tuple[Any, ...]:
-        return (self.op, self.n_steps, self.method) if self.op == "attribute" else (self.op,)
+        if self.op != "attribute":
+            return (self.op,)
+        return (self.op, "adaptive") if self.tolerance is not None else (self.op, self.n_steps, self.method)
 
     def result_bytes(self) -> int:
         """Memory a pass holds for this image: its path points and their gradients."""
@@ -373,7 +380,20 @@ class Worker:
             return [logits[i] for i in range(len(jobs))]
         targets = self._targets(jobs, inputs)
         baselines = torch.cat([job.baseline for job in jobs]).to(device)  # type: ignore[misc]
-        result, chunk = self._attribute(inputs, targets, baselines, jobs[0].n_steps, jobs[0].method, _watch(jobs))
+        if jobs[0].tolerance is not None:
+            answers, chunk = self._attribute(lambda max_batch: attribute_adaptive(
+                lambda points, _index: self.model.module(points), inputs, targets, baselines=baselines,
+                tolerance=[job.tolerance for job in jobs], max_steps=[job.n_steps for job in jobs],
+                max_batch=max_batch, allow_tf32=self.allow_tf32, modules=[self.model.module], on_chunk=_watch(jobs),
+            ), len(jobs))
+            for job, answer in zip(jobs, answers):  # its progress ends at the points it took
+                if job.listener is not None:
+                    job.listener.progress(answer.n_steps, answer.n_steps)
+            return [_finite(AttributionSlice(_to_cpu(answer), 0, chunk)) for answer in answers]
+        result, chunk = self._attribute(lambda max_batch: attribute(
+            self.model.module, inputs, targets, baselines=baselines, n_steps=jobs[0].n_steps,
+            method=jobs[0].method, max_batch=max_batch, allow_tf32=self.allow_tf32, on_chunk=_watch(jobs),
+        ), len(jobs))
         cpu = _to_cpu(result)
         return [_finite(AttributionSlice(cpu, i, chunk)) for i in range(len(jobs))]
 
@@ -384,24 +404,19 @@ class Worker:
             predicted = self.model.module(inputs).argmax(dim=1).tolist()
         return [p if job.target is None else job.target for job, p in zip(jobs, predicted)]
 
-    def _attribute(self, inputs: Tensor, targets: list[int], baselines: Tensor, n_steps: int, method: str,
-                   on_chunk: Callable[[int, int], None]) -> tuple[Attribution, int]:
-        """One pass, and the chunk size it ran with. Out of memory with several images:
-        raised, so that each image runs alone; with one image: retried in ever smaller
-        chunks (for this pass only)."""
+    def _attribute(self, run: Callable[[int], T], images: int) -> tuple[T, int]:
+        """``run(max_batch)``, and the chunk size it ran with. Out of memory with several
+        images: raised, so that each image runs alone; with one image: retried in ever
+        smaller chunks (for this pass only)."""
         chunk = self.max_batch
         while True:
             try:
-                return attribute(
-                    self.model.module, inputs, targets, baselines=baselines,
-                    n_steps=n_steps, method=method, max_batch=chunk, allow_tf32=self.allow_tf32,
-                    on_chunk=on_chunk,
-                ), chunk
+                return run(chunk), chunk
             except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
-                if not _is_out_of_memory(error) or chunk == 1 or len(inputs) > 1:
+                if not _is_out_of_memory(error) or chunk == 1 or images > 1:
                     raise
             # Here, past the except block, the failed attempt's tensors are released.
-            if inputs.device.type == "cuda":
+            if self.model.device.type == "cuda":
                 torch.cuda.empty_cache()
             self.oom_retries += 1
             chunk = max(1, chunk // 2)
@@ -413,7 +428,8 @@ def _finite(part: AttributionSlice) -> AttributionSlice | ComputeFailed:
     success that nobody can use)."""
     attribution, i = part.attribution, part.index
     for name, tensor in (("IG", attribution.integrated_grads[i]), ("the per-step gradients",
-                         attribution.directional_grads[i]), ("the logits", attribution.logits[i])):
+                         attribution.directional_grads[i]), ("the logits", attribution.logits[i]),
+                         ("the logits along the path", attribution.path_logits[i])):
         if not _all_finite(tensor):
             log("non_finite", level=30, where=name)
             return ComputeFailed(f"{name} of this image are not finite (NaN or infinity): the model or the "

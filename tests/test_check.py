@@ -27,9 +27,18 @@ def test_default_model(tmp_path: Path) -> None:
     assert report["classes"].startswith("1000: tench")
     top_class = report["top-5"].split(" (")[0]
     assert top_class in {"tiger cat", "Egyptian cat", "tabby"}
-    assert "convergence" in report and "warm-up" in report["timings"]
+    assert "estimated error" in report["accuracy"] and "completeness gap" in report["accuracy"]
+    assert "warm-up" in report["timings"]
     assert "(measured)" in report["attribution"] or "(cached)" in report["attribution"]
     assert out.stdout.rstrip().endswith("ok")
+
+
+def test_tolerance(fixtures: Path) -> None:
+    out = igd_check("-bp", str(fixtures / "bit-tiny.pth"), "--tolerance", "0.05", "--max-batch", "16")
+    assert out.returncode == 0, out.stderr
+    report = fields(out.stdout)
+    assert " adaptive steps" in report["attribution"]
+    assert "(meets the tolerance 0.05)" in report["accuracy"]
 
 
 @pytest.mark.parametrize("flag,family", [("-bp", "bit"), ("-lp", "lanet")])

@@ -29,6 +29,11 @@ CASES = [
     ({"baseline": "blur", "blur_sigma": -1.0}, "must be between 0 and 1000, got -1"),
     ({"gzip_level": 10}, "must be between 0 and 9, got 10"),
     ({"format": "png"}, "must be one of torch, npz, got 'png'"),
+    ({"tolerance": 0.05, "n_steps": 40}, None),
+    ({"tolerance": 0.0}, "must be between 0.0001 and 1, got 0"),
+    ({"tolerance": 2}, "must be between 0.0001 and 1, got 2"),
+    ({"tolerance": 0.05, "method": "riemann_left"}, "cannot be given with a tolerance, which places the points itself"),
+    ({"tolerance": 0.05, "n_steps": 8}, "must be at least 17 with a tolerance (its first look along the path), got 8"),
 ]
 
 

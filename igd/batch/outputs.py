@@ -21,7 +21,8 @@ from igd.protocol import BAD_REQUEST, INTERNAL
 
 # No floats: a status line is the same whichever backend, shard or batch produced it
 # (the values themselves are in the result files).
-STATUS_FIELDS = ("id", "path", "target", "ok", "output", "target_index", "target_name", "prediction", "code", "message")
+STATUS_FIELDS = ("id", "path", "target", "ok", "output", "target_index", "target_name", "prediction", "n_steps",
+                 "error_estimate", "completeness_gap", "tolerance_met", "code", "message")
 PARQUET_ROWS_PER_FILE = 256
 
 
@@ -119,7 +120,8 @@ class Escape(ValueError):
 class ParquetShards:
     """Rows in parquet files of up to 256 rows: ``OUT_DIR/<prefix>-00000.parquet``, ...
     Columns: id, path, target, target_index, target_name, prediction, probability,
-    convergence_delta, shape, integrated_grads (flat; float16 unless --dtype float32),
+    convergence_delta, completeness_gap, error_estimate, n_steps, (with --tolerance)
+    tolerance_met, shape, integrated_grads (flat; float16 unless --dtype float32),
     and with --with-steps directional_grads (flat, n_steps x C x H x W) and step_sizes."""
 
     def __init__(self, out_dir: Path, shard: tuple[int, int] | None) -> None:
@@ -155,7 +157,8 @@ class ParquetShards:
         name = f"{self.prefix}-{self.written:05d}.parquet"
         self.written += 1
         columns = [c for c in ("id", "path", "target", "target_index", "target_name", "prediction", "probability",
-                               "convergence_delta", "shape", "integrated_grads", "directional_grads", "step_sizes")
+                               "convergence_delta", "completeness_gap", "error_estimate", "n_steps", "tolerance_met",
+                               "shape", "integrated_grads", "directional_grads", "step_sizes")
                    if c in rows[0]]
         table = pa.table({c: [row[c] for row in rows] for c in columns})
         buffer = io.BytesIO()

@@ -95,7 +95,12 @@ class BatchAttributor:
             "prediction": prediction,
             "probability": probability,
             "convergence_delta": answer.convergence_delta,
+            "completeness_gap": pipeline.finite_or_none(answer.completeness_gap),
+            "error_estimate": pipeline.finite_or_none(answer.error_estimate),
+            "n_steps": answer.part.attribution.n_steps,
         }
+        if answer.part.attribution.tolerance is not None:
+            row["tolerance_met"] = answer.part.attribution.tolerance_met
         if self.options.fmt != "parquet":
             row["data"] = answer.file_bytes()
         else:

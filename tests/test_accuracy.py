@@ -1,0 +1,201 @@
+"""Accuracy you can see and order: the error estimate of every result against the true
+error (a fine reference integral computed independently here), and adaptive quadrature
+to a tolerance; then the same through a real daemon, igctl and `igd batch`."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import nets
+from daemon import IGD, Igd, short_tempdir
+from igd import accuracy
+from igd.adaptive import START_POINTS, attribute_adaptive
+from igd.attribution import attribute, quadrature
+from wire import WireClient
+
+REFERENCE_POINTS = 8192
+
+
+def reference_ig(model: torch.nn.Module, x: torch.Tensor, target: int) -> torch.Tensor:
+    """IG of one input (1, *F) from zero by the midpoint rule on REFERENCE_POINTS panels,
+    written here from the definition (no igd code): the "true" integral of these tests."""
+    total = torch.zeros_like(x[0], dtype=torch.float64)
+    for start in range(0, REFERENCE_POINTS, 512):
+        alphas = (torch.arange(start, start + 512, dtype=torch.float64) + 0.5) / REFERENCE_POINTS
+        points = (alphas.view(-1, 1, 1, 1) * x).float().requires_grad_(True)
+        model(points)[:, target].sum().backward()
+        total += points.grad.double().sum(0)
+    return (x[0].double() * total / REFERENCE_POINTS).float()
+
+
+def relative_error(ig: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((ig.double() - reference.double()).norm() / reference.double().norm())
+
+
+@pytest.fixture(scope="module")
+def relu_net() -> tuple[torch.nn.Module, torch.Tensor, int]:
+    """A piecewise-linear network (conv, BatchNorm, ReLU) and an input whose IG needs
+    many points: the case the estimate is built for."""
+    model = nets.batchnorm_cnn().eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    x = nets.images(1, seed=11) * 3
+    return model, x, int(model(x).argmax())
+
+
+@pytest.fixture(scope="module")
+def reference(relu_net: tuple) -> torch.Tensor:
+    return reference_ig(*relu_net)
+
+
+@pytest.mark.parametrize("method", ["gausslegendre", "riemann_middle", "riemann_trapezoid", "riemann_left"])
+@pytest.mark.parametrize("n_steps", [8, 32, 128])
+def test_the_estimate_tracks_the_true_error(relu_net: tuple, reference: torch.Tensor, method: str,
+                                            n_steps: int) -> None:
+    model, x, target = relu_net
+    result = attribute(model, x, target, n_steps=n_steps, method=method)
+    true = relative_error(result.integrated_grads[0], reference)
+    estimate = float(result.error_estimate[0])
+    assert true / 3 <= estimate <= 3 * true, (true, estimate)
+
+
+def test_the_target_logit_along_the_path_is_the_models(relu_net: tuple) -> None:
+    model, x, target = relu_net
+    result = attribute(model, x, target, n_steps=10)
+    expected = model(result.intermediates[0])[:, target]
+    assert result.path_logits.shape == (1, 10)
+    torch.testing.assert_close(result.path_logits[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_tolerance_is_met_with_the_true_error_near_it(relu_net: tuple, reference: torch.Tensor) -> None:
+    model, x, target = relu_net
+    for tolerance in (0.02, 0.005):
+        (result,) = attribute_adaptive(lambda p, _i: model(p), x, target, tolerance=tolerance, max_steps=1024,
+                                       max_batch=64, modules=[model])
+        true = relative_error(result.integrated_grads[0], reference)
+        assert result.tolerance_met and float(result.error_estimate[0]) <= tolerance
+        assert true <= 1.5 * tolerance, (tolerance, true, result.n_steps)
+        assert START_POINTS < result.n_steps < 1024 and result.method == "adaptive"
+
+
+def test_adaptive_answers_follow_the_documented_formula(relu_net: tuple) -> None:
+    model, x, target = relu_net
+    (result,) = attribute_adaptive(lambda p, _i: model(p), x, target, tolerance=0.03, max_steps=300, modules=[model])
+    alphas, weights = result.alphas, result.step_sizes
+    assert alphas[0] == 0 and alphas[-1] == 1 and bool((alphas[1:] > alphas[:-1]).all())
+    assert math.isclose(float(weights.double().sum()), 1.0, rel_tol=1e-6)
+    recomputed = x * (result.directional_grads[0] * weights.view(-1, 1, 1, 1)).sum(0)
+    torch.testing.assert_close(result.integrated_grads[0], recomputed[0], rtol=1e-5, atol=1e-6)
+    # the per-step gradients are the model's at the path points it reports
+    points = result.intermediates[0][::7].requires_grad_(True)
+    model(points)[:, target].sum().backward()
+    torch.testing.assert_close(result.directional_grads[0][::7], points.grad, rtol=1e-4, atol=1e-6)
+    expected_logits = model(result.intermediates[0])[:, target]
+    torch.testing.assert_close(result.path_logits[0], expected_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_the_cap_bounds_the_points_and_says_so(relu_net: tuple) -> None:
+    model, x, target = relu_net
+    (result,) = attribute_adaptive(lambda p, _i: model(p), x, target, tolerance=1e-4, max_steps=40, modules=[model])
+    assert result.n_steps <= 40 and result.tolerance_met is False
+    assert float(result.error_estimate[0]) > 1e-4
+
+
+def test_images_of_one_pass_stop_at_their_own_points(relu_net: tuple) -> None:
+    model, _, _ = relu_net
+    inputs = nets.images(3, seed=5) * 3
+    targets = [int(t) for t in model(inputs).argmax(1)]
+    shared = attribute_adaptive(lambda p, _i: model(p), inputs, targets, tolerance=[0.1, 0.003, 0.01],
+                                max_steps=[400, 400, 30], max_batch=16, modules=[model])
+    for i, result in enumerate(shared):
+        (alone,) = attribute_adaptive(lambda p, _i: model(p), inputs[i : i + 1], targets[i],
+                                      tolerance=[0.1, 0.003, 0.01][i], max_steps=[400, 400, 30][i], max_batch=16,
+                                      modules=[model])
+        assert result.n_steps == alone.n_steps and torch.equal(result.alphas, alone.alphas)
+        torch.testing.assert_close(result.integrated_grads, alone.integrated_grads, rtol=1e-5, atol=1e-7)
+    assert shared[2].n_steps <= 30 and shared[0].n_steps < shared[1].n_steps
+
+
+def test_panel_errors_and_trapezoid_weights_by_hand() -> None:
+    alphas = torch.tensor([0.0, 0.25, 1.0])
+    directional = torch.tensor([[0.0, 0.0], [3.0, 4.0], [3.0, 4.0]])
+    errors = accuracy.panel_errors(alphas, directional, torch.ones(2))
+    # panel 1: h 0.25, |J| 5 -> 0.25 / 2 * 5 / sqrt(3); panel 2: no jump
+    assert torch.allclose(errors, torch.tensor([0.625 / math.sqrt(3), 0.0], dtype=torch.float64))
+    assert accuracy.trapezoid_weights(alphas).tolist() == [0.125, 0.5, 0.375]
+    nodes, _ = quadrature("riemann_middle", 4)
+    assert accuracy.trapezoid_weights(torch.tensor(nodes)).tolist() == pytest.approx([0.25] * 4)
+    assert accuracy.completeness_gap(-1.0, -4.0) == -0.25 and accuracy.completeness_gap(0.0, 0.0) == 0.0
+    assert accuracy.completeness_gap(1.0, 0.0) == math.inf
+
+
+# --- through a real daemon ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bit(fixtures: Path):
+    with Igd("-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "16") as igd:
+        yield igd
+
+
+def test_tolerance_through_igctl(bit: Igd, fixtures: Path) -> None:
+    work = short_tempdir()
+    image = fixtures / "images" / "chelsea.png"
+    run = bit.igctl("attribute", str(image), "cat", "--tolerance", "0.05", "-o", str(work / "cat.gzip"))
+    assert run.returncode == 0, run.stderr
+    line = run.stdout.decode()
+    assert "estimated error" in line and "completeness gap" in line, line
+    with gzip.open(work / "cat.gzip") as f:
+        result = torch.load(io.BytesIO(f.read()), weights_only=True)
+    n = result["n_steps"]
+    assert result["method"] == "adaptive" and result["tolerance"] == 0.05 and result["tolerance_met"] is True
+    assert result["error_estimate"] <= 0.05 and START_POINTS <= n
+    assert result["path_logits"].shape == (n,) and result["integrated_directional_grads"].shape[0] == n
+    assert result["path_logits"][-1].item() == pytest.approx(result["output"][0, 3].item(), rel=1e-4, abs=1e-4)
+    assert f"{n} steps" in line
+
+    coarse = bit.igctl("attribute", str(image), "cat", "--steps", "2", "-o", str(work / "coarse.gzip"), "--json")
+    record = json.loads(coarse.stdout)
+    assert record["error_estimate"] > 0.05  # two points are far off
+    assert "warning" in coarse.stderr.decode() and "--tolerance 0.025" in coarse.stderr.decode()
+
+    capped = bit.igctl("attribute", str(image), "cat", "--tolerance", "0.0001", "--steps", "20",
+                       "-o", str(work / "capped.gzip"), "--json")
+    record = json.loads(capped.stdout)
+    assert capped.returncode == 0 and record["tolerance_met"] is False and record["n_steps"] <= 20
+    assert "the tolerance was not met within" in capped.stderr.decode()
+
+
+def test_tolerance_on_the_wire_and_fixed_rules_unchanged(bit: Igd, fixtures: Path) -> None:
+    image = (fixtures / "images" / "chelsea.png").read_bytes()
+    with WireClient(str(bit.socket)) as client:
+        adaptive = client.call("attribute", {"image": image, "target": 3, "tolerance": 0.05,
+                                             "format": "npz"})["result"]
+        fixed = client.call("attribute", {"image": image, "target": 3, "n_steps": 50})["result"]
+    assert adaptive["method"] == "adaptive" and adaptive["tolerance_met"] and adaptive["error_estimate"] <= 0.05
+    assert fixed["method"] == "gausslegendre" and fixed["n_steps"] == 50 and "tolerance" not in fixed
+    assert isinstance(fixed["error_estimate"], float) and isinstance(fixed["completeness_gap"], float)
+    result = torch.load(io.BytesIO(gzip.decompress(fixed["data"])), weights_only=True)
+    assert result["error_estimate"] == fixed["error_estimate"] and result["path_logits"].shape == (50,)
+
+
+def test_tolerance_through_igd_batch(fixtures: Path) -> None:
+    work = short_tempdir()
+    (work / "in").mkdir()
+    for name in ("chelsea.png", "coffee.png"):
+        (work / "in" / name).write_bytes((fixtures / "images" / name).read_bytes())
+    run = subprocess.run([IGD, "batch", str(work / "in"), str(work / "out"), "-bp", str(fixtures / "bit-tiny.pth"),
+                          "--max-batch", "16", "-t", "cat", "--tolerance", "0.05"], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = [json.loads(line) for line in (work / "out" / "status.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(row["tolerance_met"] and row["error_estimate"] <= 0.05 for row in rows)
+    assert all(row["n_steps"] >= START_POINTS and "completeness_gap" in row for row in rows)
