@@ -68,7 +68,7 @@ def error_estimate(alphas: Tensor, weights: Tensor, directional: Tensor, delta: 
     order = torch.argsort(alphas)
     if not bool((order == torch.arange(len(alphas), device=order.device)).all()):
         alphas, weights, directional = alphas[order], weights[order], directional[order]
-    random_part = float(panel_errors(alphas, directional, delta).square().sum())
+    squared = float(panel_errors(alphas, directional, delta).square().sum())
     bias_weights = weights.double().cpu() - trapezoid_weights(alphas)
     if bool((bias_weights.abs() > 1e-7).any()):
         bias = torch.zeros_like(delta, dtype=torch.float64)
@@ -76,9 +76,14 @@ def error_estimate(alphas: Tensor, weights: Tensor, directional: Tensor, delta: 
         for start in range(0, len(alphas), _STEP_BLOCK):
             block = slice(start, start + _STEP_BLOCK)
             bias += (bias_weights[block].to(directional.device).view(shape) * directional[block]).sum(0).double()
-        random_part += float(torch.linalg.vector_norm(bias * delta)) ** 2
+        squared += float(torch.linalg.vector_norm(bias * delta)) ** 2
+    return relative(math.sqrt(squared), integrated)
+
+
+def relative(error: float, integrated: Tensor) -> float:
+    """An absolute L2 ``error`` relative to IG (*F): 0.0 for a zero IG with nothing left
+    to integrate, inf for a zero IG with something."""
     size = float(torch.linalg.vector_norm(integrated.double()))
-    error = math.sqrt(random_part)
     if size == 0.0:
         return 0.0 if error == 0.0 else math.inf
     return error / size

@@ -26,7 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from igd import accuracy
-from igd.attribution import Attribution, ChunkCallback, Path, PointForward, Target, engine_mode, weighted_sum
+from igd.attribution import (
+    Attribution, ChunkCallback, Path, PointForward, Target, check_max_batch, engine_mode, weighted_sum,
+)
 
 METHOD = "adaptive"
 FIRST_PANELS = 16  # the first look: 17 nodes
@@ -57,9 +59,7 @@ class _Image:
         errors = accuracy.panel_errors(alphas, directional, delta)
         weights = accuracy.trapezoid_weights(alphas).to(store.dtype)
         integrated = delta * weighted_sum(directional.unsqueeze(0), weights.to(store.device))[0]
-        size = float(torch.linalg.vector_norm(integrated.double()))
-        total = float(errors.square().sum().sqrt())
-        self.estimate = total / size if size > 0 else (0.0 if total == 0 else math.inf)
+        self.estimate = accuracy.relative(float(errors.square().sum().sqrt()), integrated)
         room = self.cap - len(self.nodes)
         if self.estimate <= self.tolerance or room <= 0:
             self.done = True
@@ -99,8 +99,7 @@ def attribute_adaptive(
     caps = [int(c) for c in _per_image(max_steps, batch, "max_steps")]
     if any(not 0 < t <= 1 for t in tolerances) or any(c < START_POINTS for c in caps):
         raise ValueError(f"tolerance must be in (0, 1] and max_steps at least {START_POINTS}")
-    if max_batch is not None and (isinstance(max_batch, bool) or max_batch < 1):
-        raise ValueError(f"max_batch must be None or >= 1, got {max_batch!r}")
+    check_max_batch(max_batch)
     images = [_Image(i, t, c) for i, (t, c) in enumerate(zip(tolerances, caps))]
     first = [k * (_GRID // FIRST_PANELS) for k in range(FIRST_PANELS + 1)]
     budget = sum(caps)

@@ -192,8 +192,7 @@ def attribute_points(
     if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or inputs.dim() < 2:
         raise ValueError("inputs must be a floating point tensor of shape (B, ...)")
     alphas_list, weights_list = quadrature(method, n_steps)
-    if max_batch is not None and (isinstance(max_batch, bool) or max_batch < 1):
-        raise ValueError(f"max_batch must be None or >= 1, got {max_batch!r}")
+    check_max_batch(max_batch)
     batch, device, dtype = inputs.shape[0], inputs.device, inputs.dtype
     chunk = balanced_chunk(batch * n_steps, max_batch)
 
@@ -223,6 +222,11 @@ def attribute_points(
         error_estimate=torch.tensor([accuracy.error_estimate(alphas, weights, directional[i], path.delta[i], integrated[i])
                                      for i in range(batch)], dtype=torch.float64),
     )
+
+
+def check_max_batch(max_batch: int | None) -> None:
+    if max_batch is not None and (isinstance(max_batch, bool) or max_batch < 1):
+        raise ValueError(f"max_batch must be None or >= 1, got {max_batch!r}")
 
 
 @contextlib.contextmanager
