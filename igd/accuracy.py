@@ -29,6 +29,9 @@ from torch import Tensor
 
 # rms error of a panel with one unseen jump, over its worst case h |J| / 2
 JUMP_RMS = 1 / math.sqrt(3)
+# How many float32 ulps of the logits a forward pass may be off by: the completeness gap's
+# floor (a 96-layer test network moves its logits by 1 ulp along the whole path).
+ROUNDING_ULPS = 64
 # Neighbouring gradients are differenced this many steps at a time (a bounded temporary).
 _STEP_BLOCK = 32
 
@@ -89,10 +92,21 @@ def relative(error: float, integrated: Tensor) -> float:
     return error / size
 
 
-def completeness_gap(convergence_delta: float, rise: float) -> float:
+def completeness_gap(convergence_delta: float, rise: float, logit_scale: float = 0.0,
+                     eps: float = float(torch.finfo(torch.float32).eps)) -> float:
     """``convergence_delta`` relative to ``rise`` = F_t(x) - F_t(b): how far sum(IG) falls
-    short of (negative) or beyond (positive) what it should add up to. 0.0 when both are
-    zero; +-inf when only the rise is."""
-    if rise == 0.0:
-        return 0.0 if convergence_delta == 0.0 else math.copysign(math.inf, convergence_delta)
-    return convergence_delta / abs(rise)
+    short of (negative) or beyond (positive) what it should add up to.
+
+    Logits of size ``logit_scale`` = max(|F_t(x)|, |F_t(b)|) are only known to within
+    their rounding, ``ROUNDING_ULPS * eps * logit_scale`` (a model whose output barely moves
+    along the path has a rise of one ulp, and sum(IG) of zero is then exact, not -100 %
+    off). A delta within that resolution is a gap of 0.0; otherwise the rise is taken as
+    at least the resolution. +-inf only when the delta is nonzero and the rise and the
+    logits are all exactly zero."""
+    resolution = ROUNDING_ULPS * eps * abs(logit_scale)
+    if abs(convergence_delta) <= resolution:
+        return 0.0
+    denominator = max(abs(rise), resolution)
+    if denominator == 0.0:
+        return math.copysign(math.inf, convergence_delta)
+    return convergence_delta / denominator

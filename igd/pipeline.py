@@ -18,6 +18,7 @@ from functools import cached_property
 from typing import Any, BinaryIO
 
 from PIL import Image
+import torch
 from torch import Tensor
 
 from igd.accuracy import completeness_gap
@@ -131,8 +132,9 @@ class Answer:
     def completeness_gap(self) -> float:
         attribution, i = self.part.attribution, self.part.index
         target = self.target_index
-        rise = float(attribution.logits[i, target]) - float(attribution.baseline_logits[i, target])
-        return completeness_gap(self.convergence_delta, rise)
+        end, start = float(attribution.logits[i, target]), float(attribution.baseline_logits[i, target])
+        eps = float(torch.finfo(attribution.logits.dtype).eps)
+        return completeness_gap(self.convergence_delta, end - start, max(abs(end), abs(start)), eps)
 
     def result(self) -> Result:
         """The result dict (the predecessor's keys and igd's additions)."""

@@ -137,6 +137,18 @@ def test_panel_errors_and_trapezoid_weights_by_hand() -> None:
     assert accuracy.completeness_gap(1.0, 0.0) == math.inf
 
 
+def test_completeness_gap_of_a_rise_lost_in_rounding() -> None:
+    """A model whose logit moves by one ulp along the path (tests/nets.py's slow model:
+    F(x) = F(b) = 0.0105 to 1e-9) has sum(IG) = 0 exactly right, not a -100 % gap."""
+    ulp = 2.0 ** -30  # of 0.0105 in float32
+    assert accuracy.completeness_gap(-ulp, ulp, 0.0105) == 0.0
+    resolution = accuracy.ROUNDING_ULPS * torch.finfo(torch.float32).eps * 0.0105
+    assert accuracy.completeness_gap(-2 * resolution, ulp, 0.0105) == pytest.approx(-2.0)
+    # logits of 10 moving by 4: the floor (8e-5) is far below, the gap is plain delta / rise
+    assert accuracy.completeness_gap(-1.0, 4.0, 10.0) == -0.25
+    assert accuracy.completeness_gap(1e-5, 4.0, 10.0) == 0.0
+
+
 # --- through a real daemon ---------------------------------------------------------------
 
 
