@@ -34,8 +34,12 @@ METHOD = "adaptive"
 FIRST_PANELS = 16  # the first look: 17 nodes
 START_POINTS = FIRST_PANELS + 1  # the fewest points an adaptive request may be capped at
 SPLIT_FRACTION = 0.25  # of an image's panels, bisected per round
-# Nodes are multiples of 2^-20 (exact in float32): bisection stops at panels of 2^-20.
-_GRID = 1 << 20
+# Nodes are multiples of 2^-60, and a panel is bisected only while its midpoint is exact in
+# float32 (so the path points are exactly the reported alphas): panels go down to 2^-60
+# near 0 and to 2^-24 near 1. The fine end matters: BiT's GroupNorm after bias-free
+# standardised convolutions makes the network scale-invariant along a zero-baseline path,
+# and the target logit makes its whole rise at alphas of 1e-7 to 1e-2.
+_GRID = 1 << 60
 
 
 @dataclass
@@ -64,9 +68,10 @@ class _Image:
         if self.estimate <= self.tolerance or room <= 0:
             self.done = True
             return []
-        widths = torch.tensor([b - a for a, b in zip(self.nodes, self.nodes[1:])])
-        errors[widths < 2] = -1.0  # as fine as the grid goes
-        count = min(room, max(1, math.ceil(SPLIT_FRACTION * len(widths))))
+        for k, (a, b) in enumerate(zip(self.nodes, self.nodes[1:])):
+            if not _splittable(a, b):
+                errors[k] = -1.0  # as fine as float32 goes
+        count = min(room, max(1, math.ceil(SPLIT_FRACTION * len(errors))))
         picked = [int(i) for i in torch.argsort(errors, descending=True)[:count] if errors[i] > 0]
         if not picked:
             self.done = True
@@ -161,6 +166,15 @@ def _answer(path: Path, image: _Image, store: Tensor, logits: Tensor) -> Attribu
         tolerance=image.tolerance,
         tolerance_met=image.estimate <= image.tolerance,
     )
+
+
+def _splittable(start: int, end: int) -> bool:
+    """Whether the panel between grid nodes ``start`` < ``end`` has a midpoint on the grid
+    whose alpha is exact in float32 (and so differs from both ends)."""
+    if (start + end) % 2:
+        return False
+    alpha = (start + end) // 2 / _GRID
+    return float(torch.tensor(alpha, dtype=torch.float32)) == alpha
 
 
 @dataclass(frozen=True)
