@@ -1,0 +1,295 @@
+"""How accurate IG is, and how well igd's error estimate says so: every fixed rule and
+adaptive quadrature against a converged reference integral.
+
+    python bench/accuracy.py                               # default model on 8 photos, BiT and LaNet fixtures
+    python bench/accuracy.py --models effnet --photos 2 --json out.json
+
+Photos: the 8 natural photos bundled with scikit-image (`pip install -e '.[bench]'`),
+each attributed to its predicted class from the zero baseline (igd's defaults). The
+reference is the trapezoid rule on 2048 even panels, graded towards the baseline inside
+the first (48 nodes per decade down to 1e-12), written here in plain torch from the
+definition (no igd code); its own error is reported two ways (its jump-model estimate and
+its distance to the 1024-panel trapezoid on every other node). For each (photo, setting):
+the true relative L2 error of IG against the reference, igd's ``error_estimate``, and the
+gradient evaluations used. "GL for the same error" fits ``log error = a + b log n`` to
+the Gauss-Legendre rows of that photo and reads off the points a Gauss-Legendre rule needs
+for the adaptive answer's true error. Not a test: no asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference import assemble  # noqa: E402  (the BiT and LaNet fixtures, as the tests build them)
+
+from igd.adaptive import attribute_adaptive  # noqa: E402
+from igd.attribution import attribute  # noqa: E402
+from igd.models import LoadedModel, load_model  # noqa: E402
+
+PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
+          "hubble_deep_field.jpg", "retina.jpg", "camera.png")
+GAUSS_LEGENDRE = (16, 32, 50, 64, 128, 256)
+OTHER_RULES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
+TOLERANCES = (0.05, 0.02, 0.01)
+ADAPTIVE_CAP = 1024
+CHUNK = 32
+GRADED_PER_DECADE = 48
+
+
+@dataclass
+class Row:
+    model: str
+    photo: str
+    setting: str  # "gausslegendre 50", "adaptive 2 %", ...
+    method: str
+    points: int  # gradient evaluations (path points)
+    true_error: float  # relative L2 of IG against the reference
+    estimate: float  # igd's error_estimate
+    completeness_gap: float
+    seconds: float
+
+
+def photo_paths(count: int) -> list[Path]:
+    import skimage  # bench extra: only its bundled photos are used
+
+    folder = Path(skimage.__file__).parent / "data"
+    return [folder / name for name in PHOTOS[:count]]
+
+
+def reference_nodes(panels: int) -> torch.Tensor:
+    """(n,) float64 increasing: j / panels for j = 0..panels, and inside the first panel a
+    geometric grid from 1e-12 with GRADED_PER_DECADE nodes per decade. The graded part is
+    for BiT: its GroupNorm makes the network scale-invariant along a zero-baseline path, so
+    its target logit rises at alphas of 1e-7 to 1e-2, where even panels see nothing."""
+    uniform = torch.arange(panels + 1, dtype=torch.float64) / panels
+    decades = math.log10(1 / panels) + 12
+    graded = torch.logspace(-12, math.log10(1 / panels), int(decades * GRADED_PER_DECADE), dtype=torch.float64)
+    return torch.cat([uniform[:1], graded[:-1], uniform[1:]])
+
+
+def trapezoid(nodes: torch.Tensor) -> torch.Tensor:
+    """(n,) weights of the trapezoid rule through ``nodes`` (n,), which span [0, 1]."""
+    half = (nodes[1:] - nodes[:-1]) / 2
+    weights = torch.zeros_like(nodes)
+    weights[:-1] += half
+    weights[1:] += half
+    return weights
+
+
+def reference_ig(model: torch.nn.Module, x: torch.Tensor, target: int, panels: int) -> dict[str, object]:
+    """IG of x (1, *F) from zero by the trapezoid rule through :func:`reference_nodes`,
+    plainly: the gradient of the target logit at each a * x, weighted. Also the rule through
+    every other node (its distance tells how far the reference is converged) and the rule's
+    own jump-model estimate sqrt(sum_k (h_k / 2 |x * (g_{k+1} - g_k)| / sqrt 3)^2) / |IG|."""
+    nodes = reference_nodes(panels)
+    weights = trapezoid(nodes)
+    every_other = torch.cat([torch.arange(0, len(nodes) - 1, 2), torch.tensor([len(nodes) - 1])]).unique()
+    coarse_weights = torch.zeros_like(nodes)
+    coarse_weights[every_other] = trapezoid(nodes[every_other])
+    fine = torch.zeros_like(x[0], dtype=torch.float64)
+    coarse = torch.zeros_like(x[0], dtype=torch.float64)
+    errors_squared, previous = 0.0, None
+    for start in range(0, len(nodes), CHUNK):
+        block = nodes[start : start + CHUNK]
+        points = (block.view(-1, 1, 1, 1) * x.double()).float().requires_grad_(True)
+        model(points)[:, target].sum().backward()
+        for offset, grad in enumerate(points.grad.double()):
+            k = start + offset
+            fine += weights[k] * grad
+            coarse += coarse_weights[k] * grad
+            if previous is not None:
+                width = float(nodes[k] - nodes[k - 1])
+                errors_squared += (width / 2 * float(((grad - previous) * x[0]).norm()) / math.sqrt(3)) ** 2
+            previous = grad
+    ig, ig_coarse = x[0].double() * fine, x[0].double() * coarse
+    return {"ig": ig, "points": len(nodes), "estimate": math.sqrt(errors_squared) / float(ig.norm()),
+            "vs_half": float((ig_coarse - ig).norm() / ig.norm())}
+
+
+def settings() -> list[tuple[str, str, float]]:
+    """(label, method, n_steps or tolerance) of every setting measured."""
+    rows = [(f"gausslegendre {n}", "gausslegendre", n) for n in GAUSS_LEGENDRE]
+    rows += [(f"{rule} 50", rule, 50) for rule in OTHER_RULES]
+    rows += [(f"adaptive {t:.0%}".replace("%", " %"), "adaptive", t) for t in TOLERANCES]
+    return rows
+
+
+def measure(loaded: LoadedModel, label: str, photo: Path, panels: int) -> tuple[list[Row], dict[str, object]]:
+    model = loaded.module
+    x = loaded.preprocess(Image.open(photo).convert("RGB"))
+    with torch.no_grad():
+        target = int(model(x).argmax())
+    start = time.perf_counter()
+    reference = reference_ig(model, x, target, panels)
+    reference_s = time.perf_counter() - start
+    truth = reference["ig"]
+    rows = []
+    for setting, method, value in settings():
+        start = time.perf_counter()
+        if method == "adaptive":
+            (result,) = attribute_adaptive(lambda p, _i: model(p), x, target, tolerance=value,
+                                           max_steps=ADAPTIVE_CAP, max_batch=CHUNK, modules=[model])
+        else:
+            result = attribute(model, x, target, n_steps=int(value), method=method, max_batch=CHUNK)
+        seconds = time.perf_counter() - start
+        ig = result.integrated_grads[0].double()
+        rise = float(result.logits[0, target] - result.baseline_logits[0, target])
+        rows.append(Row(label, photo.name, setting, method, result.n_steps,
+                        float((ig - truth).norm() / truth.norm()), float(result.error_estimate[0]),
+                        float(result.convergence_delta[0]) / abs(rise), seconds))
+    about = {"model": label, "photo": photo.name, "target": loaded.class_names[target],
+             "reference_points": reference["points"], "reference_estimate": reference["estimate"],
+             "reference_vs_half": reference["vs_half"], "reference_s": reference_s}
+    return rows, about
+
+
+def gauss_legendre_needed(rows: list[Row], error: float) -> float | None:
+    """Points a Gauss-Legendre rule needs for ``error`` on this photo, from the power law
+    fitted (least squares in log-log) to the photo's Gauss-Legendre rows; None when they
+    do not converge (error falling slower than n^-0.2: BiT from the zero baseline)."""
+    pairs = [(math.log(r.points), math.log(r.true_error)) for r in rows if r.method == "gausslegendre"]
+    mean_n = statistics.fmean(p[0] for p in pairs)
+    mean_e = statistics.fmean(p[1] for p in pairs)
+    slope = sum((n - mean_n) * (e - mean_e) for n, e in pairs) / sum((n - mean_n) ** 2 for n, _ in pairs)
+    if slope > -0.2:
+        return None
+    return math.exp(mean_n + (math.log(error) - mean_e) / slope)
+
+
+def comparisons(rows: list[Row]) -> list[dict[str, object]]:
+    """Per (model, photo, adaptive setting): its points against the Gauss-Legendre rule of
+    the same true error (fitted, and the smallest measured one that is as good)."""
+    out = []
+    keys = sorted({(r.model, r.photo) for r in rows}, key=lambda k: [r.photo for r in rows].index(k[1]))
+    for model, photo in keys:
+        mine = [r for r in rows if r.model == model and r.photo == photo]
+        for row in (r for r in mine if r.method == "adaptive"):
+            measured = [r.points for r in mine if r.method == "gausslegendre" and r.true_error <= row.true_error]
+            needed = gauss_legendre_needed(mine, row.true_error)
+            out.append({"model": model, "photo": photo, "setting": row.setting, "points": row.points,
+                        "true_error": row.true_error, "estimate": row.estimate,
+                        "gl_points_fit": needed, "ratio_fit": None if needed is None else needed / row.points,
+                        "gl_points_measured": min(measured) if measured else None})
+    return out
+
+
+def savings(compared: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Per (model, adaptive setting), over the photos where Gauss-Legendre converges: mean
+    points of adaptive and of the Gauss-Legendre rule of the same true error, their ratio,
+    and the worst true error adaptive reached."""
+    out = []
+    for model, setting in dict.fromkeys((c["model"], c["setting"]) for c in compared):
+        mine = [c for c in compared if c["model"] == model and c["setting"] == setting]
+        fitted = [c for c in mine if c["gl_points_fit"] is not None]
+        entry = {"model": model, "setting": setting, "photos": len(mine), "photos_fitted": len(fitted),
+                 "true_error_max": max(c["true_error"] for c in mine),
+                 "adaptive_points_mean": statistics.fmean(c["points"] for c in mine)}
+        if fitted:
+            adaptive = statistics.fmean(c["points"] for c in fitted)
+            needed = statistics.fmean(c["gl_points_fit"] for c in fitted)
+            entry.update(gl_points_mean=needed, ratio_of_means=needed / adaptive,
+                         ratio_min=min(c["ratio_fit"] for c in fitted), ratio_max=max(c["ratio_fit"] for c in fitted))
+        out.append(entry)
+    return out
+
+
+def summary(rows: list[Row]) -> list[dict[str, object]]:
+    """Per (model, setting), over the photos: points, true error and estimate / true."""
+    out = []
+    for model in dict.fromkeys(r.model for r in rows):
+        for setting, _, _ in settings():
+            mine = [r for r in rows if r.model == model and r.setting == setting]
+            ratios = [r.estimate / r.true_error for r in mine]
+            out.append({"model": model, "setting": setting, "photos": len(mine),
+                        "points_mean": statistics.fmean(r.points for r in mine),
+                        "true_error_median": statistics.median(r.true_error for r in mine),
+                        "true_error_max": max(r.true_error for r in mine),
+                        "estimate_over_true_median": statistics.median(ratios),
+                        "within_3x": sum(1 / 3 <= q <= 3 for q in ratios)})
+    return out
+
+
+def load(name: str, fixtures: Path) -> tuple[str, LoadedModel]:
+    if name == "effnet":
+        return "EfficientNet-Lite0 (pretrained), 224x224", load_model()
+    if name == "bit":
+        return "BiT fixture (bit-tiny, 32x32)", load_model(bit_path=fixtures / "bit-tiny.pth")
+    if name == "lanet":
+        return "LaNet fixture (lanet-tiny, 32x32)", load_model(lanet_path=fixtures / "lanet-tiny.pth")
+    raise ValueError(f"unknown model {name!r}")
+
+
+def print_tables(about: list[dict], compared: list[dict], saved: list[dict], summed: list[dict]) -> None:
+    print("| model | setting | points (mean) | true error, median | max | estimate / true, median | within 3x |")
+    print("|---|---|---|---|---|---|---|")
+    for s in summed:
+        print(f"| {s['model']} | {s['setting']} | {s['points_mean']:.0f} | {s['true_error_median']:.1%} | "
+              f"{s['true_error_max']:.1%} | {s['estimate_over_true_median']:.2f} | {s['within_3x']}/{s['photos']} |")
+    print("\n| model | adaptive | points (mean) | worst true error | GL points, same error (mean) | ratio | range |")
+    print("|---|---|---|---|---|---|---|")
+    for v in saved:
+        if "ratio_of_means" in v:
+            tail = (f"{v['gl_points_mean']:.0f} | **{v['ratio_of_means']:.2f}x** | "
+                    f"{v['ratio_min']:.2f}-{v['ratio_max']:.2f}x")
+        else:
+            tail = "Gauss-Legendre does not converge | | "
+        print(f"| {v['model']} | {v['setting']} | {v['adaptive_points_mean']:.0f} | {v['true_error_max']:.2%} | {tail} |")
+    print("\n| model | photo | setting | points | true error | estimate | GL points for it (fit) | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for c in compared:
+        fit = "no convergence" if c["gl_points_fit"] is None else f"{c['gl_points_fit']:.0f}"
+        ratio = "" if c["ratio_fit"] is None else f"{c['ratio_fit']:.2f}x"
+        print(f"| {c['model']} | {c['photo']} | {c['setting']} | {c['points']} | {c['true_error']:.2%} | "
+              f"{c['estimate']:.2%} | {fit} | {ratio} |")
+    print("\n| model | photo | target | reference: own estimate | vs half its points | seconds |")
+    print("|---|---|---|---|---|---|")
+    for a in about:
+        print(f"| {a['model']} | {a['photo']} | {a['target']} | {a['reference_estimate']:.2%} | "
+              f"{a['reference_vs_half']:.2%} | {a['reference_s']:.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="effnet,bit,lanet", help="comma-separated: effnet, bit, lanet")
+    parser.add_argument("--photos", type=int, default=len(PHOTOS), help=f"how many of the {len(PHOTOS)} photos")
+    parser.add_argument("--reference-panels", type=int, default=2048)
+    parser.add_argument("--json", type=Path, help="also write every row here")
+    args = parser.parse_args()
+    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU"
+    rows: list[Row] = []
+    about: list[dict] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        fixtures = assemble(Path(scratch) / "fixtures")
+        for name in args.models.split(","):
+            label, loaded = load(name, fixtures)
+            for photo in photo_paths(args.photos):
+                measured, facts = measure(loaded, label, photo, args.reference_panels)
+                rows += measured
+                about.append(facts)
+                print(f"# {label}, {photo.name}: done", file=sys.stderr, flush=True)
+    compared, summed = comparisons(rows), summary(rows)
+    saved = savings(compared)
+    print(f"# IG accuracy against a {args.reference_panels}-panel trapezoid reference ({machine})")
+    print_tables(about, compared, saved, summed)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "reference_panels": args.reference_panels,
+                                         "rows": [asdict(r) for r in rows], "references": about,
+                                         "adaptive_vs_gauss_legendre": compared, "savings": saved,
+                                         "summary": summed}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
