@@ -1,7 +1,7 @@
 """How accurate IG is, and how well igd's error estimate says so: every fixed rule and
 adaptive quadrature against a converged reference integral.
 
-    python bench/accuracy.py                               # default model on 8 photos, BiT and LaNet fixtures
+    python bench/accuracy.py                               # default model on 8 photos, BiT and LaNet fixtures on 4
     python bench/accuracy.py --models effnet --photos 2 --json out.json
 
 Photos: the 8 natural photos bundled with scikit-image (`pip install -e '.[bench]'`),
@@ -265,8 +265,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="effnet,bit,lanet", help="comma-separated: effnet, bit, lanet")
     parser.add_argument("--photos", type=int, default=len(PHOTOS), help=f"how many of the {len(PHOTOS)} photos")
+    parser.add_argument("--fixture-photos", type=int, default=4, help="how many photos for the BiT and LaNet fixtures")
     parser.add_argument("--reference-panels", type=int, default=2048)
-    parser.add_argument("--json", type=Path, help="also write every row here")
+    parser.add_argument("--json", type=Path, help="also write every row here (after each photo, so a run "
+                        "stopped early keeps what it measured)")
     args = parser.parse_args()
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU"
     rows: list[Row] = []
@@ -275,21 +277,23 @@ def main() -> None:
         fixtures = assemble(Path(scratch) / "fixtures")
         for name in args.models.split(","):
             label, loaded = load(name, fixtures)
-            for photo in photo_paths(args.photos):
+            for photo in photo_paths(args.photos if name == "effnet" else args.fixture_photos):
                 measured, facts = measure(loaded, label, photo, args.reference_panels)
                 rows += measured
                 about.append(facts)
                 print(f"# {label}, {photo.name}: done", file=sys.stderr, flush=True)
+                if args.json:
+                    write_json(args.json, machine, args.reference_panels, rows, about)
     compared, summed = comparisons(rows), summary(rows)
-    saved = savings(compared)
     print(f"# IG accuracy against a {args.reference_panels}-panel trapezoid reference ({machine})")
-    print_tables(about, compared, saved, summed)
-    if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "reference_panels": args.reference_panels,
-                                         "rows": [asdict(r) for r in rows], "references": about,
-                                         "adaptive_vs_gauss_legendre": compared, "savings": saved,
-                                         "summary": summed}, indent=1))
+    print_tables(about, compared, savings(compared), summed)
 
+
+def write_json(path: Path, machine: str, panels: int, rows: list[Row], about: list[dict]) -> None:
+    compared = comparisons(rows)
+    path.write_text(json.dumps({"machine": machine, "reference_panels": panels, "rows": [asdict(r) for r in rows],
+                                "references": about, "adaptive_vs_gauss_legendre": compared,
+                                "savings": savings(compared), "summary": summary(rows)}, indent=1))
 
 if __name__ == "__main__":
     main()
