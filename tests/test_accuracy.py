@@ -102,6 +102,37 @@ def test_adaptive_answers_follow_the_documented_formula(relu_net: tuple) -> None
     torch.testing.assert_close(result.path_logits[0], expected_logits, rtol=1e-5, atol=1e-5)
 
 
+def test_a_rise_at_tiny_alphas_is_found() -> None:
+    """BiT's shape: a bias-free convolution into GroupNorm is scale-invariant along a
+    zero-baseline path, so the target logit rises only where alpha * sigma is near
+    sqrt(eps). With eps 1e-14 that is at alphas near 1e-7, below a 2^-20 grid; adaptive
+    must put nodes there and get near the tolerance against a reference graded down to
+    1e-12, where a fixed rule (first node at 5.7e-4) misses much of the rise."""
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.GroupNorm(2, 8, eps=1e-14),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 14 * 14, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 5)).eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    x = nets.images(1, seed=2)
+    target = int(model(x).argmax())
+    nodes = torch.cat([torch.zeros(1, dtype=torch.float64), torch.logspace(-12, 0, 2400, dtype=torch.float64)])
+    points = (nodes.view(-1, 1, 1, 1) * x.double()).float().requires_grad_(True)
+    model(points)[:, target].sum().backward()
+    widths = nodes[1:] - nodes[:-1]
+    weights = torch.zeros_like(nodes)
+    weights[:-1] += widths / 2
+    weights[1:] += widths / 2
+    reference = (x[0].double() * (points.grad.double() * weights.view(-1, 1, 1, 1)).sum(0)).float()
+    (result,) = attribute_adaptive(lambda p, _i: model(p), x, target, tolerance=0.05, max_steps=1024,
+                                   modules=[model])
+    true = relative_error(result.integrated_grads[0], reference)
+    assert result.tolerance_met and float(result.alphas[1]) < 2.0 ** -20
+    assert true <= 3 * float(result.error_estimate[0]) and true <= 0.15, true
+    gaussian = attribute(model, x, target, n_steps=50)
+    assert relative_error(gaussian.integrated_grads[0], reference) > 0.3  # 44 %
+
+
 def test_the_cap_bounds_the_points_and_says_so(relu_net: tuple) -> None:
     model, x, target = relu_net
     (result,) = attribute_adaptive(lambda p, _i: model(p), x, target, tolerance=1e-4, max_steps=40, modules=[model])
