@@ -31,7 +31,7 @@ test-cuda: install-test
 demo: install
 	VENV=$(VENV) scripts/demo.sh
 
-# All CPU benchmarks (about an hour on 2 cores), then docs/benchmarks.md. GPU: bench/gpu.py.
+# All CPU benchmarks (about two hours on 2 cores; bench/accuracy.py is half of it), then docs/benchmarks.md. GPU: bench/gpu.py.
 bench: install-test
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python bench/engine.py --json docs/benchmarks/engine.json

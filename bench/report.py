@@ -215,7 +215,7 @@ def main() -> None:
          "IG's relative L2 error against a converged reference (the trapezoid rule on 2048 even panels, graded towards "
          "the baseline inside the first, written in plain torch), for every fixed rule and for adaptive quadrature "
          "(`--tolerance`, cap 1024 points); the built-in model on 8 photos bundled with scikit-image and the BiT and "
-         "LaNet test fixtures on the same photos, each attributed to its predicted class from the zero baseline. "
+         "LaNet test fixtures on the first of them (the tables count the photos), each attributed to its predicted class from the zero baseline. "
          "`error_estimate` is what igd reports in every result (igd/accuracy.py)."),
         ("Soak (`bench/soak.py`)", load("soak"), soak_table,
          "16 clients, valid and invalid requests mixed, on the default model."),
