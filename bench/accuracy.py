@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from report import accuracy_table  # the same tables as docs/benchmarks.md
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from reference import assemble  # noqa: E402  (the BiT and LaNet fixtures, as the tests build them)
@@ -173,7 +174,7 @@ def comparisons(rows: list[Row]) -> list[dict[str, object]]:
     """Per (model, photo, adaptive setting): its points against the Gauss-Legendre rule of
     the same true error (fitted, and the smallest measured one that is as good)."""
     out = []
-    keys = sorted({(r.model, r.photo) for r in rows}, key=lambda k: [r.photo for r in rows].index(k[1]))
+    keys = dict.fromkeys((r.model, r.photo) for r in rows)  # in the order measured
     for model, photo in keys:
         mine = [r for r in rows if r.model == model and r.photo == photo]
         for row in (r for r in mine if r.method == "adaptive"):
@@ -232,35 +233,6 @@ def load(name: str, fixtures: Path) -> tuple[str, LoadedModel]:
     raise ValueError(f"unknown model {name!r}")
 
 
-def print_tables(about: list[dict], compared: list[dict], saved: list[dict], summed: list[dict]) -> None:
-    print("| model | setting | points (mean) | true error, median | max | estimate / true, median | within 3x |")
-    print("|---|---|---|---|---|---|---|")
-    for s in summed:
-        print(f"| {s['model']} | {s['setting']} | {s['points_mean']:.0f} | {s['true_error_median']:.1%} | "
-              f"{s['true_error_max']:.1%} | {s['estimate_over_true_median']:.2f} | {s['within_3x']}/{s['photos']} |")
-    print("\n| model | adaptive | points (mean) | worst true error | GL points, same error (mean) | ratio | range |")
-    print("|---|---|---|---|---|---|---|")
-    for v in saved:
-        if "ratio_of_means" in v:
-            tail = (f"{v['gl_points_mean']:.0f} | **{v['ratio_of_means']:.2f}x** | "
-                    f"{v['ratio_min']:.2f}-{v['ratio_max']:.2f}x")
-        else:
-            tail = "Gauss-Legendre does not converge | | "
-        print(f"| {v['model']} | {v['setting']} | {v['adaptive_points_mean']:.0f} | {v['true_error_max']:.2%} | {tail} |")
-    print("\n| model | photo | setting | points | true error | estimate | GL points for it (fit) | ratio |")
-    print("|---|---|---|---|---|---|---|---|")
-    for c in compared:
-        fit = "no convergence" if c["gl_points_fit"] is None else f"{c['gl_points_fit']:.0f}"
-        ratio = "" if c["ratio_fit"] is None else f"{c['ratio_fit']:.2f}x"
-        print(f"| {c['model']} | {c['photo']} | {c['setting']} | {c['points']} | {c['true_error']:.2%} | "
-              f"{c['estimate']:.2%} | {fit} | {ratio} |")
-    print("\n| model | photo | target | reference: own estimate | vs half its points | seconds |")
-    print("|---|---|---|---|---|---|")
-    for a in about:
-        print(f"| {a['model']} | {a['photo']} | {a['target']} | {a['reference_estimate']:.2%} | "
-              f"{a['reference_vs_half']:.2%} | {a['reference_s']:.0f} |")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="effnet,bit,lanet", help="comma-separated: effnet, bit, lanet")
@@ -284,16 +256,21 @@ def main() -> None:
                 print(f"# {label}, {photo.name}: done", file=sys.stderr, flush=True)
                 if args.json:
                     write_json(args.json, machine, args.reference_panels, rows, about)
-    compared, summed = comparisons(rows), summary(rows)
     print(f"# IG accuracy against a {args.reference_panels}-panel trapezoid reference ({machine})")
-    print_tables(about, compared, savings(compared), summed)
+    print("\n".join(accuracy_table(results(machine, args.reference_panels, rows, about))))
+
+
+def results(machine: str, panels: int, rows: list[Row], about: list[dict]) -> dict[str, object]:
+    """Everything measured, and the tables' figures derived from it: what --json writes."""
+    compared = comparisons(rows)
+    return {"machine": machine, "reference_panels": panels, "rows": [asdict(r) for r in rows],
+            "references": about, "adaptive_vs_gauss_legendre": compared, "savings": savings(compared),
+            "summary": summary(rows)}
 
 
 def write_json(path: Path, machine: str, panels: int, rows: list[Row], about: list[dict]) -> None:
-    compared = comparisons(rows)
-    path.write_text(json.dumps({"machine": machine, "reference_panels": panels, "rows": [asdict(r) for r in rows],
-                                "references": about, "adaptive_vs_gauss_legendre": compared,
-                                "savings": savings(compared), "summary": summary(rows)}, indent=1))
+    path.write_text(json.dumps(results(machine, panels, rows, about), indent=1))
+
 
 if __name__ == "__main__":
     main()

@@ -57,6 +57,13 @@ def accuracy_table(data: dict) -> list[str]:
             tail = "does not converge by 256 points | | "
         lines.append(f"| {v['model']} | {v['setting']} | {v['adaptive_points_mean']:.0f} | {v['true_error_max']:.1%} "
                      f"| {tail} |")
+    lines += ["", "| model | photo | adaptive | points | true error | estimate | Gauss-Legendre points, same error "
+              "(fit) | ratio |", "|---|---|---|---|---|---|---|---|"]
+    for c in data["adaptive_vs_gauss_legendre"]:
+        fit = "no convergence" if c["gl_points_fit"] is None else f"{c['gl_points_fit']:.0f}"
+        ratio = "" if c["ratio_fit"] is None else f"{c['ratio_fit']:.2f}x"
+        lines.append(f"| {c['model']} | {c['photo']} | {c['setting']} | {c['points']} | {c['true_error']:.2%} | "
+                     f"{c['estimate']:.2%} | {fit} | {ratio} |")
     lines += ["", "The references (trapezoid through the nodes named above; its own jump-model estimate, and its "
               "distance to the same rule through every other node):", "",
               "| model | photo | target | points | own estimate | vs half its points |", "|---|---|---|---|---|---|"]
