@@ -157,8 +157,9 @@ class Outcome:
 
 @main.command(epilog=EXIT_STATUSES, short_help="Attribute images to a class; write the result files.")
 @click.argument("args", nargs=-1, metavar="IMAGE... [TARGET]")
-@click.option("--target", "-t", metavar="CLASS",
-              help="Class name (case-insensitive) or index for every image [default: the predicted class].")
+@click.option("--target", "-t", "targets", metavar="CLASS", multiple=True,
+              help="Class name (case-insensitive) or index for every image [default: the predicted class]; "
+                   "repeat it for several targets in one pass (one result file with a target axis).")
 @click.option("-o", "--output", metavar="FILE", help="Result file of one image; '-' writes it to stdout.")
 @click.option("--out-dir", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
               help="Directory for the results, keeping the images' relative folders [default: .].")
@@ -179,7 +180,7 @@ class Outcome:
 def attribute(
     ctx: click.Context,
     args: tuple[str, ...],
-    target: str | None,
+    targets: tuple[str, ...],
     output: str | None,
     out_dir: Path | None,
     files_from: Any,
@@ -197,6 +198,9 @@ def attribute(
     IMAGE is a file, or '-' for stdin. TARGET is a class name, an index, or omitted
     for the predicted class; with several images, give it with --target (a last
     argument that is neither a file nor looks like one is also taken as the target).
+    Several --target (or --top-k K) explain several classes from one pass, and several
+    baselines (--baseline black,white), --samples and --noise average several paths:
+    the result file then has a leading target axis (README: "Several targets and paths").
 
     The result of IMAGE goes to IMAGE-STEM.gzip (.npz with --format npz) in the current
     directory, or under --out-dir keeping the images' relative folders; -o FILE names
@@ -209,11 +213,14 @@ def attribute(
       igctl attribute cat.jpg "tiger cat"                 # -> cat.gzip
       igctl attribute cat.jpg 282 -o cat.gzip --heatmap cat.png
       igctl attribute cat.jpg --steps 128 --baseline blur --format npz
+      igctl attribute cat.jpg --top-k 3 --baseline black,white --idgi
+      igctl attribute cat.jpg "tiger cat" --noise 0.1 --samples 8 --seed 1
       igctl attribute photos/*.jpg -t "tiger cat" --out-dir results/ --jobs 4 --json
       cat cat.jpg | igctl attribute - "tiger cat" -o - > cat.gzip
     """
     session = _session(ctx, socket_path, timeout)
-    images, target = _images_and_target(args, target, files_from)
+    images, target = _images_and_target(args, targets[0] if len(targets) == 1 else None, files_from,
+                                        has_targets=bool(targets))
     if not images:
         raise click.UsageError("no images: give IMAGE arguments or --files-from")
     if images.count(STDIO) > 1 or (STDIO in images and files_from is not None and files_from.name == "<stdin>"):
@@ -229,8 +236,10 @@ def attribute(
         raise click.UsageError("refusing to write a binary result to a terminal; redirect stdout or give -o FILE")
     request = _checked_before_hello(options)
     request_args = {k: v for k, v in options.items() if v is not None}
-    if target is not None:
-        request_args["target"] = int(target) if target.isascii() and target.isdecimal() else target
+    if len(targets) > 1:
+        request_args["target"] = [_class(t) for t in targets]
+    elif target is not None:
+        request_args["target"] = _class(target)
     if heatmap is not None:
         request_args["heatmap"] = True
 
@@ -268,6 +277,11 @@ def attribute(
     _finish(outcomes)
 
 
+def _class(target: str) -> str | int:
+    """A class index when the target is all digits, else a class name."""
+    return int(target) if target.isascii() and target.isdecimal() else target
+
+
 def _checked_before_hello(options: dict[str, Any]) -> spec.AttributeRequest:
     """The request, checked before igctl connects: every limit but the number of steps,
     which the daemon sets (``igd serve --max-steps``) and which is checked after hello."""
@@ -285,13 +299,15 @@ def _label(image: str) -> str:
     return "stdin" if image == STDIO else Path(image).name
 
 
-def _images_and_target(args: tuple[str, ...], target: str | None, files_from: Any) -> tuple[list[str], str | None]:
+def _images_and_target(args: tuple[str, ...], target: str | None, files_from: Any,
+                       has_targets: bool = False) -> tuple[list[str], str | None]:
     """Positional arguments are images, but a last one that is no file is the TARGET
-    (when there is an image before it, or images come from --files-from). A last one
-    that is no file but looks like one is a mistyped image, not a target."""
+    (when there is an image before it, or images come from --files-from, and no --target
+    is given). A last one that is no file but looks like one is a mistyped image, not a
+    target."""
     images = list(args)
     has_other_images = len(args) >= 2 or files_from is not None
-    if target is None and args and has_other_images and args[-1] != STDIO and not Path(args[-1]).is_file():
+    if target is None and not has_targets and args and has_other_images and args[-1] != STDIO and not Path(args[-1]).is_file():
         last = args[-1]
         if last.lower().endswith(spec.IMAGE_SUFFIXES) or os.sep in last:
             raise click.UsageError(
@@ -468,6 +484,12 @@ def _attribute_one(
     )
     # Older daemons send none of these (and get no accuracy warning); null: unbounded.
     record.update({key: result[key] for key in ACCURACY_KEYS if key in result})
+    if "targets" in result:  # several targets: each one's facts; the record's accuracy is the worst of them
+        record["targets"] = result["targets"]
+        record["paths"] = result.get("paths", 1)
+        for key in ("error_estimate", "completeness_gap"):
+            values = [t.get(key) for t in result["targets"]]
+            record[key] = None if None in values else max(values, key=abs)
     return Outcome(record, EXIT_OK)
 
 
@@ -540,9 +562,11 @@ def _run_all(
 
 
 def _describe(record: dict[str, Any]) -> str:
+    names = [t["name"] for t in record["targets"]] if "targets" in record else [record["target"]]
+    paths = f" over {record['paths']} paths" if record.get("paths", 1) > 1 else ""
     return (
         f"{record['image']}: {record['prediction']} ({record['probability']:.2f}); "
-        f"attributed to {record['target']!r} -> {record['output']}"
+        f"attributed to {', '.join(repr(name) for name in names)}{paths} -> {record['output']}"
         + (f", heatmap {record['heatmap']}" if record.get("heatmap") else "")
         + f" ({_accuracy(record)})"
     )

@@ -13,7 +13,10 @@ follow them (docs/benchmarks.md, "Accuracy").
 The answer is the trapezoid rule on the nodes used: ``IG = (x - b) * sum_k w_k g_k``
 holds exactly with the returned ``alphas`` (increasing) and ``step_sizes``, as for the
 fixed rules. All images of a pass share each round's forward+backward chunks; an image
-that is done takes no more points.
+that is done takes no more points. An image with several targets has one set of nodes
+for all of them (one forward per point): a panel's priority adds its errors relative to
+each target's IG in quadrature, and the image is done when every target meets the
+tolerance.
 """
 
 from __future__ import annotations
@@ -26,9 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from igd import accuracy
-from igd.attribution import (
-    Attribution, ChunkCallback, Path, PointForward, Target, check_max_batch, engine_mode, weighted_sum,
-)
+from igd.attribution import Attribution, ChunkCallback, Path, PointForward, Target, check_max_batch, engine_mode
+from igd.paths import weighted_sum
 
 METHOD = "adaptive"
 FIRST_PANELS = 16  # the first look: 17 nodes
@@ -52,18 +54,29 @@ class _Image:
     cap: int
     nodes: list[int] = field(default_factory=list)
     rows: dict[int, int] = field(default_factory=dict)  # node -> row in the store
-    estimate: float = math.inf
+    estimates: list[float] = field(default_factory=list)  # one per target
     done: bool = False
+
+    @property
+    def estimate(self) -> float:
+        """The largest of the targets' estimated errors."""
+        return max(self.estimates, default=math.inf)
 
     def next_nodes(self, store: Tensor, delta: Tensor) -> list[int]:
         """Midpoints of the panels to bisect next (empty when done), after updating the
-        estimate from the nodes so far."""
+        estimates from the nodes so far. ``store``: (rows, T, *F)."""
         directional = store[[self.rows[k] for k in self.nodes]]
         alphas = torch.tensor(self.nodes, dtype=torch.float64) / _GRID
-        errors = accuracy.panel_errors(alphas, directional, delta)
-        weights = accuracy.trapezoid_weights(alphas).to(store.dtype)
-        integrated = delta * weighted_sum(directional.unsqueeze(0), weights.to(store.device))[0]
-        self.estimate = accuracy.relative(float(errors.square().sum().sqrt()), integrated)
+        weights = accuracy.trapezoid_weights(alphas).to(store.dtype).to(store.device)
+        priority = torch.zeros(len(self.nodes) - 1, dtype=torch.float64)
+        self.estimates = []
+        for t in range(directional.shape[1]):
+            errors = accuracy.panel_errors(alphas, directional[:, t], delta)
+            integrated = delta * weighted_sum(directional[:, t].unsqueeze(0), weights)[0]
+            self.estimates.append(accuracy.relative(float(errors.square().sum().sqrt()), integrated))
+            size = float(torch.linalg.vector_norm(integrated.double()))
+            priority += (errors / size).square() if size > 0 else errors.square() * math.inf
+        errors = priority.sqrt()
         room = self.cap - len(self.nodes)
         if self.estimate <= self.tolerance or room <= 0:
             self.done = True
@@ -96,7 +109,8 @@ def attribute_adaptive(
     shared rounds of forward+backward chunks of at most ``max_batch`` points.
 
     Returns one single-image :class:`Attribution` per input (their numbers of points
-    differ), with method ``"adaptive"``, ``tolerance`` and ``tolerance_met`` set.
+    differ; one row per target of the image), with method ``"adaptive"``, ``tolerance``
+    and ``tolerance_met`` (every target's) set.
     ``on_chunk(done, total)`` counts points against the sum of the caps.
     """
     batch = inputs.shape[0]
@@ -111,8 +125,8 @@ def attribute_adaptive(
 
     with engine_mode(allow_tf32, modules):
         path = Path(forward, inputs, baselines, target, max_batch or budget)
-        store = torch.empty((budget, *inputs.shape[1:]), dtype=inputs.dtype, device=inputs.device)
-        logits = torch.empty(budget, dtype=torch.float64)
+        store = torch.empty((budget, path.width, *inputs.shape[1:]), dtype=inputs.dtype, device=inputs.device)
+        logits = torch.empty((budget, path.width), dtype=torch.float64)
         used = 0
         wanted = {image.index: first for image in images}
         while wanted:
@@ -140,11 +154,11 @@ def attribute_adaptive(
 
 
 def _answer(path: Path, image: _Image, store: Tensor, logits: Tensor) -> Attribution:
-    """Image ``image``'s result: the trapezoid rule on its nodes."""
-    i, dtype = image.index, store.dtype
+    """Image ``image``'s result, one row per target: the trapezoid rule on its nodes."""
+    i, dtype, width = image.index, store.dtype, path.width
     rows = [image.rows[k] for k in image.nodes]
     alphas64 = torch.tensor(image.nodes, dtype=torch.float64) / _GRID
-    directional = store[rows].unsqueeze(0)  # (1, n, *F), a copy in node order
+    directional = store[rows].transpose(0, 1).contiguous()  # (T, n, *F), a copy in node order
     weights = accuracy.trapezoid_weights(alphas64).to(dtype).to(store.device)
     delta = path.delta[i : i + 1]
     integrated = delta * weighted_sum(directional, weights)
@@ -154,15 +168,15 @@ def _answer(path: Path, image: _Image, store: Tensor, logits: Tensor) -> Attribu
         directional_grads=directional,
         alphas=alphas64.to(dtype).to(store.device),
         step_sizes=weights,
-        logits=path.logits[one],
-        baseline_logits=path.baseline_logits[one],
+        logits=path.rows(path.logits[one]),
+        baseline_logits=path.rows(path.baseline_logits[one]),
         convergence_delta=path.convergence_delta(integrated, one),
-        inputs=path.inputs[one],
-        baselines=path.baselines[one],
-        targets=path.targets[one],
+        inputs=path.rows(path.inputs[one]),
+        baselines=path.rows(path.baselines[one]),
+        targets=path.targets[i],
         method=METHOD,
-        path_logits=logits[rows].to(dtype).unsqueeze(0),
-        error_estimate=torch.tensor([image.estimate], dtype=torch.float64),
+        path_logits=logits[rows].to(dtype).transpose(0, 1).contiguous(),
+        error_estimate=torch.tensor(image.estimates, dtype=torch.float64).view(width),
         tolerance=image.tolerance,
         tolerance_met=image.estimate <= image.tolerance,
     )

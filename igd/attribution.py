@@ -9,6 +9,12 @@ predecessor walked the path twice (once for the per-step gradients, once for IG)
 
 The five rules and their nodes and weights are captum's, bit for bit, so results agree
 with ``captum.attr.IntegratedGradients``.
+
+Several targets cost one forward per path point: every logit is computed there anyway,
+and each target adds one backward through the retained graph (measured on CPU faster than
+batching the k vector-Jacobian products with ``is_grads_batched``; docs/benchmarks.md).
+An attribution's *rows* are (image, target) pairs, image-major: row ``i * T + t``.
+Other paths than the straight line (Blur IG) come in as a :class:`~igd.paths.Curve`.
 """
 
 from __future__ import annotations
@@ -23,11 +29,13 @@ import torch
 from torch import Tensor, nn
 
 from igd import accuracy
+from igd.paths import STRAIGHT, Curve
 from igd.request import METHODS  # the rules' names belong to the request vocabulary
 
 DEFAULT_METHOD = METHODS[0]  # gausslegendre
 
-Target = Union[int, Sequence[int], Tensor]
+# One int for all images, one per image, or (B, T): T targets per image.
+Target = Union[int, Sequence[int], Sequence[Sequence[int]], Tensor]
 Forward = Callable[[Tensor], Tensor]
 # Maps path points (M, *F) and, for each point, the index of its image in the batch
 # (M,) to logits (M, K). The index lets callers pick per-image extra arguments.
@@ -39,27 +47,30 @@ ChunkCallback = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class Attribution:
-    """The result of :func:`attribute` for a batch of B inputs of feature shape F.
+    """The result of :func:`attribute` for R rows of feature shape F: one row per (image,
+    target) pair, image-major (B images with T targets each: R = B * T, row i * T + t).
 
     For image models F is (C, H, W). All tensors are detached and live on the inputs'
-    device; ``n = n_steps``, ``K`` the number of model outputs.
+    device; ``n = n_steps``, ``K`` the number of model outputs. Per-image tensors
+    (inputs, logits, ...) are repeated for each of the image's targets.
     """
 
-    integrated_grads: Tensor  # (B, *F)
-    directional_grads: Tensor  # (B, n, *F): g_k at every path point
+    integrated_grads: Tensor  # (R, *F)
+    directional_grads: Tensor  # (R, n, *F): g_k at every path point
     alphas: Tensor  # (n,): the nodes a_k in [0, 1]
     step_sizes: Tensor  # (n,): the weights w_k
-    logits: Tensor  # (B, K) at the inputs
-    baseline_logits: Tensor  # (B, K) at the baselines
-    convergence_delta: Tensor  # (B,): sum(IG) - (F_t(x) - F_t(b))
-    inputs: Tensor  # (B, *F)
-    baselines: Tensor  # (B, *F)
-    targets: Tensor  # (B,) int64
+    logits: Tensor  # (R, K) at the inputs
+    baseline_logits: Tensor  # (R, K) at the baselines (the paths' starts)
+    convergence_delta: Tensor  # (R,): sum(IG) - (F_t(x) - F_t(b))
+    inputs: Tensor  # (R, *F)
+    baselines: Tensor  # (R, *F): the paths' starts
+    targets: Tensor  # (R,) int64
     method: str  # a rule of METHODS, or "adaptive" (igd.adaptive)
-    path_logits: Tensor  # (B, n): the target logit F_t at every path point
-    error_estimate: Tensor  # (B,) float64: the estimated relative L2 error of IG (igd.accuracy)
-    tolerance: float | None = None  # adaptive: the error asked for (then B == 1)
+    path_logits: Tensor  # (R, n): the target logit F_t at every path point
+    error_estimate: Tensor  # (R,) float64: the estimated relative L2 error of IG (igd.accuracy)
+    tolerance: float | None = None  # adaptive: the error asked for (then one image: R == T)
     tolerance_met: bool | None = None  # adaptive: whether error_estimate <= tolerance
+    curve: Curve = STRAIGHT  # the path: the straight line, or Blur IG's (igd.paths)
 
     @property
     def n_steps(self) -> int:
@@ -67,20 +78,15 @@ class Attribution:
 
     @property
     def intermediates(self) -> Tensor:
-        """(B, n, *F): the path points x_k = b + a_k (x - b), the very values the model
-        saw. Computed on each access (as large as ``directional_grads``)."""
-        return path_points(self.inputs, self.baselines, self.alphas)
+        """(R, n, *F): the path points (x_k = b + a_k (x - b) on the straight line), the
+        very values the model saw. Computed on each access (as large as ``directional_grads``)."""
+        return self.curve.points(self.inputs, self.baselines, self.alphas)
 
-    def intermediates_of(self, index: int) -> Tensor:
-        """(n, *F): image ``index``'s path points (see :attr:`intermediates`)."""
-        one = slice(index, index + 1)
-        return path_points(self.inputs[one], self.baselines[one], self.alphas)[0]
-
-
-def path_points(inputs: Tensor, baselines: Tensor, alphas: Tensor) -> Tensor:
-    """(B, n, *F) points ``b + a_k (x - b)`` for inputs and baselines (B, *F), nodes (n,)."""
-    feature_dims = (1,) * (inputs.dim() - 1)
-    return baselines.unsqueeze(1) + alphas.view(1, -1, *feature_dims) * (inputs - baselines).unsqueeze(1)
+    def intermediates_of(self, row: int, alphas: slice = slice(None)) -> Tensor:
+        """(n, *F): row ``row``'s path points (see :attr:`intermediates`), or those of the
+        nodes ``alphas``."""
+        one = slice(row, row + 1)
+        return self.curve.points(self.inputs[one], self.baselines[one], self.alphas[alphas])[0]
 
 
 def quadrature(method: str, n_steps: int) -> tuple[list[float], list[float]]:
@@ -137,6 +143,7 @@ def attribute(
     max_batch: int | None = None,
     allow_tf32: bool = False,
     on_chunk: ChunkCallback | None = None,
+    curve: Curve = STRAIGHT,
 ) -> Attribution:
     """IG and the per-step gradients of ``forward`` for a batch of inputs, in one pass.
 
@@ -145,8 +152,10 @@ def attribute(
             method of one), it runs in eval mode with its parameters frozen for the
             duration; both are restored afterwards, also on error.
         inputs: (B, *F) floating point, e.g. (B, C, H, W) preprocessed images.
-        target: the logit to explain: one int for all images, or one per image.
-        baselines: None (zeros in input space) or a tensor broadcastable to ``inputs``.
+        target: the logit to explain: one int for all images, one per image, or (B, T)
+            ints: T targets per image, from one forward per path point (rows i * T + t).
+        baselines: None (zeros in input space) or a tensor broadcastable to ``inputs``:
+            the paths' starts (for Blur IG, ``curve.start(inputs)``).
         n_steps: number of path points per image.
         method: one of :data:`METHODS`.
         max_batch: at most this many path points per forward+backward (a memory and
@@ -156,6 +165,7 @@ def attribute(
             tf32`` measures and logs how far it moves IG on its model.
         on_chunk: called after each forward+backward chunk with (points done, points
             in all); an exception it raises abandons the pass and propagates.
+        curve: the path (igd.paths): the straight line, or Blur IG's.
     """
     return attribute_points(
         lambda points, _image_index: forward(points),
@@ -168,6 +178,7 @@ def attribute(
         allow_tf32=allow_tf32,
         modules=_modules_of(forward),
         on_chunk=on_chunk,
+        curve=curve,
     )
 
 
@@ -183,6 +194,7 @@ def attribute_points(
     allow_tf32: bool = False,
     modules: Iterable[nn.Module] = (),
     on_chunk: ChunkCallback | None = None,
+    curve: Curve = STRAIGHT,
 ) -> Attribution:
     """:func:`attribute` for a forward that also receives each point's image index.
 
@@ -197,31 +209,54 @@ def attribute_points(
     chunk = balanced_chunk(batch * n_steps, max_batch)
 
     with engine_mode(allow_tf32, modules):
-        path = Path(forward, inputs, baselines, target, chunk)
+        path = Path(forward, inputs, baselines, target, chunk, curve)
+        width = path.width
         alphas = torch.tensor(alphas_list, dtype=dtype, device=device)
         weights = torch.tensor(weights_list, dtype=dtype, device=device)
-        # Point (i, k) sits at flat index i * n + k.
-        point_image = torch.arange(batch, device=device).repeat_interleave(n_steps)
-        grads, path_logits = path.gradients(point_image, alphas.repeat(batch), on_chunk)
+        directional = torch.empty((batch, width, n_steps, *inputs.shape[1:]), dtype=dtype, device=device)
+        path_logits = torch.empty((batch, width, n_steps), dtype=dtype, device=device)
 
-    directional = grads.view(batch, n_steps, *inputs.shape[1:])
-    integrated = path.delta * weighted_sum(directional, weights)
+        def store(part: slice, grads: Tensor, logits: Tensor) -> None:
+            # Point (i, k) sits at flat index i * n + k; its gradients go to rows (i, t).
+            flat = torch.arange(part.start, part.start + len(grads), device=device)
+            image, step = flat // n_steps, flat % n_steps
+            directional[image, :, step] = grads
+            path_logits[image, :, step] = logits
+
+        point_image = torch.arange(batch, device=device).repeat_interleave(n_steps)
+        path.walk(point_image, alphas.repeat(batch), store, on_chunk)
+
+    rows = batch * width
+    directional = directional.view(rows, n_steps, *inputs.shape[1:])
+    inputs_, starts = path.rows(path.inputs), path.rows(path.baselines)
+    integrated = curve.integrate(inputs_, starts, alphas, weights, directional)
     return Attribution(
         integrated_grads=integrated,
         directional_grads=directional,
         alphas=alphas,
         step_sizes=weights,
-        logits=path.logits,
-        baseline_logits=path.baseline_logits,
+        logits=path.rows(path.logits),
+        baseline_logits=path.rows(path.baseline_logits),
         convergence_delta=path.convergence_delta(integrated),
-        inputs=path.inputs,
-        baselines=path.baselines,
-        targets=path.targets,
+        inputs=inputs_,
+        baselines=starts,
+        targets=path.targets.reshape(-1),
         method=method,
-        path_logits=path_logits.view(batch, n_steps),
-        error_estimate=torch.tensor([accuracy.error_estimate(alphas, weights, directional[i], path.delta[i], integrated[i])
-                                     for i in range(batch)], dtype=torch.float64),
+        path_logits=path_logits.view(rows, n_steps),
+        error_estimate=torch.tensor([_error_estimate(curve, alphas, weights, directional[r], inputs_[r], starts[r],
+                                                     integrated[r]) for r in range(rows)], dtype=torch.float64),
+        curve=curve,
     )
+
+
+def _error_estimate(curve: Curve, alphas: Tensor, weights: Tensor, directional: Tensor, end: Tensor, start: Tensor,
+                    integrated: Tensor) -> float:
+    """igd.accuracy's estimate for one row: the jumps of the integrand g_k * gamma'(a_k)
+    between neighbouring nodes (on the straight line, of g_k, times the constant x - b)."""
+    if curve is STRAIGHT:
+        return accuracy.error_estimate(alphas, weights, directional, end - start, integrated)
+    integrand = directional * curve.velocities(end, start, alphas)
+    return accuracy.error_estimate(alphas, weights, integrand, torch.ones_like(end), integrated)
 
 
 def check_max_batch(max_batch: int | None) -> None:
@@ -243,25 +278,35 @@ def engine_mode(allow_tf32: bool, modules: Iterable[nn.Module]) -> Iterator[None
 
 
 class Path:
-    """The straight paths from baselines to inputs of a batch, and the model along them.
+    """The paths from baselines (starts) to inputs of a batch, and the model along them.
 
     Made inside :func:`engine_mode`. ``inputs``, ``baselines`` and ``delta`` (x - b) are
-    (B, *F); ``logits`` and ``baseline_logits`` (B, K) are known after the first call of
-    :meth:`gradients` (they ride along with its first chunk when they are few next to it:
-    one model call fewer, and a call has a fixed cost: BiT-R101x3 re-lays out 380M
-    weights in every one).
+    (B, *F), ``targets`` (B, T); ``logits`` and ``baseline_logits`` (B, K) are known after
+    the first call of :meth:`walk` (they ride along with its first chunk when they are few
+    next to it: one model call fewer, and a call has a fixed cost: BiT-R101x3 re-lays out
+    380M weights in every one).
     """
 
     def __init__(self, forward: PointForward, inputs: Tensor, baselines: Tensor | float | None,
-                 target: Target, chunk: int) -> None:
+                 target: Target, chunk: int, curve: Curve = STRAIGHT) -> None:
         self.forward = forward
         self.inputs = inputs.detach().clone() if inputs.is_inference() else inputs.detach()
         self.baselines = _broadcast_baselines(baselines, self.inputs)
         self.delta = self.inputs - self.baselines
         batch = self.inputs.shape[0]
-        self.targets = _target_vector(target, batch, inputs.device)
+        self.targets = _target_matrix(target, batch, inputs.device)
         self.chunk = chunk
+        self.curve = curve
         self._end_logits: Tensor | None = None
+
+    @property
+    def width(self) -> int:
+        """T, the targets per image."""
+        return int(self.targets.shape[1])
+
+    def rows(self, per_image: Tensor) -> Tensor:
+        """(B * T, ...): a per-image tensor (B, ...) repeated for each image's targets."""
+        return per_image if self.width == 1 else per_image.repeat_interleave(self.width, dim=0)
 
     @property
     def logits(self) -> Tensor:
@@ -276,11 +321,26 @@ class Path:
     def gradients(self, point_image: Tensor, point_alpha: Tensor,
                   on_chunk: ChunkCallback | None = None) -> tuple[Tensor, Tensor]:
         """For M path points, each given by its image (M,) int64 and its node a (M,):
-        the gradients of the target logit there (M, *F) and the target logit itself (M,),
-        ``chunk`` points per forward+backward. The points ``b + a (x - b)`` are made chunk
-        by chunk, so that only the gradients take (M, *F) memory."""
-        x, b, delta = self.inputs, self.baselines, self.delta
-        feature_dims = (1,) * (x.dim() - 1)
+        the gradients of the targets' logits there (M, T, *F) and the logits themselves
+        (M, T) (see :meth:`walk`)."""
+        x = self.inputs
+        grads = torch.empty((len(point_image), self.width, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        path_logits = torch.empty((len(point_image), self.width), dtype=x.dtype, device=x.device)
+
+        def store(part: slice, part_grads: Tensor, part_logits: Tensor) -> None:
+            grads[part], path_logits[part] = part_grads, part_logits
+
+        self.walk(point_image, point_alpha, store, on_chunk)
+        return grads, path_logits
+
+    def walk(self, point_image: Tensor, point_alpha: Tensor, store: Callable[[slice, Tensor, Tensor], None],
+             on_chunk: ChunkCallback | None = None) -> None:
+        """For M path points, each given by its image (M,) int64 and its node a (M,), hand
+        ``store(part, grads, logits)`` the gradients of the targets' logits (m, T, *F) and
+        those logits (m, T) for each chunk ``part`` of at most ``chunk`` points, one forward
+        and T backwards each. The points are made chunk by chunk, so that only the
+        gradients take (M, T, *F) memory."""
+        x, b = self.inputs, self.baselines
         ends: tuple[Tensor, Tensor] | None = None
         if self._end_logits is None:
             image_index = torch.arange(len(x), device=x.device)
@@ -291,51 +351,27 @@ class Path:
                 _check_targets(self.targets, self._end_logits.shape[1])
                 ends = None
         total = len(point_image)
-        grads = torch.empty((total, *x.shape[1:]), dtype=x.dtype, device=x.device)
-        path_logits = torch.empty(total, dtype=x.dtype, device=x.device)
         for start in range(0, total, self.chunk):
-            part = slice(start, start + self.chunk)
+            part = slice(start, min(start + self.chunk, total))
             images = point_image[part]
-            points = b[images] + point_alpha[part].view(-1, *feature_dims) * delta[images]
-            grads[part], path_logits[part], end_logits = _target_gradients(
+            points = self.curve.at(x[images], b[images], point_alpha[part])
+            grads, logits, end_logits = _target_gradients(
                 self.forward, points, images, self.targets, ends if start == 0 else None)
             del points
+            store(part, grads, logits)
+            del grads
             if end_logits is not None:
                 self._end_logits = end_logits
             if on_chunk is not None:
-                on_chunk(min(start + self.chunk, total), total)
-        return grads, path_logits
+                on_chunk(part.stop, total)
 
-    def convergence_delta(self, integrated: Tensor, rows: slice = slice(None)) -> Tensor:
-        """sum(IG) - (F_t(x) - F_t(b)) for IG (R, *F) of the images ``rows`` (default all),
-        in float64, then the inputs' dtype: (R,)."""
-        images = torch.arange(len(self.inputs), device=self.inputs.device)[rows]
-        targets = self.targets[rows]
-        rise = self.logits[images, targets] - self.baseline_logits[images, targets]
+    def convergence_delta(self, integrated: Tensor, images: slice = slice(None)) -> Tensor:
+        """sum(IG) - (F_t(x) - F_t(b)) for IG (R, *F) of the rows of the images ``images``
+        (default all), in float64, then the inputs' dtype: (R,)."""
+        index = torch.arange(len(self.inputs), device=self.inputs.device)[images].repeat_interleave(self.width)
+        targets = self.targets[images].reshape(-1)
+        rise = self.logits[index, targets] - self.baseline_logits[index, targets]
         return (integrated.flatten(1).double().sum(1) - rise.double()).to(self.inputs.dtype)
-
-
-# Above this, weighted_sum works through the features in blocks (see there).
-_WHOLE_PRODUCT_BYTES = 64 << 20
-_FEATURE_BLOCK = 1 << 14
-
-
-def weighted_sum(directional: Tensor, weights: Tensor) -> Tensor:
-    """sum_k w_k g_k: (B, *F) from gradients (B, n, *F) and weights (n,), exactly as
-    ``(directional * w).sum(dim=1)`` (captum's arithmetic, to the bit). A large product
-    is formed a block of features at a time, so that it never takes a second (B, n, *F)
-    of memory: the same elementwise products, summed over k in the same order (blocks
-    of 2^14 features keep the vectorised reduction's lanes aligned; tested to the bit)."""
-    batch, n = directional.shape[:2]
-    if directional.numel() * directional.element_size() <= _WHOLE_PRODUCT_BYTES:
-        return (directional * weights.view(1, n, *(1,) * (directional.dim() - 2))).sum(dim=1)
-    flat = directional.reshape(batch, n, -1)
-    total = torch.empty((batch, flat.shape[2]), dtype=directional.dtype, device=directional.device)
-    column = weights.view(1, n, 1)
-    for start in range(0, flat.shape[2], _FEATURE_BLOCK):
-        block = slice(start, start + _FEATURE_BLOCK)
-        total[:, block] = (flat[:, :, block] * column).sum(dim=1)
-    return total.view(batch, *directional.shape[2:])
 
 
 def balanced_chunk(total: int, max_batch: int | None) -> int:
@@ -354,9 +390,10 @@ def _target_gradients(
     targets: Tensor,
     extra: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """d logit_target / d point for each of the points (M, *F), one backward pass; the
-    target logits there (M,); and the logits (E, K) of ``extra`` points (E, *F) run in
-    the same forward call, if given."""
+    """d logit_t / d point for each of the points (M, *F) and each of their image's targets
+    (``targets`` (B, T)): (M, T, *F), one forward and T backward passes through the retained
+    graph; the target logits there (M, T); and the logits (E, K) of ``extra`` points
+    (E, *F) run in the same forward call, if given."""
     leaf = points.detach().requires_grad_(True)
     if extra is None:
         out = _checked_logits(forward(leaf, image_index), len(leaf))
@@ -366,14 +403,18 @@ def _target_gradients(
         both = _checked_logits(forward(torch.cat([rows, leaf]), torch.cat([rows_index, image_index])), len(rows) + len(leaf))
         _check_targets(targets, both.shape[1])
         extra_logits, out = both[: len(rows)].detach(), both[len(rows) :]
-    picked = out.gather(1, targets[image_index].unsqueeze(1)).squeeze(1)
+    picked = out.gather(1, targets[image_index])  # (M, T)
     if not picked.requires_grad:
         raise RuntimeError(
             "the model output does not depend on its input through autograd "
             "(is the forward running under torch.no_grad or detaching its input?)"
         )
-    (grad,) = torch.autograd.grad(picked.sum(), leaf, allow_unused=True)
-    return (torch.zeros_like(leaf) if grad is None else grad), picked.detach(), extra_logits
+    width = picked.shape[1]
+    grads = torch.empty((len(leaf), width, *leaf.shape[1:]), dtype=leaf.dtype, device=leaf.device)
+    for t in range(width):
+        (grad,) = torch.autograd.grad(picked[:, t].sum(), leaf, allow_unused=True, retain_graph=t < width - 1)
+        grads[:, t] = 0.0 if grad is None else grad
+    return grads, picked.detach(), extra_logits
 
 
 def _forward_chunks(forward: PointForward, points: Tensor, image_index: Tensor, chunk: int) -> Tensor:
@@ -407,23 +448,26 @@ def _broadcast_baselines(baselines: Tensor | float | None, inputs: Tensor) -> Te
     return expanded.detach().clone(memory_format=torch.contiguous_format)
 
 
-def _target_vector(target: Target, batch: int, device: torch.device) -> Tensor:
-    """One int64 target per image, (B,)."""
+def _target_matrix(target: Target, batch: int, device: torch.device) -> Tensor:
+    """The int64 targets of each image, (B, T): from one int, one per image (T = 1), or
+    (B, T) of them."""
     if isinstance(target, bool):
-        raise ValueError("target must be an int or one int per image, got a bool")
+        raise ValueError("target must be an int, one int per image or (B, T) ints, got a bool")
     if isinstance(target, int):
-        return torch.full((batch,), target, dtype=torch.long, device=device)
+        return torch.full((batch, 1), target, dtype=torch.long, device=device)
     try:
         values = torch.as_tensor(target, device=device)
     except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"target must be an int or one int per image, got {target!r}") from None
+        raise ValueError(f"target must be an int, one int per image or (B, T) ints, got {target!r}") from None
     if values.dim() == 0:
         values = values.expand(batch)
-    if values.dim() != 1 or values.shape[0] != batch:
+    if values.dim() not in (1, 2) or values.shape[0] != batch or values.numel() == 0:
         raise ValueError(
-            f"target must be one int or {batch} ints (one per image), "
+            f"target must be one int or {batch} ints (one per image, or {batch} rows of ints), "
             f"got shape {tuple(values.shape)}"
         )
+    if values.dim() == 1:
+        values = values.unsqueeze(1)
     if values.is_floating_point() or values.dtype == torch.bool:
         raise ValueError(f"targets must be integers, got {values.dtype}")
     return values.long().clone()

@@ -1,8 +1,13 @@
-"""Named IG baselines.
+"""Named IG baselines, and the paths of a request: baselines x samples, with noise.
 
 ``zero`` is zero in the model's *input* space (after normalisation): the predecessor's
 ``input * 0``. The others are made in *pixel* space and pushed through the model's own
 normalisation, so "black" means a black image whatever the model's mean and std.
+
+A request may ask for several paths per image (:func:`make_paths`): several baselines, and
+``samples`` draws of each, where a draw is the noise of a ``uniform`` baseline, the sigma of
+a ``blur`` baseline, and the SmoothGrad noise added to the image. Sample ``s`` draws from
+seed ``seed + s`` alone, so one sample can be reproduced by itself.
 """
 
 from __future__ import annotations
@@ -12,10 +17,13 @@ import math
 import torch
 from PIL import Image
 from torch import Tensor
+from dataclasses import dataclass
+
 from torchvision.transforms import functional as TF
 
 from igd.models import Preprocessing
-from igd.request import BASELINES
+from igd.paths import STRAIGHT, BlurPath, Curve, default_blur_path_sigma
+from igd.request import BASELINES, AttributeRequest
 
 DEFAULT_BASELINE = BASELINES[0]  # zero
 
@@ -55,18 +63,66 @@ def make_baseline(
     raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
 
 
-def inputs_and_baseline(
-    image: Image.Image,
-    preprocessing: Preprocessing,
-    baseline: str = DEFAULT_BASELINE,
-    *,
-    blur_sigma: float | None = None,
-    seed: int = 0,
-) -> tuple[Tensor, Tensor]:
-    """The model input (1, C, H, W) of ``image`` and its baseline, as igd computes them
-    for every request (the daemon and `igd batch` alike)."""
+# Input noise draws from seed ^ this, so that it is not the uniform baseline's stream.
+_NOISE_STREAM = 0x5EED_0F_5A3D
+
+
+@dataclass(frozen=True)
+class Paths:
+    """The paths of one image: ``inputs`` (1, C, H, W) the image in input space; for each of
+    P paths its end (the image, plus the sample's noise with SmoothGrad) and its start (the
+    baseline), (P, C, H, W), and a name for people; and the curve between them."""
+
+    inputs: Tensor
+    ends: Tensor
+    starts: Tensor
+    names: tuple[str, ...]
+    curve: Curve
+
+
+def make_paths(image: Image.Image, preprocessing: Preprocessing, request: AttributeRequest) -> Paths:
+    """The paths ``request`` asks for: for each baseline (in order), ``samples`` paths."""
     pixels = preprocessing.to_pixels(image)
-    return preprocessing.normalize(pixels), make_baseline(baseline, pixels, preprocessing, blur_sigma=blur_sigma, seed=seed)
+    inputs = preprocessing.normalize(pixels)
+    if request.path == "blur":
+        sigma = request.blur_sigma if request.blur_sigma is not None else default_blur_path_sigma(pixels.shape)
+        curve: Curve = BlurPath(sigma)
+        ends = [_noisy(pixels, preprocessing, request, s) for s in range(request.samples)]
+        end = torch.cat(ends)
+        names = tuple(f"blur path sigma={sigma:g}" + _noise_name(request, s) for s in range(request.samples))
+        return Paths(inputs, end, curve.start(end), names, curve)
+    ends, starts, names = [], [], []
+    for name in request.baselines:
+        for s in range(request.samples):
+            sigma = request.blur_sigma
+            if name == "blur" and request.samples > 1:
+                drawn = torch.rand((), generator=torch.Generator().manual_seed(request.seed + s), dtype=torch.float64)
+                sigma = float(1 - drawn) * 2 * (sigma if sigma is not None else default_blur_sigma(pixels))
+            ends.append(_noisy(pixels, preprocessing, request, s))
+            starts.append(make_baseline(name, pixels, preprocessing, blur_sigma=sigma, seed=request.seed + s))
+            names.append(_baseline_name(name, request, s, sigma) + _noise_name(request, s))
+    return Paths(inputs, torch.cat(ends), torch.cat(starts), tuple(names), STRAIGHT)
+
+
+def _noisy(pixels: Tensor, preprocessing: Preprocessing, request: AttributeRequest, sample: int) -> Tensor:
+    """The image of sample ``sample`` in input space: with SmoothGrad noise if asked."""
+    if request.noise == 0.0:
+        return preprocessing.normalize(pixels)
+    generator = torch.Generator().manual_seed((request.seed + sample) ^ _NOISE_STREAM)
+    noise = torch.randn(pixels.shape, generator=generator, dtype=pixels.dtype) * request.noise
+    return preprocessing.normalize(pixels + noise.to(pixels.device))
+
+
+def _baseline_name(name: str, request: AttributeRequest, sample: int, sigma: float | None) -> str:
+    if name == "uniform":
+        return f"uniform seed={request.seed + sample}"
+    if name == "blur" and request.samples > 1:
+        return f"blur sigma={sigma:.4g}"
+    return name
+
+
+def _noise_name(request: AttributeRequest, sample: int) -> str:
+    return f" noise={request.noise:g} seed={request.seed + sample}" if request.noise else ""
 
 
 def gaussian_blur(pixels: Tensor, sigma: float) -> Tensor:

@@ -22,6 +22,8 @@ def flag(option: spec.Option, *, choices: tuple[str, ...] | None = None, help: s
     """A click option for ``option``: ``--steps`` passes ``n_steps=...`` to the command,
     or None when it is not given (the default is shown in the help, and applied by
     igd.request, which can then tell "not given" from "given the default value")."""
+    if option.kind is bool:  # a switch: given or not (None, so that the request default applies)
+        return click.option(option.flag, option.name, is_flag=True, default=None, help=help or option.help)
     kind = {int: int, float: float, str: str}[option.kind]
     shown = choices if choices is not None else option.choices
     return click.option(
@@ -36,8 +38,9 @@ def flag(option: spec.Option, *, choices: tuple[str, ...] | None = None, help: s
 
 
 def attribute_flags(command: Callable[..., Any]) -> Callable[..., Any]:
-    """--steps, --tolerance, --method, --baseline, --seed, --blur-sigma, --gzip-level (the
-    format flag differs between commands: each adds its own)."""
+    """--steps, --tolerance, --method, --baseline, --samples, --noise, --path, --idgi, --top-k,
+    --seed, --blur-sigma, --gzip-level (the format flag differs between commands: each adds
+    its own)."""
     steps_help = (f"{spec.STEPS.help} At most {spec.MAX_STEPS} (`igd serve --max-steps` may allow more); "
                   "with --tolerance, the most it may take.")
     for decorator in reversed((
@@ -45,6 +48,11 @@ def attribute_flags(command: Callable[..., Any]) -> Callable[..., Any]:
         flag(spec.TOLERANCE),
         flag(spec.METHOD),
         flag(spec.BASELINE),
+        flag(spec.SAMPLES),
+        flag(spec.NOISE),
+        flag(spec.PATH),
+        flag(spec.IDGI),
+        flag(spec.TOP_K),
         flag(spec.SEED),
         flag(spec.BLUR_SIGMA),
         flag(spec.GZIP_LEVEL),

@@ -15,20 +15,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Union
 
 from PIL import Image
 import torch
 from torch import Tensor
 
 from igd.accuracy import completeness_gap
-from igd.baselines import inputs_and_baseline
-from igd.heatmap import heatmap_png
+from igd.baselines import Paths, make_paths
+from igd.heatmap import heatmap_grid_png
 from igd.imaging import ImageError, ImageTooLarge, decode_image
 from igd.models import LoadedModel, UnknownClass
-from igd.protocol import BAD_IMAGE, IMAGE_TOO_LARGE, INTERNAL, OVERLOADED, SHUTTING_DOWN, UNKNOWN_TARGET
-from igd.request import AttributeRequest, RequestError, RequestFailed, check_target
-from igd.results import Result, encode, result_dict, write_result
+from igd.protocol import BAD_IMAGE, BAD_REQUEST, IMAGE_TOO_LARGE, INTERNAL, OVERLOADED, SHUTTING_DOWN, UNKNOWN_TARGET
+from igd.request import TARGET, AttributeRequest, RequestError, RequestFailed, check_targets
+from igd.results import Result, combined_result_dict, encode, idgi_of, result_dict, write_result
 from igd.worker import (
     AttributionSlice,
     ComputeFailed,
@@ -51,101 +51,192 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
         raise RequestFailed(BAD_IMAGE, str(error)) from None
 
 
-def resolve_target(model: LoadedModel, target: Any) -> int | None:
-    """The class index ``target`` names (a name, an index, or None: the predicted class)."""
+Targets = Union[int, tuple[int, ...], None]  # one class, several, or the predicted class (or top_k)
+
+
+def resolve_targets(model: LoadedModel, target: Any, top_k: int | None = None) -> Targets:
+    """The class indices ``target`` names: a name or an index (one int), a list of them (a
+    tuple of ints, or one int for a list of one), or None: the predicted class, or the
+    ``top_k`` most likely."""
     try:
-        checked = check_target(target)
+        checked = check_targets(target, top_k)
     except RequestError as error:
         raise error.failed() from None
     if checked is None:
         return None
     try:
-        return model.class_index(checked)
+        indices = tuple(model.class_index(item) for item in checked)
     except UnknownClass as error:
         raise RequestFailed(UNKNOWN_TARGET, str(error), {"num_classes": len(model.class_names)}) from None
+    if len(set(indices)) != len(indices):
+        names = ", ".join(repr(model.class_names[i]) for i in indices)
+        raise RequestFailed(BAD_REQUEST, f"args.target names a class twice: {names}", {"arg": TARGET.name})
+    return indices[0] if len(indices) == 1 else indices
 
 
 @dataclass(frozen=True)
 class Prepared:
-    """An image ready for the engine: ``inputs`` and ``baseline`` (1, C, H, W) in the
-    model's input space, and the image itself only if a heatmap will be drawn on it."""
+    """An image ready for the engine: its paths in the model's input space (igd.baselines),
+    and the image itself only if a heatmap will be drawn on it."""
 
-    inputs: Tensor
-    baseline: Tensor
+    paths: Paths
     image: Image.Image | None
+
+    @property
+    def inputs(self) -> Tensor:
+        """(1, C, H, W): the image in input space."""
+        return self.paths.inputs
+
+    @property
+    def baseline(self) -> Tensor:
+        """(P, C, H, W): the paths' starts."""
+        return self.paths.starts
 
 
 def prepare(image: Image.Image, request: AttributeRequest, model: LoadedModel) -> Prepared:
-    inputs, baseline = inputs_and_baseline(
-        image, model.preprocessing, request.baseline, blur_sigma=request.blur_sigma, seed=request.seed
-    )
-    return Prepared(inputs, baseline, image if request.heatmap else None)
+    return Prepared(make_paths(image, model.preprocessing, request), image if request.heatmap else None)
 
 
-def footprint(request: AttributeRequest, model: LoadedModel) -> int:
-    """Bytes one attribution may hold at its largest, known before it runs: its path points
-    and per-step gradients (n_steps x C x H x W float32 each), the few single-image
-    tensors, and the encoded file, which is no larger than what it encodes."""
+def footprint(request: AttributeRequest, model: LoadedModel, targets: int = 1) -> int:
+    """Bytes one attribution may hold at its largest, known before it runs: for each path,
+    its points and the per-step gradients of each target (n_steps x C x H x W float32 each),
+    the few per-path tensors, and the encoded file, which is no larger than what it encodes."""
     c, h, w = model.input_shape
-    tensors = (2 * request.n_steps + 4) * c * h * w * 4 + 4 * len(model.class_names) * 4
-    return 2 * tensors
+    tensors = request.paths * ((targets + 1) * request.n_steps + 4) * c * h * w * 4
+    return 2 * (tensors + 4 * len(model.class_names) * 4 * request.paths)
 
 
-def job(prepared: Prepared, target: int | None, request: AttributeRequest,
+def job(prepared: Prepared, targets: Targets, request: AttributeRequest,
         listener: JobListener | None = None) -> Job:
-    return Job("attribute", prepared.inputs, prepared.baseline, target, request.n_steps, request.method,
-               tolerance=request.tolerance, listener=listener)
+    paths = prepared.paths
+    return Job("attribute", paths.ends, paths.starts, targets, request.n_steps, request.method,
+               tolerance=request.tolerance, listener=listener, top_k=request.top_k, curve=paths.curve,
+               clean=paths.inputs if request.noise else None)
+
+
+@dataclass(frozen=True)
+class TargetFacts:
+    """One target's accuracy facts, over the mean of its paths' attributions."""
+
+    index: int
+    name: str
+    convergence_delta: float  # sum(IG) - (F_t(x) - F_t(b)), both means over the paths
+    completeness_gap: float  # the delta relative to the rise (igd.accuracy.completeness_gap)
+    error_estimate: float  # the estimated relative L2 error of the mean IG
+
+    def summary(self) -> dict[str, Any]:
+        return {"index": self.index, "name": self.name, "convergence_delta": self.convergence_delta,
+                "completeness_gap": finite_or_none(self.completeness_gap),
+                "error_estimate": finite_or_none(self.error_estimate)}
 
 
 @dataclass(frozen=True)
 class Answer:
-    """What one attribution produced: the result file's content and the facts about it."""
+    """What one attribution produced: the result file's content and the facts about it.
+
+    One target on one path gives the predecessor's result dict; several targets or paths
+    the combined dict (igd.results.combined_result_dict)."""
 
     part: AttributionSlice
     request: AttributeRequest
     model: LoadedModel
     image: Image.Image | None  # for the heatmap
+    path_names: tuple[str, ...] = ()
+    inputs: Tensor | None = None  # (1, C, H, W): the image in input space
+
+    @property
+    def combined(self) -> bool:
+        """Several targets or paths, or a path that does not end at the image (noise)."""
+        return self.part.paths > 1 or self.part.width > 1 or self.request.noise > 0
+
+    @property
+    def rows(self) -> list[list[int]]:
+        """rows[t][p]: the attribution's row of target t on path p."""
+        return [[self.part.row(p, t) for p in range(self.part.paths)] for t in range(self.part.width)]
 
     @property
     def target_index(self) -> int:
-        return int(self.part.attribution.targets[self.part.index])
+        return self.targets[0].index
 
     @property
     def target_name(self) -> str:
-        return self.model.class_names[self.target_index]
+        return self.targets[0].name
+
+    @cached_property
+    def targets(self) -> list[TargetFacts]:
+        return [self._facts_of(rows) for rows in self.rows]
 
     @cached_property
     def prediction(self) -> tuple[int, str, float]:
         """(index, name, probability) of the most likely class of the input."""
-        (top,) = self.model.top_classes(self.part.attribution.logits[self.part.index], 1)
+        (top,) = self.model.top_classes(self.logits, 1)
         return top
 
     @property
+    def logits(self) -> Tensor:
+        """(K,): the logits at the image."""
+        part = self.part
+        return part.logits if part.logits is not None else part.attribution.logits[part.index]
+
+    @property
     def convergence_delta(self) -> float:
-        return float(self.part.attribution.convergence_delta[self.part.index])
+        return self.targets[0].convergence_delta
 
     @property
     def error_estimate(self) -> float:
-        return float(self.part.attribution.error_estimate[self.part.index])
+        return self.targets[0].error_estimate
 
     @property
     def completeness_gap(self) -> float:
-        attribution, i = self.part.attribution, self.part.index
-        target = self.target_index
-        end, start = float(attribution.logits[i, target]), float(attribution.baseline_logits[i, target])
+        return self.targets[0].completeness_gap
+
+    def _facts_of(self, rows: list[int]) -> TargetFacts:
+        attribution = self.part.attribution
+        target = int(attribution.targets[rows[0]])
+        if len(rows) == 1:  # the engine's own figures, as they always were
+            delta = float(attribution.convergence_delta[rows[0]])
+            estimate = float(attribution.error_estimate[rows[0]])
+        else:
+            integrated = attribution.integrated_grads[rows].double()
+            mean = integrated.mean(dim=0)
+            sizes = integrated.flatten(1).norm(dim=1)
+            estimates = attribution.error_estimate[rows]
+            size = float(mean.norm())
+            estimate = float((estimates * sizes).square().sum().sqrt()) / len(rows) / size if size else math.inf
+        ends = attribution.logits[rows, target].double()
+        starts = attribution.baseline_logits[rows, target].double()
+        rise = float((ends - starts).mean())
+        if len(rows) > 1:
+            delta = float(mean.sum()) - rise
+        scale = float(torch.cat([ends, starts]).abs().max())
         eps = float(torch.finfo(attribution.logits.dtype).eps)
-        return completeness_gap(self.convergence_delta, end - start, max(abs(end), abs(start)), eps)
+        return TargetFacts(target, self.model.class_names[target], delta,
+                           completeness_gap(delta, rise, scale, eps), estimate)
 
-    def result(self) -> Result:
+    def result(self, defer_intermediates: bool = False) -> Result:
         """The result dict (the predecessor's keys and igd's additions)."""
-        result = result_dict(self.part.attribution, self.part.index, model=self.model.name,
-                             target_name=self.target_name, baseline_name=self.request.baseline)
-        result.update(self._facts())
+        attribution, request = self.part.attribution, self.request
+        if not self.combined:
+            result = result_dict(attribution, self.part.index, model=self.model.name, target_name=self.target_name,
+                                 baseline_name=request.baseline, defer_intermediates=defer_intermediates)
+            result.update(max_batch=self.part.max_batch, completeness_gap=self.completeness_gap)
+            if request.idgi:
+                result["idgi"] = idgi_of(attribution, self.rows)[0]
+        else:
+            assert self.inputs is not None
+            result = combined_result_dict(
+                attribution, self.rows, inputs=self.inputs, logits=self.logits, noisy=request.noise > 0,
+                model=self.model.name, target_names=[t.name for t in self.targets], baseline_name=request.baseline,
+                path_names=list(self.path_names), defer_intermediates=defer_intermediates)
+            result["convergence_delta"] = torch.tensor([t.convergence_delta for t in self.targets])
+            result["completeness_gap"] = torch.tensor([t.completeness_gap for t in self.targets])
+            result["error_estimate"] = torch.tensor([t.error_estimate for t in self.targets])
+            if request.idgi:
+                result["idgi"] = idgi_of(attribution, self.rows)
+            result["max_batch"] = self.part.max_batch
+        if request.samples > 1 or request.noise:
+            result.update(samples=request.samples, noise=request.noise, seed=request.seed)
         return result
-
-    def _facts(self) -> dict[str, Any]:
-        """The result's keys that the attribution alone does not know."""
-        return {"max_batch": self.part.max_batch, "completeness_gap": self.completeness_gap}
 
     def file_bytes(self) -> bytes:
         """The result file in the request's format, exactly what igctl writes."""
@@ -156,32 +247,38 @@ class Answer:
         :meth:`file_bytes`), at the least memory: the path points are made only when
         their turn comes, and each large tensor is freed once written, so this answer
         (its per-step gradients included) is unusable afterwards."""
-        result = result_dict(self.part.attribution, self.part.index, model=self.model.name,
-                             target_name=self.target_name, baseline_name=self.request.baseline,
-                             defer_intermediates=True)
-        result.update(self._facts())
-        write_result(result, self.request.format, self.request.gzip_level, out, consume=True)
+        write_result(self.result(defer_intermediates=True), self.request.format, self.request.gzip_level, out,
+                     consume=True)
 
     def heatmap_png(self) -> bytes | None:
+        """The heatmap over the image: one panel per target, side by side, of the mean IG."""
         if self.image is None:
             return None
-        return heatmap_png(self.part.attribution.integrated_grads[self.part.index], self.image,
-                           self.model.preprocessing)
+        attribution = self.part.attribution
+        panels = [attribution.integrated_grads[rows].mean(dim=0) for rows in self.rows]
+        return heatmap_grid_png(panels, self.image, self.model.preprocessing,
+                                [t.name for t in self.targets] if self.combined else None)
 
     def summary(self) -> dict[str, Any]:
         """The facts an entry point reports beside the file (wire result, JSON lines, rows)."""
         index, name, probability = self.prediction
         attribution = self.part.attribution
+        first = self.targets[0]
         summary = {
-            "target": {"index": self.target_index, "name": self.target_name},
+            "target": {"index": first.index, "name": first.name},
             "prediction": {"index": index, "name": name, "probability": probability},
-            "convergence_delta": self.convergence_delta,
-            "completeness_gap": finite_or_none(self.completeness_gap),
-            "error_estimate": finite_or_none(self.error_estimate),
+            "convergence_delta": first.convergence_delta,
+            "completeness_gap": finite_or_none(first.completeness_gap),
+            "error_estimate": finite_or_none(first.error_estimate),
             "baseline": self.request.baseline,
             "n_steps": attribution.n_steps,
             "method": attribution.method,
         }
+        if self.combined:
+            summary["targets"] = [t.summary() for t in self.targets]
+            summary["paths"] = self.part.paths
+        if self.request.path != "straight":
+            summary["path"] = self.request.path
         if attribution.tolerance is not None:
             summary.update(tolerance=attribution.tolerance, tolerance_met=attribution.tolerance_met)
         return summary
@@ -193,7 +290,7 @@ def finite_or_none(value: float) -> float | None:
 
 
 def answer(part: AttributionSlice, request: AttributeRequest, model: LoadedModel, prepared: Prepared) -> Answer:
-    return Answer(part, request, model, prepared.image)
+    return Answer(part, request, model, prepared.image, prepared.paths.names, prepared.inputs)
 
 
 def worker_failure(error: WorkerError) -> RequestFailed:

@@ -19,6 +19,8 @@ from igd.protocol import BAD_REQUEST
 
 METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 BASELINES = ("zero", "black", "white", "blur", "uniform")
+RANDOM_BASELINES = ("blur", "uniform")  # with samples > 1, each sample draws its own
+PATHS = ("straight", "blur")  # the straight line (IG), or Blur IG's (igd.paths)
 FORMATS = ("torch", "npz")
 SUFFIXES = {"torch": ".gzip", "npz": ".npz"}  # result files
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -32,6 +34,8 @@ MAX_BLUR_SIGMA = 1000.0
 ADAPTIVE = "adaptive"  # the rule of a request with a tolerance (igd.adaptive)
 ADAPTIVE_START = 17  # an adaptive request's first look along the path, in points
 MIN_TOLERANCE = 1e-4
+MAX_TARGETS = 16  # targets of one attribution (a list, or top_k)
+MAX_PATHS = 64  # baselines x samples of one attribution
 WARN_ERROR = 0.05  # igctl warns when the estimated error or the completeness gap is above
 
 
@@ -115,10 +119,25 @@ STEPS = Option("n_steps", "--steps", int, DEFAULT_STEPS, "Path points (gradient 
 METHOD = Option("method", "--method", str, METHODS[0], "Quadrature rule, as captum's.", choices=METHODS)
 BASELINE = Option("baseline", "--baseline", str, BASELINES[0],
                   "zero: zeros in the model's input space (the predecessor's); black, white, blur, uniform: "
-                  "made in pixel space and normalised like the image.", choices=BASELINES)
-SEED = Option("seed", "--seed", int, 0, "Seed of the 'uniform' baseline's noise.", low=-(2**63), high=2**63 - 1)
+                  "made in pixel space and normalised like the image. Several, comma-separated (black,white): "
+                  "each one's attribution, and their mean.", choices=BASELINES)
+SAMPLES = Option("samples", "--samples", int, 1,
+                 "Paths per baseline, each with its own draw: of --noise, and of a uniform or blur baseline "
+                 "(expected-gradients style); IG is their mean. Sample s uses seed + s.", low=1, high=MAX_PATHS)
+NOISE = Option("noise", "--noise", float, 0.0,
+               "SmoothGrad over IG: Gaussian noise of this sigma, relative to the pixel range [0, 1], added to "
+               "the image of each sample.", low=0.0, high=1.0)
+PATH = Option("path", "--path", str, PATHS[0],
+              "straight: IG's line from the baseline; blur: Blur IG, from the image blurred by --blur-sigma "
+              "[default there: the shorter side / 4] to the image.", choices=PATHS)
+IDGI = Option("idgi", "--idgi", bool, False, "Also compute IDGI (Yang et al. 2023) from the same pass.")
+TOP_K = Option("top_k", "--top-k", int, None, "Attribute to the K most likely classes, most likely first.",
+               low=1, high=MAX_TARGETS)
+SEED = Option("seed", "--seed", int, 0, "Seed of the random draws (uniform and sampled blur baselines, --noise).",
+              low=-(2**63), high=2**63 - 1)
 BLUR_SIGMA = Option("blur_sigma", "--blur-sigma", float, None,
-                    "Sigma of the 'blur' baseline, in model-input pixels [default: the shorter side / 16].",
+                    "Sigma of the 'blur' baseline, in model-input pixels [default: the shorter side / 16]; "
+                    "with --samples, each sample's is drawn from (0, 2 x this]. With --path blur: the start's.",
                     low=0.0, high=MAX_BLUR_SIGMA)
 FORMAT = Option("format", "--format", str, FORMATS[0],
                 "torch: the predecessor's gzip'd torch.save dict; npz: the same keys for numpy.", choices=FORMATS)
@@ -134,7 +153,8 @@ STREAM = Option("stream", "--stream", bool, False,
                 "Send the result file in data events as it is made, not in the response (docs/protocol.md).")
 TOP = Option("top", "--top", int, 5, "How many of the most likely classes.", low=1, high=MAX_TOP)
 
-ATTRIBUTE_OPTIONS = (STEPS, TOLERANCE, METHOD, BASELINE, SEED, BLUR_SIGMA, FORMAT, GZIP_LEVEL, HEATMAP, PROGRESS)
+ATTRIBUTE_OPTIONS = (STEPS, TOLERANCE, METHOD, BASELINE, SAMPLES, NOISE, PATH, IDGI, TOP_K, SEED, BLUR_SIGMA, FORMAT,
+                     GZIP_LEVEL, HEATMAP, PROGRESS)
 CLASSIFY_OPTIONS = (TOP, PROGRESS)
 BY_NAME = {option.name: option for option in (*ATTRIBUTE_OPTIONS, *CLASSIFY_OPTIONS, STREAM)}
 
@@ -147,17 +167,35 @@ class AttributeRequest:
     n_steps: int = DEFAULT_STEPS  # with a tolerance: the most points it may take
     method: str = METHOD.default  # with a tolerance: ADAPTIVE
     tolerance: float | None = None
-    baseline: str = BASELINE.default
+    baselines: tuple[str, ...] = (BASELINE.default,)
+    samples: int = 1
+    noise: float = 0.0
+    path: str = PATH.default
+    idgi: bool = False
+    top_k: int | None = None
     seed: int = SEED.default
     blur_sigma: float | None = None
     format: str = FORMAT.default
     gzip_level: int = DEFAULT_GZIP_LEVEL
     heatmap: bool = False
 
+    @property
+    def baseline(self) -> str:
+        """The baselines as the request named them: ``black,white``."""
+        return ",".join(self.baselines)
+
+    @property
+    def paths(self) -> int:
+        """Paths per image: baselines x samples."""
+        return len(self.baselines) * self.samples
+
     def log_fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {"n_steps": self.n_steps, "method": self.method, "baseline": self.baseline}
-        if self.tolerance is not None:
-            fields["tolerance"] = self.tolerance
+        for name, value, default in (("tolerance", self.tolerance, None), ("samples", self.samples, 1),
+                                     ("noise", self.noise, 0.0), ("path", self.path, "straight"),
+                                     ("idgi", self.idgi, False), ("top_k", self.top_k, None)):
+            if value != default:
+                fields[name] = value
         return fields
 
 
@@ -182,25 +220,88 @@ def parse_attribute(args: Mapping[str, Any], *, max_steps: int = MAX_STEPS) -> A
         method = ADAPTIVE
     elif method != "gausslegendre" and steps < 2:
         raise RequestError(STEPS, f"must be at least 2 for {method}, got {steps}")
-    return AttributeRequest(
+    request = AttributeRequest(
         n_steps=steps,
         method=method,
         tolerance=tolerance,
-        baseline=BASELINE.check(args.get("baseline")),
+        baselines=_baselines(args.get("baseline")),
+        samples=SAMPLES.check(args.get("samples")),
+        noise=NOISE.check(args.get("noise")),
+        path=PATH.check(args.get("path")),
+        idgi=IDGI.check(args.get("idgi")),
+        top_k=TOP_K.check(args.get("top_k")),
         seed=SEED.check(args.get("seed")),
         blur_sigma=BLUR_SIGMA.check(args.get("blur_sigma")),
         format=FORMAT.check(args.get("format")),
         gzip_level=GZIP_LEVEL.check(args.get("gzip_level")),
         heatmap=HEATMAP.check(args.get("heatmap")),
     )
+    _check_combination(request, args)
+    return request
 
 
-def check_target(value: Any) -> str | int | None:
-    """The target's type (a class name, an index or nothing); whether the model has that
-    class is for the model to say."""
-    if value is None or (isinstance(value, (str, int)) and not isinstance(value, bool)):
-        return value
-    raise RequestError(TARGET, f"must be a class name, an index or nil, got {type(value).__name__}")
+def _baselines(value: Any) -> tuple[str, ...]:
+    """One baseline name, several comma-separated, or (on the wire) a list of names."""
+    if value is None:
+        return (BASELINE.default,)
+    if isinstance(value, str):
+        names = [name.strip() for name in value.split(",")]
+    elif isinstance(value, (list, tuple)) and value and all(isinstance(name, str) for name in value):
+        names = list(value)
+    else:
+        raise RequestError(BASELINE, f"must be a name, comma-separated names or a list of names, got {value!r}")
+    for name in names:
+        BASELINE.check(name)
+    if len(set(names)) != len(names):
+        raise RequestError(BASELINE, f"names a baseline twice: {','.join(names)}")
+    return tuple(names)
+
+
+def _check_combination(request: AttributeRequest, args: Mapping[str, Any]) -> None:
+    """The options that cannot go together, each refused with the reason."""
+    if request.paths > MAX_PATHS:
+        raise RequestError(SAMPLES, f"x {len(request.baselines)} baselines is {request.paths} paths; at most {MAX_PATHS}")
+    if request.samples > 1 and request.noise == 0.0 and not set(request.baselines) & set(RANDOM_BASELINES):
+        raise RequestError(SAMPLES, "above 1 needs --noise or a random baseline (uniform, blur): every sample "
+                                    "would be the same path")
+    if request.seed + request.samples - 1 > SEED.high:  # type: ignore[operator]
+        raise RequestError(SEED, f"+ samples - 1 must be at most {_number(SEED.high)}")
+    if request.path == "blur" and args.get("baseline") is not None:
+        raise RequestError(BASELINE, "does not apply to --path blur, whose start is the blurred image")
+    if request.path == "blur" and request.samples > 1 and request.noise == 0.0:
+        raise RequestError(SAMPLES, "above 1 needs --noise with --path blur: every sample would be the same path")
+    if request.tolerance is not None:
+        for option, given in ((SAMPLES, request.samples > 1), (BASELINE, len(request.baselines) > 1),
+                              (PATH, request.path != "straight"), (NOISE, request.noise > 0)):
+            if given:
+                raise RequestError(option, "cannot be given with a tolerance yet (adaptive steps place the "
+                                           "points of one straight path)")
+
+
+def target_count(targets: int | tuple[int, ...] | None, top_k: int | None) -> int:
+    """How many targets an attribution explains: a tuple's, ``top_k`` when the targets are
+    left to the model, else one."""
+    if isinstance(targets, tuple):
+        return len(targets)
+    return top_k if targets is None and top_k else 1
+
+
+def check_targets(value: Any, top_k: int | None = None) -> list[str | int] | None:
+    """The targets' types: a class name or an index, a list of them, or nothing (the
+    predicted class, or the ``top_k`` most likely); whether the model has those classes is
+    for the model to say."""
+    if value is None:
+        return None
+    if top_k is not None:
+        raise RequestError(TOP_K, "cannot be given with a target")
+    values = value if isinstance(value, list) else [value]
+    if not values or len(values) > MAX_TARGETS:
+        raise RequestError(TARGET, f"must name 1 to {MAX_TARGETS} classes, got {len(values)}")
+    for item in values:
+        if not isinstance(item, (str, int)) or isinstance(item, bool):
+            raise RequestError(TARGET, f"must be a class name, an index, a list of them or nil, "
+                                       f"got {type(item).__name__}")
+    return values
 
 
 TARGET = Option("target", "TARGET", str, None, "Class name (case-insensitive) or index [default: the predicted class].")

@@ -22,7 +22,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from igd.attribution import Attribution, path_points
+from igd.attribution import Attribution
+from igd.idgi import idgi
+from igd.paths import STRAIGHT, BlurPath
 from igd.request import DEFAULT_GZIP_LEVEL, FORMATS
 
 
@@ -101,22 +103,147 @@ def result_dict(
         result["model"] = model
     if target_name is not None:
         result["target_name"] = target_name
+    result.update(_curve_keys(attribution, [index], defer_intermediates))
     return result
+
+
+def combined_result_dict(
+    attribution: Attribution,
+    rows: list[list[int]],
+    *,
+    inputs: Tensor,
+    logits: Tensor,
+    noisy: bool = False,
+    model: str | None = None,
+    target_names: list[str],
+    baseline_name: str,
+    path_names: list[str],
+    defer_intermediates: bool = False,
+) -> Result:
+    """The result dict of one image with T targets and P paths: ``rows[t][p]`` is the row
+    of target t on path p. Shapes as :func:`result_dict`'s, with a leading target axis, and
+    a path axis after it when P > 1 (``axes`` names them; docs/protocol.md):
+    ``integrated_grads`` (T, 1, C, H, W), the mean over the paths; ``path_integrated_grads``
+    (T, P, C, H, W) each path's (P > 1); ``integrated_directional_grads`` (T, [P,] n, C, H, W);
+    ``intermediates`` ([P,] n, C, H, W); ``baseline`` and ``baseline_output`` (P, ...);
+    ``path_logits`` (T, [P,] n); ``target_class``, ``target_name`` lists of T; ``output``
+    (1, K) the logits at the image ``logits`` (K,); ``input`` the image ``inputs`` (1, C, H, W),
+    and with noise (``noisy``) ``path_ends`` (P, C, H, W), where each path ends."""
+    paths = len(rows[0])
+    path_axis = paths > 1
+    first = [row[0] for row in rows]
+    per_path = [rows[0][p] for p in range(paths)]  # one row per path (target 0's)
+
+    def stacked(tensor: Tensor) -> Tensor:
+        """(T, [P,] ...) of a per-row tensor."""
+        picked = torch.stack([tensor[row] for row in rows]) if path_axis else tensor[first]
+        return _own(picked)
+
+    integrated = torch.stack([attribution.integrated_grads[row].mean(dim=0, keepdim=True) for row in rows])
+    result: Result = {
+        "integrated_grads": _own(integrated),
+        "integrated_directional_grads": _own(_rows_view(attribution.directional_grads, first))
+        if not path_axis else stacked(attribution.directional_grads),
+        "step_sizes": _own(attribution.step_sizes.view(-1, 1)),
+        "intermediates": _intermediates(attribution, per_path, defer_intermediates),
+        "output": _own(logits.view(1, -1)),
+        "target_class": [int(attribution.targets[row]) for row in first],
+        "target_name": target_names,
+        "axes": ["target", "path"] if path_axis else ["target"],
+        "alphas": _own(attribution.alphas),
+        "input": _own(inputs),
+        "baseline": _own(attribution.baselines[per_path]),
+        "baseline_output": _own(attribution.baseline_logits[per_path]),
+        "path_logits": stacked(attribution.path_logits),
+        "method": attribution.method,
+        "n_steps": attribution.n_steps,
+        "baseline_name": baseline_name,
+        "path_names": path_names,
+    }
+    if path_axis:
+        result["path_integrated_grads"] = stacked(attribution.integrated_grads)
+    if attribution.tolerance is not None:
+        result["tolerance"] = attribution.tolerance
+        result["tolerance_met"] = bool(attribution.tolerance_met)
+    if noisy:
+        result["path_ends"] = _own(attribution.inputs[per_path])
+    if model is not None:
+        result["model"] = model
+    result.update(_curve_keys(attribution, per_path, defer_intermediates))
+    return result
+
+
+def idgi_of(attribution: Attribution, rows: list[list[int]]) -> Tensor:
+    """(T, 1, *F): IDGI (igd.idgi) of each target, the mean over its paths ``rows[t]``."""
+    answers = []
+    for row_set in rows:
+        each = [idgi(attribution.directional_grads[r], attribution.alphas, attribution.path_logits[r],
+                     float(attribution.baseline_logits[r, attribution.targets[r]]),
+                     float(attribution.logits[r, attribution.targets[r]])) for r in row_set]
+        answers.append(torch.stack(each).mean(dim=0, keepdim=True))
+    return torch.stack(answers)
+
+
+def _rows_view(tensor: Tensor, rows: list[int]) -> Tensor:
+    """``tensor[rows]`` for consecutive rows as a view (no copy), else indexed."""
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return tensor[rows[0] : rows[0] + len(rows)]
+    return tensor[rows]
+
+
+def _intermediates(attribution: Attribution, paths: list[int], defer: bool) -> Tensor | Deferred:
+    """([P,] n, *F): the path points of the rows ``paths`` (no path axis for one)."""
+    n, shape = attribution.n_steps, tuple(attribution.inputs.shape[1:])
+    if len(paths) == 1:
+        return (Deferred((n, *shape), _path_filler(attribution, paths[0])) if defer
+                else _own(attribution.intermediates_of(paths[0])))
+    fillers = [_path_filler(attribution, row) for row in paths]
+
+    def fill(out: Tensor) -> None:
+        for filler, part in zip(fillers, out):
+            filler(part)
+
+    deferred = Deferred((len(paths), n, *shape), fill)
+    if defer:
+        return deferred
+    made = torch.empty(deferred.shape)
+    fill(made)
+    return made
+
+
+def _curve_keys(attribution: Attribution, paths: list[int], defer: bool) -> Result:
+    """The keys of a path that is not the straight line: its name, sigma and derivative
+    d gamma / d alpha at every node ([P,] n, *F)."""
+    curve = attribution.curve
+    if curve is STRAIGHT or not isinstance(curve, BlurPath):
+        return {}
+    n, shape = attribution.n_steps, tuple(attribution.inputs.shape[1:])
+    alphas = attribution.alphas.tolist()
+
+    def fill(out: Tensor) -> None:
+        view = out.view(len(paths), n, *shape)
+        for p, row in enumerate(paths):
+            for k, a in enumerate(alphas):
+                view[p, k] = curve.velocity(attribution.inputs[row], a)
+
+    deferred = Deferred(((n, *shape) if len(paths) == 1 else (len(paths), n, *shape)), fill)
+    if not defer:
+        made = torch.empty(deferred.shape)
+        fill(made)
+    return {"path": curve.name, "blur_sigma": curve.sigma_max, "path_derivative": deferred if defer else made}
 
 
 _STEP_BLOCK = 64  # path points made at a time when filling a Deferred
 
 
 def _path_filler(attribution: Attribution, index: int) -> Callable[[Tensor], None]:
-    """Writes image ``index``'s path points (n, *F) into a tensor, a block of steps at a
+    """Writes row ``index``'s path points (n, *F) into a tensor, a block of steps at a
     time, with the engine's own arithmetic (so the very same float32 values)."""
-    one = slice(index, index + 1)
-    inputs, baselines, alphas = attribution.inputs[one], attribution.baselines[one], attribution.alphas
 
     def fill(out: Tensor) -> None:
-        for start in range(0, len(alphas), _STEP_BLOCK):
+        for start in range(0, attribution.n_steps, _STEP_BLOCK):
             block = slice(start, start + _STEP_BLOCK)
-            out[block] = path_points(inputs, baselines, alphas[block])[0]
+            out[block] = attribution.intermediates_of(index, block)
 
     return fill
 

@@ -32,14 +32,18 @@ from igd.request import (
     BASELINES,
     DEFAULT_MAX_PIXELS,
     FORMATS,
+    MAX_PATHS,
     MAX_STEPS,
+    MAX_TARGETS,
     METHODS,
+    PATHS,
     PROGRESS,
     STREAM,
     TOP,
     RequestError,
     RequestFailed,
     parse_attribute,
+    target_count,
 )
 from igd.worker import Job, Worker, WorkerError
 
@@ -171,11 +175,15 @@ class Service:
                 "methods": list(METHODS),
                 "baselines": list(BASELINES),
                 "formats": list(FORMATS),
+                "paths": list(PATHS),
                 "heatmap": True,
+                "idgi": True,
                 "limits": {
                     "max_frame_bytes": self.limits.max_frame_bytes,
                     "max_pixels": self.limits.max_pixels,
                     "max_steps": self.limits.max_steps,
+                    "max_targets": MAX_TARGETS,
+                    "max_paths": MAX_PATHS,
                 },
                 "events": list(EVENTS),
             },
@@ -243,9 +251,9 @@ class Service:
         emit = _progress(args, events)
         stream = events is not None and _checked(STREAM, args)
         model, _worker = await self._until_ready(emit)
-        target = pipeline.resolve_target(model, args.get("target"))
+        target = pipeline.resolve_targets(model, args.get("target"), request.top_k)
         try:
-            reservation.expect(pipeline.footprint(request, model))
+            reservation.expect(pipeline.footprint(request, model, target_count(target, request.top_k)))
         except Overbudget as error:
             raise RequestFailed(OVERLOADED, str(error), {"needed_bytes": error.needed, "accounted_bytes": error.used,
                                                         "memory_budget_bytes": error.limit}) from None

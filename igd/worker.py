@@ -24,6 +24,8 @@ from torch import Tensor
 
 from igd.adaptive import attribute_adaptive
 from igd.attribution import Attribution, attribute, strict_float32
+from igd.paths import STRAIGHT, Curve
+from igd.request import target_count
 from igd.logs import log
 from igd.memory import memory_budget, release_free_memory
 from igd.models import LoadedModel
@@ -86,7 +88,8 @@ class ComputeSettings:
 
 @dataclass(eq=False)
 class Job:
-    """One image's work. ``inputs``/``baseline``: (1, C, H, W) on the CPU, input space.
+    """One image's work, on the CPU in input space: ``inputs`` (P, C, H, W) the ends of its
+    P paths (classify: the image, P = 1), ``baseline`` their starts.
 
     ``cancel()`` (from any thread) withdraws it: a queued job is never run, and a pass
     whose jobs are all cancelled stops at its next chunk."""
@@ -94,11 +97,14 @@ class Job:
     op: str  # "attribute" | "classify"
     inputs: Tensor
     baseline: Tensor | None = None
-    target: int | None = None  # None: the predicted class
+    target: int | tuple[int, ...] | None = None  # None: the predicted class (or the top_k)
     n_steps: int = 50  # with a tolerance: the cap
     method: str = "gausslegendre"
     tolerance: float | None = None  # adaptive steps to this estimated error (igd.adaptive)
     listener: JobListener | None = None
+    top_k: int | None = None  # with no target: the k most likely classes
+    curve: Curve = STRAIGHT
+    clean: Tensor | None = None  # (1, C, H, W): the image, when the paths end elsewhere (noise)
     future: concurrent.futures.Future[Any] = field(default_factory=concurrent.futures.Future)
     batch_size: int = 0  # set by the worker: images in the pass that served this job
     queued_s: float = 0.0
@@ -122,26 +128,51 @@ class Job:
         self._last_report = now
         self.listener.progress(round(fraction * self.n_steps), self.n_steps)
 
+    @property
+    def width(self) -> int:
+        """Targets per path."""
+        return target_count(self.target, self.top_k)
+
+    def targets(self, logits: Tensor | None) -> list[int]:
+        """The job's targets, given the logits (K,) at its image when it has none of its own."""
+        if isinstance(self.target, int):
+            return [self.target]
+        if isinstance(self.target, tuple):
+            return list(self.target)
+        assert logits is not None
+        return logits.topk(self.width).indices.tolist() if self.top_k else [int(logits.argmax())]
+
     def batch_key(self) -> tuple[Any, ...]:
         if self.op != "attribute":
             return (self.op,)
-        return (self.op, "adaptive") if self.tolerance is not None else (self.op, self.n_steps, self.method)
+        if self.tolerance is not None:
+            return (self.op, "adaptive", self.width)
+        return (self.op, self.n_steps, self.method, self.width, self.curve)
 
     def result_bytes(self) -> int:
         """Memory a pass holds for this image: its path points and their gradients."""
         if self.op != "attribute":
             return self.inputs.numel() * self.inputs.element_size()
-        return 2 * self.n_steps * self.inputs.numel() * self.inputs.element_size()
+        return (self.width + 1) * self.n_steps * self.inputs.numel() * self.inputs.element_size()
 
 
 @dataclass(frozen=True)
 class AttributionSlice:
-    """Image ``index`` of a pass's (CPU) Attribution, and the chunk size that pass ran
-    with (path points per forward+backward; results can differ in the last bits with it)."""
+    """One job's rows of a pass's (CPU) Attribution, and the chunk size that pass ran with
+    (path points per forward+backward; results can differ in the last bits with it).
+
+    The job's P paths with T targets each are rows ``index + p * T + t``; ``logits`` (K,)
+    are those at its image when its paths do not end there (noise), else None."""
 
     attribution: Attribution
     index: int
     max_batch: int = 0
+    paths: int = 1
+    width: int = 1
+    logits: Tensor | None = None
+
+    def row(self, path: int = 0, target: int = 0) -> int:
+        return self.index + path * self.width + target
 
 
 class Worker:
@@ -378,31 +409,46 @@ class Worker:
             with torch.no_grad(), strict_float32(not self.allow_tf32):
                 logits = self.model.module(inputs).float().cpu()
             return [logits[i] for i in range(len(jobs))]
-        targets = self._targets(jobs, inputs)
+        job_logits = self._image_logits(jobs)
+        job_targets = [job.targets(logits) for job, logits in zip(jobs, job_logits)]
+        targets = [ts for job, ts in zip(jobs, job_targets) for _ in range(len(job.inputs))]  # (paths, T)
         baselines = torch.cat([job.baseline for job in jobs]).to(device)  # type: ignore[misc]
-        if jobs[0].tolerance is not None:
+        if jobs[0].tolerance is not None:  # one straight path each (igd.request)
             answers, chunk = self._attribute(lambda max_batch: attribute_adaptive(
-                lambda points, _index: self.model.module(points), inputs, targets, baselines=baselines,
+                lambda points, _index: self.model.module(points), inputs, job_targets, baselines=baselines,
                 tolerance=[job.tolerance for job in jobs], max_steps=[job.n_steps for job in jobs],
                 max_batch=max_batch, allow_tf32=self.allow_tf32, modules=[self.model.module], on_chunk=_watch(jobs),
             ), len(jobs))
             for job, answer in zip(jobs, answers):  # its progress ends at the points it took
                 if job.listener is not None:
                     job.listener.progress(answer.n_steps, answer.n_steps)
-            return [_finite(AttributionSlice(_to_cpu(answer), 0, chunk)) for answer in answers]
+            return [_finite(AttributionSlice(_to_cpu(answer), 0, chunk, width=job.width))
+                    for job, answer in zip(jobs, answers)]
         result, chunk = self._attribute(lambda max_batch: attribute(
             self.model.module, inputs, targets, baselines=baselines, n_steps=jobs[0].n_steps,
             method=jobs[0].method, max_batch=max_batch, allow_tf32=self.allow_tf32, on_chunk=_watch(jobs),
+            curve=jobs[0].curve,
         ), len(jobs))
         cpu = _to_cpu(result)
-        return [_finite(AttributionSlice(cpu, i, chunk)) for i in range(len(jobs))]
+        parts, row = [], 0
+        for job, logits in zip(jobs, job_logits):
+            keep = logits if job.clean is not None else None
+            parts.append(_finite(AttributionSlice(cpu, row, chunk, len(job.inputs), job.width, keep)))
+            row += len(job.inputs) * job.width
+        return parts
 
-    def _targets(self, jobs: list[Job], inputs: Tensor) -> list[int]:
-        if all(job.target is not None for job in jobs):
-            return [int(job.target) for job in jobs]  # type: ignore[arg-type]
-        with torch.no_grad(), strict_float32(not self.allow_tf32):
-            predicted = self.model.module(inputs).argmax(dim=1).tolist()
-        return [p if job.target is None else job.target for job, p in zip(jobs, predicted)]
+    def _image_logits(self, jobs: list[Job]) -> list[Tensor | None]:
+        """The logits (K,) at each job's image, for the jobs that need them: to find their
+        targets, or because their paths do not end at the image (noise). One forward for all."""
+        wanted = [i for i, job in enumerate(jobs) if job.target is None or job.clean is not None]
+        found: list[Tensor | None] = [None] * len(jobs)
+        if wanted:
+            images = torch.cat([jobs[i].clean if jobs[i].clean is not None else jobs[i].inputs[:1] for i in wanted])
+            with torch.no_grad(), strict_float32(not self.allow_tf32):
+                logits = self.model.module(images.to(self.model.device)).float().cpu()
+            for i, row in zip(wanted, logits):
+                found[i] = row
+        return found
 
     def _attribute(self, run: Callable[[int], T], images: int) -> tuple[T, int]:
         """``run(max_batch)``, and the chunk size it ran with. Out of memory with several
@@ -426,10 +472,10 @@ class Worker:
 def _finite(part: AttributionSlice) -> AttributionSlice | ComputeFailed:
     """The image's result, or ComputeFailed if any of it is NaN or infinite (never a
     success that nobody can use)."""
-    attribution, i = part.attribution, part.index
-    for name, tensor in (("IG", attribution.integrated_grads[i]), ("the per-step gradients",
-                         attribution.directional_grads[i]), ("the logits", attribution.logits[i]),
-                         ("the logits along the path", attribution.path_logits[i])):
+    attribution, rows = part.attribution, slice(part.index, part.row(part.paths - 1, part.width - 1) + 1)
+    for name, tensor in (("IG", attribution.integrated_grads[rows]), ("the per-step gradients",
+                         attribution.directional_grads[rows]), ("the logits", attribution.logits[rows]),
+                         ("the logits along the path", attribution.path_logits[rows])):
         if not _all_finite(tensor):
             log("non_finite", level=30, where=name)
             return ComputeFailed(f"{name} of this image are not finite (NaN or infinity): the model or the "

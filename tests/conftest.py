@@ -5,11 +5,13 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from daemon import Igd, short_tempdir  # noqa: E402
 from nets import write_slow_model  # noqa: E402
 from reference import assemble  # noqa: E402
 
@@ -28,6 +30,22 @@ def fixtures(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every reference fixture in one directory: tests/fixtures/ plus the BiT checkpoint,
     rebuilt once per session from its fill rule (see tests/reference.py)."""
     return assemble(tmp_path_factory.mktemp("fixtures"))
+
+
+@pytest.fixture(scope="module")
+def lanet(fixtures: Path) -> Iterator[Igd]:
+    """A daemon serving LaNet-tiny with a fixed chunk: answers of separate requests are
+    comparable to the bit."""
+    with Igd("-lp", str(fixtures / "lanet-tiny.pth"), "--max-batch", "10") as igd:
+        yield igd
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A short temporary directory (socket paths must stay under ~107 bytes)."""
+    path = short_tempdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ import gzip
 import io
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import torch
 from captum.attr import IntegratedGradients
 from PIL import Image
 
-from daemon import Igd, short_tempdir
+from daemon import Igd
 from igd.attribution import attribute, strict_float32
 from igd.models import lanet, load_model
 from igd.worker import Job, Worker
@@ -80,13 +79,6 @@ def default_on_cpu(chelsea: Path) -> dict[str, Any]:
 def within_float32_noise(error: float, cpu_error: float) -> bool:
     """A device's float32 IG is as good as the CPU's up to a small factor."""
     return error < 5 * max(cpu_error, 1e-4)
-
-
-@pytest.fixture
-def workdir():
-    path = short_tempdir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_engine_matches_captum_and_float64(chelsea: Path, default_on_cpu: dict[str, Any]) -> None:

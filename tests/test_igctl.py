@@ -49,19 +49,6 @@ def check_result(path: Path, n: int, shape: tuple[int, int, int], classes: int) 
 
 
 @pytest.fixture(scope="module")
-def lanet(fixtures: Path):
-    with Igd("-lp", str(fixtures / "lanet-tiny.pth"), "--max-batch", "10") as igd:
-        yield igd
-
-
-@pytest.fixture
-def workdir():
-    path = short_tempdir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
 def photos(fixtures: Path) -> dict[str, Path]:
     return {name: fixtures / "images" / name for name in ("chelsea.png", "chelsea.jpg", "coffee.png")}
 

@@ -21,7 +21,7 @@ from igd.files import UnreadableInput, read_regular_file
 from igd.models import load_model
 from igd.protocol import BAD_IMAGE, DEFAULT_MAX_FRAME_BYTES
 from igd.request import DEFAULT_MAX_PIXELS, AttributeRequest, RequestFailed
-from igd.worker import AttributionSlice, ComputeSettings, Worker, WorkerError
+from igd.worker import ComputeSettings, Worker, WorkerError
 
 FORMATS = ("torch", "npz", "parquet")
 
@@ -58,7 +58,8 @@ class BatchAttributor:
             try:
                 if isinstance(ready, RequestFailed):
                     raise ready
-                target = pipeline.resolve_target(self.model, None if pair.target == PREDICTED else pair.target)
+                target = pipeline.resolve_targets(self.model, None if pair.target == PREDICTED else pair.target,
+                                                  self.options.request.top_k)
                 pending.append((i, ready, self.worker.submit(pipeline.job(ready, target, request))))
             except RequestFailed as failure:
                 rows[i] = error_row(pair, failure)
@@ -104,20 +105,27 @@ class BatchAttributor:
         if self.options.fmt != "parquet":
             row["data"] = answer.file_bytes()
         else:
-            row.update(_arrays(answer.part, self.options))
+            row.update(_arrays(answer, self.options))
         return row
 
 
-def _arrays(part: AttributionSlice, options: BatchOptions) -> dict[str, Any]:
-    """The parquet columns of one result: IG flat, and optionally the per-step gradients."""
-    attribution, i = part.attribution, part.index
+def _arrays(answer: pipeline.Answer, options: BatchOptions) -> dict[str, Any]:
+    """The parquet columns of one result: IG flat, and optionally the per-step gradients;
+    with several targets or paths, the result file's ``integrated_grads`` (T, 1, C, H, W)
+    and ``integrated_directional_grads`` (T, [P,] n, C, H, W), flat, ``shape`` IG's."""
     dtype = np.float16 if options.dtype == "float16" else np.float32
+    attribution, i = answer.part.attribution, answer.part.index
+    if answer.combined:
+        result = answer.result()
+        integrated, directional = result["integrated_grads"], result["integrated_directional_grads"]
+    else:
+        integrated, directional = attribution.integrated_grads[i], attribution.directional_grads[i]
     columns: dict[str, Any] = {
-        "shape": list(attribution.integrated_grads.shape[1:]),
-        "integrated_grads": attribution.integrated_grads[i].numpy().astype(dtype).ravel(),
+        "shape": list(integrated.shape),
+        "integrated_grads": integrated.numpy().astype(dtype).ravel(),
     }
     if options.with_steps:
-        columns["directional_grads"] = attribution.directional_grads[i].numpy().astype(dtype).ravel()
+        columns["directional_grads"] = directional.numpy().astype(dtype).ravel()
         columns["step_sizes"] = attribution.step_sizes.numpy().astype(np.float32)
     return columns
 
