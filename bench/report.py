@@ -73,6 +73,29 @@ def accuracy_table(data: dict) -> list[str]:
     return lines
 
 
+def targets_table(data: dict) -> list[str]:
+    lines = ["| model | k | chunk | one request, k targets | k requests | one request / 1 target | k requests / one "
+             "request | peak RSS above idle: one / k requests |", "|---|---|---|---|---|---|---|---|"]
+    for name, title in data["models"].items():
+        runs = [r for r in data["runs"] if r["model"] == name]
+        if not runs:
+            continue
+        single = next(r for r in runs if r["k"] == 1)["median_s"]
+        for one in (r for r in runs if r["way"] == "one"):
+            separate = next((r for r in runs if r["k"] == one["k"] and r["way"] == "separate"), one)
+            lines.append(f"| {title} | {one['k']} | {one['chunk']} | {one['median_s']:.2f} s | "
+                         f"{separate['median_s']:.2f} s | **{one['median_s'] / single:.2f}x** | "
+                         f"{separate['median_s'] / one['median_s']:.2f}x | {one['peak_above_mib']:.0f} / "
+                         f"{separate['peak_above_mib']:.0f} MiB |")
+    lines += ["", "| model | k | chunk | k backwards, retained graph (igd) | one batched VJP (is_grads_batched) |",
+              "|---|---|---|---|---|"]
+    for entry in data["vjp"]:
+        ms = entry["ms_per_point"]
+        lines.append(f"| {data['models'][entry['model']]} | {entry['k']} | {entry['chunk']} | "
+                     f"{ms['retained']:.1f} ms/point | {ms['batched']:.1f} ms/point |")
+    return lines
+
+
 def engine_table(data: dict) -> list[str]:
     lines = ["| model | igd (s) | predecessor (s) | speedup | chunk, format |", "|---|---|---|---|---|"]
     for r in data["rows"]:
@@ -224,6 +247,11 @@ def main() -> None:
          "(`--tolerance`, cap 1024 points); the built-in model on 8 photos bundled with scikit-image and the BiT and "
          "LaNet test fixtures on the first of them (the tables count the photos), each attributed to its predicted class from the zero baseline. "
          "`error_estimate` is what igd reports in every result (igd/accuracy.py)."),
+        ("Several targets in one pass (`bench/targets.py`)", load("targets"), targets_table,
+         "k targets in one request (one forward and k backwards per chunk of path points) against k requests of one "
+         "target (what captum and tools without multi-target passes do), through igd's worker with the chunk the "
+         "daemon uses (measured at warm-up or cached), compute only, 50 Gauss-Legendre steps, medians of 3, each way "
+         "in a fresh process. The second table compares the two ways to take k input gradients from one forward."),
         ("Soak (`bench/soak.py`)", load("soak"), soak_table,
          "16 clients, valid and invalid requests mixed, on the default model."),
         ("Whole datasets (`bench/batch.py`)", load("batch"), batch_table,
