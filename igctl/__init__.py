@@ -1,5 +1,8 @@
-"""igctl: the command-line client of the igd daemon (never imports torch or numpy)."""
+"""igctl: the command-line client of the igd daemon, and its Python client
+(``from igctl import Client``; igctl/api.py). Never imports torch, nor numpy until arrays
+are read."""
 
+from igctl.api import Attribution, Client, ClientError, NoDaemon, RequestFailed
 from igd import __version__
 
-__all__ = ["__version__"]
+__all__ = ["Attribution", "Client", "ClientError", "NoDaemon", "RequestFailed", "__version__"]

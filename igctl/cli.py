@@ -37,6 +37,7 @@ from igd import request as spec
 from igd.files import TEMPORARIES, AtomicFile, write_atomically
 from igd.flags import attribute_flags, checked_request, flag
 from igd.progress import Progress, RequestProgress
+from igd.styles import DEFAULT_OUTLIER_PERC, DEFAULT_SIGN, DEFAULT_STYLE, SIGNS, STYLES
 from igd.protocol import VERSION, default_socket_path
 
 EXIT_STATUSES = "\b\nExit status:\n" + "\n".join(f"  {code:<3} {meaning}" for code, meaning in EXIT_TABLE) + "\n"
@@ -484,6 +485,8 @@ def _attribute_one(
     )
     # Older daemons send none of these (and get no accuracy warning); null: unbounded.
     record.update({key: result[key] for key in ACCURACY_KEYS if key in result})
+    if "metrics" in result:
+        record["metrics"] = result["metrics"]
     if "targets" in result:  # several targets: each one's facts; the record's accuracy is the worst of them
         record["targets"] = result["targets"]
         record["paths"] = result.get("paths", 1)
@@ -568,7 +571,8 @@ def _describe(record: dict[str, Any]) -> str:
         f"{record['image']}: {record['prediction']} ({record['probability']:.2f}); "
         f"attributed to {', '.join(repr(name) for name in names)}{paths} -> {record['output']}"
         + (f", heatmap {record['heatmap']}" if record.get("heatmap") else "")
-        + f" ({_accuracy(record)})"
+        + f" ({_accuracy(record)}"
+        + "".join(f", {name} area {area:.3f}" for name, area in record.get("metrics", {}).items()) + ")"
     )
 
 
@@ -655,6 +659,59 @@ def classify(ctx: click.Context, images: tuple[str, ...], top: int, as_json: boo
                 ranked = ", ".join(f"{c['name']} {c['probability']:.3f}" for c in outcome.record["top"])
                 click.echo(f"{outcome.record['image']}: {ranked}")
     _finish(outcomes)
+
+
+@main.command(short_help="Summarise saved result files; re-render their heatmaps.")
+@click.argument("results", nargs=-1, required=True, metavar="RESULT...",
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON line per result (targets, accuracy, provenance).")
+@click.option("--heatmap", type=click.Path(path_type=Path), metavar="PNG",
+              help="Render IG to this PNG (a directory when there are several results): one panel per target.")
+@click.option("--style", type=click.Choice(STYLES), default=DEFAULT_STYLE, show_default=True,
+              help="heat_map: colours alone; blended_heat_map: over the image in grey; masked_image: the image "
+                   "times |attribution|; alpha_scaling: the image with |attribution| as opacity.")
+@click.option("--sign", type=click.Choice(SIGNS), default=DEFAULT_SIGN, show_default=True,
+              help="Which attributions: all (red negative, green positive), positive, negative, absolute_value.")
+@click.option("--outlier-perc", type=click.FloatRange(0, 100, max_open=True), default=DEFAULT_OUTLIER_PERC,
+              show_default=True, help="The top percent of the attribution mass that saturates the colours.")
+def show(results: tuple[Path, ...], as_json: bool, heatmap: Path | None, style: str, sign: str,
+         outlier_perc: float) -> None:
+    """Summarise each RESULT file (torch .gzip or .npz, from igctl, igd batch or the
+    predecessor): targets, prediction, accuracy, steps and what made it. No daemon is
+    needed, and torch is not loaded.
+
+    \b
+    Examples:
+      igctl show cat.gzip
+      igctl show results/*.npz --json
+      igctl show cat.gzip --heatmap cat.png --style heat_map --sign all
+    """
+    from igctl import show as shown  # numpy and Pillow: only for this command
+
+    failed = 0
+    for path in results:
+        try:
+            result = shown.load(path)
+            facts = shown.summary(path, result)
+            if heatmap is not None:
+                target = heatmap / f"{path.name.split('.')[0]}.png" if len(results) > 1 else heatmap
+                if len(results) > 1:
+                    heatmap.mkdir(parents=True, exist_ok=True)
+                write_atomically(target, shown_png(shown.picture(result, style, sign, outlier_perc)))
+                facts["heatmap"] = str(target)
+        except (ValueError, OSError) as error:
+            failed += 1
+            click.echo(f"igctl: {path}: {error}", err=True)
+            continue
+        click.echo(json.dumps(facts) if as_json else "\n".join(shown.describe(facts)))
+    if failed:
+        sys.exit(EXIT_REFUSED)
+
+
+def shown_png(picture: Any) -> bytes:
+    from igd.rendering import png
+
+    return png(picture)
 
 
 @main.command(epilog=EXIT_STATUSES, short_help="Show whether igd is up, and what it is doing.")

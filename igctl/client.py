@@ -58,6 +58,8 @@ class RequestFailed(ClientError):
     def __init__(self, error: ProtocolError) -> None:
         super().__init__(f"{error.code}: {error.message}")
         self.error = error
+        self.code = error.code  # the stable error code (docs/protocol.md), e.g. "unknown_target"
+        self.details = error.details
         self.exit_status = EXIT_REFUSED if error.code in REFUSALS else EXIT_DAEMON_FAILED
 
 

@@ -75,7 +75,8 @@ class _Image:
             integrated = delta * weighted_sum(directional[:, t].unsqueeze(0), weights)[0]
             self.estimates.append(accuracy.relative(float(errors.square().sum().sqrt()), integrated))
             size = float(torch.linalg.vector_norm(integrated.double()))
-            priority += (errors / size).square() if size > 0 else errors.square() * math.inf
+            # A target whose IG is still zero makes any panel with an error the most urgent.
+            priority += (errors / size).square() if size > 0 else torch.where(errors > 0, math.inf, 0.0)
         errors = priority.sqrt()
         room = self.cap - len(self.nodes)
         if self.estimate <= self.tolerance or room <= 0:

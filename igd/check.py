@@ -28,12 +28,13 @@ def run_check(model: LoadedModel, data: bytes, label: str, request: AttributeReq
         classify_s = time.perf_counter() - started
         top = model.top_classes(logits, 5)
         started = time.perf_counter()
-        part = worker.submit(pipeline.job(prepared, top[0][0], request)).result()
+        targets = None if request.top_k else top[0][0]  # --top-k: the model's most likely classes
+        part = worker.submit(pipeline.job(prepared, targets, request)).result()
         attribute_s = time.perf_counter() - started
     finally:
         worker.close()
         worker.join()
-    answer = pipeline.answer(part, request, model, prepared)
+    answer = pipeline.answer(part, request, model, prepared, worker.compute_facts)
     attribution = part.attribution
     delta = answer.convergence_delta
     found = worker.warm_up
@@ -48,6 +49,8 @@ def run_check(model: LoadedModel, data: bytes, label: str, request: AttributeReq
     return [
         ("model", f"{model.name}: {model.description}"),
         ("source", model.source),
+        ("weights", f"sha256 {model.weights_sha256}"),
+        ("classes from", model.classes_source),
         ("parameters", f"{model.num_parameters:,}"),
         ("input", f"{c}x{h}x{w} ({model.preprocessing.describe()})"),
         ("device", device),

@@ -389,6 +389,8 @@ def batch(source: str, out_dir: Path, targets: tuple[str, ...], dtype: str, with
     if fmt not in BATCH_FORMATS:
         raise click.UsageError(f"--format must be one of {', '.join(BATCH_FORMATS)}, got {fmt!r}")
     request = checked_request({**args, "format": fmt if fmt != "parquet" else spec.FORMAT.default})
+    if request.top_k is not None and targets:
+        raise click.UsageError("give --top-k or --target, not both: --top-k picks each image's most likely classes")
     logs.configure(log_level)
     options = BatchOptions(request=request, fmt=fmt, dtype=dtype, with_steps=with_steps,
                            compute=dataclasses.replace(compute, queue_size=1 << 30))

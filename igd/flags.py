@@ -38,8 +38,8 @@ def flag(option: spec.Option, *, choices: tuple[str, ...] | None = None, help: s
 
 
 def attribute_flags(command: Callable[..., Any]) -> Callable[..., Any]:
-    """--steps, --tolerance, --method, --baseline, --samples, --noise, --path, --idgi, --top-k,
-    --seed, --blur-sigma, --gzip-level (the format flag differs between commands: each adds
+    """--steps, --tolerance, --method, --baseline, --samples, --noise, --path, --idgi, --metrics,
+    --top-k, --seed, --blur-sigma, --gzip-level (the format flag differs between commands: each adds
     its own)."""
     steps_help = (f"{spec.STEPS.help} At most {spec.MAX_STEPS} (`igd serve --max-steps` may allow more); "
                   "with --tolerance, the most it may take.")
@@ -52,6 +52,7 @@ def attribute_flags(command: Callable[..., Any]) -> Callable[..., Any]:
         flag(spec.NOISE),
         flag(spec.PATH),
         flag(spec.IDGI),
+        flag(spec.METRICS, help=spec.METRICS.help),
         flag(spec.TOP_K),
         flag(spec.SEED),
         flag(spec.BLUR_SIGMA),

@@ -13,7 +13,8 @@ self-test) and turn failures into wire errors or status rows.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import datetime
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, BinaryIO, Union
 
@@ -21,11 +22,14 @@ from PIL import Image
 import torch
 from torch import Tensor
 
+from igd import faithfulness
 from igd.accuracy import completeness_gap
 from igd.baselines import Paths, make_paths
+from igd.faithfulness import Curves
 from igd.heatmap import heatmap_grid_png
 from igd.imaging import ImageError, ImageTooLarge, decode_image
 from igd.models import LoadedModel, UnknownClass
+from igd.provenance import ComputeFacts, now, provenance
 from igd.protocol import BAD_IMAGE, BAD_REQUEST, IMAGE_TOO_LARGE, INTERNAL, OVERLOADED, SHUTTING_DOWN, UNKNOWN_TARGET
 from igd.request import TARGET, AttributeRequest, RequestError, RequestFailed, check_targets
 from igd.results import Result, combined_result_dict, encode, idgi_of, result_dict, write_result
@@ -62,6 +66,10 @@ def resolve_targets(model: LoadedModel, target: Any, top_k: int | None = None) -
         checked = check_targets(target, top_k)
     except RequestError as error:
         raise error.failed() from None
+    classes = len(model.class_names)
+    if top_k is not None and top_k > classes:
+        raise RequestFailed(BAD_REQUEST, f"args.top_k must be at most {classes}, the model's classes, got {top_k}",
+                            {"arg": "top_k"})
     if checked is None:
         return None
     try:
@@ -100,10 +108,18 @@ def prepare(image: Image.Image, request: AttributeRequest, model: LoadedModel) -
 def footprint(request: AttributeRequest, model: LoadedModel, targets: int = 1) -> int:
     """Bytes one attribution may hold at its largest, known before it runs: for each path,
     its points and the per-step gradients of each target (n_steps x C x H x W float32 each),
-    the few per-path tensors, and the encoded file, which is no larger than what it encodes."""
+    with several paths the result's copy of those gradients, on Blur IG's path its
+    derivative, the few per-path tensors, and the encoded file, which is no larger than what
+    it encodes."""
     c, h, w = model.input_shape
-    tensors = request.paths * ((targets + 1) * request.n_steps + 4) * c * h * w * 4
-    return 2 * (tensors + 4 * len(model.class_names) * 4 * request.paths)
+    paths, steps = request.paths, request.n_steps
+    per_step = paths * (targets + 1) * steps  # gradients of each target and the points, per path
+    if paths > 1:
+        per_step += targets * paths * steps  # the result's (T, P, n, ...) copy of the gradients
+    if request.path != "straight":
+        per_step += paths * steps  # the path's derivative at every node
+    tensors = (per_step + 4 * paths) * c * h * w * 4
+    return 2 * (tensors + 4 * len(model.class_names) * 4 * paths)
 
 
 def job(prepared: Prepared, targets: Targets, request: AttributeRequest,
@@ -143,6 +159,8 @@ class Answer:
     image: Image.Image | None  # for the heatmap
     path_names: tuple[str, ...] = ()
     inputs: Tensor | None = None  # (1, C, H, W): the image in input space
+    provenance: dict[str, Any] = field(default_factory=dict)  # igd.provenance: what made it
+    curves: tuple[Curves, ...] = ()  # the faithfulness curves of each target, once measured (with_metrics)
 
     @property
     def combined(self) -> bool:
@@ -202,7 +220,9 @@ class Answer:
             sizes = integrated.flatten(1).norm(dim=1)
             estimates = attribution.error_estimate[rows]
             size = float(mean.norm())
-            estimate = float((estimates * sizes).square().sum().sqrt()) / len(rows) / size if size else math.inf
+            # The paths share their nodes, so their errors need not be independent: add them.
+            absolute = torch.where(sizes > 0, estimates * sizes, torch.where(estimates > 0, math.inf, 0.0))
+            estimate = float(absolute.sum()) / len(rows) / size if size else math.inf
         ends = attribution.logits[rows, target].double()
         starts = attribution.baseline_logits[rows, target].double()
         rise = float((ends - starts).mean())
@@ -235,8 +255,36 @@ class Answer:
                 result["idgi"] = idgi_of(attribution, self.rows)
             result["max_batch"] = self.part.max_batch
         if request.samples > 1 or request.noise:
-            result.update(samples=request.samples, noise=request.noise, seed=request.seed)
+            result.update(samples=request.samples, noise=request.noise)
+        index, name, probability = self.prediction
+        result.update(prediction_index=index, prediction_name=name, prediction_probability=probability)
+        result.update(self._metric_keys())
+        result.update(self.provenance)
         return result
+
+    def _metric_keys(self) -> dict[str, Any]:
+        """``metric_fractions`` (STEPS + 1,), and per metric asked for its curve and area:
+        (STEPS + 1,) and a float, or with a target axis (T, STEPS + 1) and (T,)."""
+        if not self.curves:
+            return {}
+        keys: dict[str, Any] = {"metric_fractions": self.curves[0].fractions.float()}
+        for metric in self.request.metrics:
+            curve = torch.stack([getattr(c, metric) for c in self.curves]).float()
+            areas = [getattr(c, f"{metric}_area") for c in self.curves]
+            keys[f"{metric}_curve"] = curve if self.combined else curve[0]
+            keys[f"{metric}_area"] = torch.tensor(areas) if self.combined else areas[0]
+        return keys
+
+    def metric_areas(self, target: int = 0) -> dict[str, float]:
+        """{metric: area} of a target's curves, for the metrics asked for."""
+        if not self.curves:
+            return {}
+        return {metric: getattr(self.curves[target], f"{metric}_area") for metric in self.request.metrics}
+
+    def mean_attributions(self) -> list[Tensor]:
+        """Each target's IG, the mean over its paths: (C, H, W) each."""
+        attribution = self.part.attribution
+        return [attribution.integrated_grads[rows].mean(dim=0) for rows in self.rows]
 
     def file_bytes(self) -> bytes:
         """The result file in the request's format, exactly what igctl writes."""
@@ -254,9 +302,7 @@ class Answer:
         """The heatmap over the image: one panel per target, side by side, of the mean IG."""
         if self.image is None:
             return None
-        attribution = self.part.attribution
-        panels = [attribution.integrated_grads[rows].mean(dim=0) for rows in self.rows]
-        return heatmap_grid_png(panels, self.image, self.model.preprocessing,
+        return heatmap_grid_png(self.mean_attributions(), self.image, self.model.preprocessing,
                                 [t.name for t in self.targets] if self.combined else None)
 
     def summary(self) -> dict[str, Any]:
@@ -274,8 +320,13 @@ class Answer:
             "n_steps": attribution.n_steps,
             "method": attribution.method,
         }
+        if self.curves:
+            summary["metrics"] = self.metric_areas()
         if self.combined:
             summary["targets"] = [t.summary() for t in self.targets]
+            if self.curves:
+                for i, facts in enumerate(summary["targets"]):
+                    facts["metrics"] = self.metric_areas(i)
             summary["paths"] = self.part.paths
         if self.request.path != "straight":
             summary["path"] = self.request.path
@@ -289,8 +340,31 @@ def finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def answer(part: AttributionSlice, request: AttributeRequest, model: LoadedModel, prepared: Prepared) -> Answer:
-    return Answer(part, request, model, prepared.image, prepared.paths.names, prepared.inputs)
+def answer(part: AttributionSlice, request: AttributeRequest, model: LoadedModel, prepared: Prepared,
+           compute: ComputeFacts = ComputeFacts(), created: datetime.datetime | None = None) -> Answer:
+    """The answer to ``request`` on ``prepared``, with its provenance (``created``: when the
+    request arrived; default now)."""
+    facts = provenance(model, request, compute, created or now())
+    return Answer(part, request, model, prepared.image, prepared.paths.names, prepared.inputs, facts)
+
+
+def metric_job(answer: Answer) -> Job | None:
+    """The one forward pass of the faithfulness curves of every target (igd.faithfulness),
+    or None when the request asks for none. The fill is the first path's start."""
+    if not answer.request.metrics:
+        return None
+    assert answer.inputs is not None
+    fill = answer.part.attribution.baselines[answer.part.row()]
+    images = [faithfulness.perturbed(answer.inputs[0], fill, ig) for ig in answer.mean_attributions()]
+    return Job("forward", torch.cat(images))
+
+
+def with_metrics(answer: Answer, logits: Tensor) -> Answer:
+    """``answer`` with its curves, from the logits of :func:`metric_job`'s images."""
+    per_target = 2 * (faithfulness.STEPS + 1)
+    curves = tuple(faithfulness.curves(logits[i * per_target : (i + 1) * per_target], facts.index)
+                   for i, facts in enumerate(answer.targets))
+    return replace(answer, curves=curves)
 
 
 def worker_failure(error: WorkerError) -> RequestFailed:

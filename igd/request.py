@@ -19,7 +19,6 @@ from igd.protocol import BAD_REQUEST
 
 METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 BASELINES = ("zero", "black", "white", "blur", "uniform")
-RANDOM_BASELINES = ("blur", "uniform")  # with samples > 1, each sample draws its own
 PATHS = ("straight", "blur")  # the straight line (IG), or Blur IG's (igd.paths)
 FORMATS = ("torch", "npz")
 SUFFIXES = {"torch": ".gzip", "npz": ".npz"}  # result files
@@ -131,6 +130,10 @@ PATH = Option("path", "--path", str, PATHS[0],
               "straight: IG's line from the baseline; blur: Blur IG, from the image blurred by --blur-sigma "
               "[default there: the shorter side / 4] to the image.", choices=PATHS)
 IDGI = Option("idgi", "--idgi", bool, False, "Also compute IDGI (Yang et al. 2023) from the same pass.")
+METRICS = Option("metrics", "--metrics", str, None,
+                 "Faithfulness: insertion, deletion or both (comma-separated): the target's probability as the "
+                 "most attributed pixels are put in or taken out, 16 steps (docs/protocol.md).",
+                 choices=("insertion", "deletion"))
 TOP_K = Option("top_k", "--top-k", int, None, "Attribute to the K most likely classes, most likely first.",
                low=1, high=MAX_TARGETS)
 SEED = Option("seed", "--seed", int, 0, "Seed of the random draws (uniform and sampled blur baselines, --noise).",
@@ -153,8 +156,8 @@ STREAM = Option("stream", "--stream", bool, False,
                 "Send the result file in data events as it is made, not in the response (docs/protocol.md).")
 TOP = Option("top", "--top", int, 5, "How many of the most likely classes.", low=1, high=MAX_TOP)
 
-ATTRIBUTE_OPTIONS = (STEPS, TOLERANCE, METHOD, BASELINE, SAMPLES, NOISE, PATH, IDGI, TOP_K, SEED, BLUR_SIGMA, FORMAT,
-                     GZIP_LEVEL, HEATMAP, PROGRESS)
+ATTRIBUTE_OPTIONS = (STEPS, TOLERANCE, METHOD, BASELINE, SAMPLES, NOISE, PATH, IDGI, METRICS, TOP_K, SEED,
+                     BLUR_SIGMA, FORMAT, GZIP_LEVEL, HEATMAP, PROGRESS)
 CLASSIFY_OPTIONS = (TOP, PROGRESS)
 BY_NAME = {option.name: option for option in (*ATTRIBUTE_OPTIONS, *CLASSIFY_OPTIONS, STREAM)}
 
@@ -172,6 +175,7 @@ class AttributeRequest:
     noise: float = 0.0
     path: str = PATH.default
     idgi: bool = False
+    metrics: tuple[str, ...] = ()  # of igd.faithfulness.METRICS
     top_k: int | None = None
     seed: int = SEED.default
     blur_sigma: float | None = None
@@ -193,7 +197,8 @@ class AttributeRequest:
         fields: dict[str, Any] = {"n_steps": self.n_steps, "method": self.method, "baseline": self.baseline}
         for name, value, default in (("tolerance", self.tolerance, None), ("samples", self.samples, 1),
                                      ("noise", self.noise, 0.0), ("path", self.path, "straight"),
-                                     ("idgi", self.idgi, False), ("top_k", self.top_k, None)):
+                                     ("idgi", self.idgi, False), ("top_k", self.top_k, None),
+                                     ("metrics", self.metrics, ())):
             if value != default:
                 fields[name] = value
         return fields
@@ -224,11 +229,12 @@ def parse_attribute(args: Mapping[str, Any], *, max_steps: int = MAX_STEPS) -> A
         n_steps=steps,
         method=method,
         tolerance=tolerance,
-        baselines=_baselines(args.get("baseline")),
+        baselines=_names(BASELINE, args.get("baseline"), (BASELINE.default,)),
         samples=SAMPLES.check(args.get("samples")),
         noise=NOISE.check(args.get("noise")),
         path=PATH.check(args.get("path")),
         idgi=IDGI.check(args.get("idgi")),
+        metrics=_names(METRICS, args.get("metrics"), ()),
         top_k=TOP_K.check(args.get("top_k")),
         seed=SEED.check(args.get("seed")),
         blur_sigma=BLUR_SIGMA.check(args.get("blur_sigma")),
@@ -240,20 +246,20 @@ def parse_attribute(args: Mapping[str, Any], *, max_steps: int = MAX_STEPS) -> A
     return request
 
 
-def _baselines(value: Any) -> tuple[str, ...]:
-    """One baseline name, several comma-separated, or (on the wire) a list of names."""
+def _names(option: Option, value: Any, default: tuple[str, ...]) -> tuple[str, ...]:
+    """One of the option's names, several comma-separated, or (on the wire) a list of them."""
     if value is None:
-        return (BASELINE.default,)
+        return default
     if isinstance(value, str):
         names = [name.strip() for name in value.split(",")]
     elif isinstance(value, (list, tuple)) and value and all(isinstance(name, str) for name in value):
         names = list(value)
     else:
-        raise RequestError(BASELINE, f"must be a name, comma-separated names or a list of names, got {value!r}")
+        raise RequestError(option, f"must be a name, comma-separated names or a list of names, got {value!r}")
     for name in names:
-        BASELINE.check(name)
+        option.check(name)
     if len(set(names)) != len(names):
-        raise RequestError(BASELINE, f"names a baseline twice: {','.join(names)}")
+        raise RequestError(option, f"names one twice: {','.join(names)}")
     return tuple(names)
 
 
@@ -261,7 +267,8 @@ def _check_combination(request: AttributeRequest, args: Mapping[str, Any]) -> No
     """The options that cannot go together, each refused with the reason."""
     if request.paths > MAX_PATHS:
         raise RequestError(SAMPLES, f"x {len(request.baselines)} baselines is {request.paths} paths; at most {MAX_PATHS}")
-    if request.samples > 1 and request.noise == 0.0 and not set(request.baselines) & set(RANDOM_BASELINES):
+    random = {"uniform"} | ({"blur"} if request.blur_sigma != 0.0 else set())  # a zero sigma draws nothing
+    if request.samples > 1 and request.noise == 0.0 and not set(request.baselines) & random:
         raise RequestError(SAMPLES, "above 1 needs --noise or a random baseline (uniform, blur): every sample "
                                     "would be the same path")
     if request.seed + request.samples - 1 > SEED.high:  # type: ignore[operator]

@@ -45,6 +45,7 @@ from igd.request import (
     parse_attribute,
     target_count,
 )
+from igd.provenance import now
 from igd.worker import Job, Worker, WorkerError
 
 T = TypeVar("T")
@@ -243,6 +244,7 @@ class Service:
 
     async def attribute(self, args: dict[str, Any], notes: dict[str, Any], events: Events | None,
                         reservation: Reservation) -> dict[str, Any]:
+        created = now()
         data = _take_image(args)
         try:
             request = parse_attribute(args, max_steps=self.limits.max_steps)
@@ -250,7 +252,7 @@ class Service:
             raise error.failed() from None
         emit = _progress(args, events)
         stream = events is not None and _checked(STREAM, args)
-        model, _worker = await self._until_ready(emit)
+        model, worker = await self._until_ready(emit)
         target = pipeline.resolve_targets(model, args.get("target"), request.top_k)
         try:
             reservation.expect(pipeline.footprint(request, model, target_count(target, request.top_k)))
@@ -262,7 +264,10 @@ class Service:
         del data
         listener = None if emit is None else _EventRelay(asyncio.get_running_loop(), emit)
         part = await self._compute(pipeline.job(prepared, target, request, listener), notes)
-        answer = pipeline.answer(part, request, model, prepared)
+        answer = pipeline.answer(part, request, model, prepared, worker.compute_facts, created)
+        metrics = pipeline.metric_job(answer)
+        if metrics is not None:
+            answer = pipeline.with_metrics(answer, await self._compute(metrics, {}))
         del part, prepared
         started = time.perf_counter()
         loop = asyncio.get_running_loop()

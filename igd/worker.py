@@ -25,6 +25,7 @@ from torch import Tensor
 from igd.adaptive import attribute_adaptive
 from igd.attribution import Attribution, attribute, strict_float32
 from igd.paths import STRAIGHT, Curve
+from igd.provenance import ComputeFacts
 from igd.request import target_count
 from igd.logs import log
 from igd.memory import memory_budget, release_free_memory
@@ -94,7 +95,7 @@ class Job:
     ``cancel()`` (from any thread) withdraws it: a queued job is never run, and a pass
     whose jobs are all cancelled stops at its next chunk."""
 
-    op: str  # "attribute" | "classify"
+    op: str  # "attribute" | "classify" (logits (K,) of one image) | "forward" (logits (N, K) of N images)
     inputs: Tensor
     baseline: Tensor | None = None
     target: int | tuple[int, ...] | None = None  # None: the predicted class (or the top_k)
@@ -188,6 +189,7 @@ class Worker:
         worker = cls(model, max_batch=found.max_batch, max_images=settings.max_images, queue_size=settings.queue_size,
                      max_pass_bytes=memory_budget(model.device) // 4, allow_tf32=settings.precision == "tf32")
         worker.warm_up = found
+        worker.compute_facts = ComputeFacts(settings.precision, settings.memory_format)
         worker.start()
         return worker
 
@@ -219,6 +221,7 @@ class Worker:
         self.oom_retries = 0
         self.split_passes = 0  # shared passes that failed and were rerun one image at a time
         self.warm_up: WarmUp | None = None  # what warm-up found, when warmed_up() made this worker
+        self.compute_facts = ComputeFacts("tf32" if allow_tf32 else "float32")  # recorded in every result
         self.compute_s = 0.0
 
     def start(self) -> None:
@@ -405,10 +408,15 @@ class Worker:
     def _compute(self, jobs: list[Job]) -> list[Any]:
         device = self.model.device
         inputs = torch.cat([job.inputs for job in jobs]).to(device)
-        if jobs[0].op == "classify":
+        if jobs[0].op in ("classify", "forward"):
+            step = max(self.max_batch, 1)  # as many images per call as path points: big batches are slow on a CPU
             with torch.no_grad(), strict_float32(not self.allow_tf32):
-                logits = self.model.module(inputs).float().cpu()
-            return [logits[i] for i in range(len(jobs))]
+                logits = torch.cat([self.model.module(inputs[start : start + step]).float().cpu()
+                                    for start in range(0, len(inputs), step)])
+            if jobs[0].op == "classify":
+                return [logits[i] for i in range(len(jobs))]
+            bounds = torch.tensor([0, *(len(job.inputs) for job in jobs)]).cumsum(0).tolist()
+            return [logits[start:stop] for start, stop in zip(bounds, bounds[1:])]
         job_logits = self._image_logits(jobs)
         job_targets = [job.targets(logits) for job, logits in zip(jobs, job_logits)]
         targets = [ts for job, ts in zip(jobs, job_targets) for _ in range(len(job.inputs))]  # (paths, T)

@@ -107,3 +107,26 @@ def assert_reproduces(result: dict, reference: dict) -> None:
     assert len(off) <= KINK_STEPS, f"path points {off} differ from the reference by more than {STEP_TOLERANCE}"
     deviation = rel_l2(arrays["integrated_grads"], reference["integrated_grads"])
     assert deviation < IG_TOLERANCE, f"IG is {deviation:.2e} from the reference"
+
+
+def result_of(data: bytes | dict) -> dict:
+    """A result dict from a gzip'd torch result file's bytes (or the dict itself)."""
+    if isinstance(data, dict):
+        return data
+    import gzip
+    import io
+
+    return torch.load(io.BytesIO(gzip.decompress(data)), weights_only=True)
+
+
+def assert_same_result(first: bytes | dict, second: bytes | dict) -> None:
+    """Two result files hold the same result: every key equal, tensors to the bit, but
+    ``created`` (the provenance of each request's own time)."""
+    a, b = dict(result_of(first)), dict(result_of(second))
+    assert a.pop("created", None) is not None and b.pop("created", None) is not None
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, b[key]), key
+        else:
+            assert value == b[key], key

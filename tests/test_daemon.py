@@ -23,7 +23,7 @@ from PIL import Image
 
 from conftest import require_tool
 from daemon import IGD, SLOW_MODEL_OPTIONS, Igd, NotifyListener, short_tempdir, steps_lasting
-from reference import assert_reproduces
+from reference import assert_reproduces, assert_same_result
 from test_imaging import encoded, png_declaring
 from wire import WireClient
 
@@ -107,7 +107,7 @@ def test_npz_format_baselines_and_heatmap(bit_daemon: Igd, chelsea_png: bytes) -
         assert black["target"]["index"] == black["prediction"]["index"]  # nil target: predicted class
         first = client.call("attribute", {"image": chelsea_png, "baseline": "uniform", "seed": 7, "n_steps": 4})
         again = client.call("attribute", {"image": chelsea_png, "baseline": "uniform", "seed": 7, "n_steps": 4})
-        assert first["result"]["data"] == again["result"]["data"]
+        assert_same_result(first["result"]["data"], again["result"]["data"])
         blurred = client.call("attribute", {"image": chelsea_png, "baseline": "blur", "blur_sigma": 1.5, "heatmap": True, "n_steps": 4})
         png = Image.open(io.BytesIO(blurred["result"]["heatmap_png"]))
         assert png.format == "PNG" and png.size == (451, 300)
@@ -480,4 +480,6 @@ def test_a_streamed_result_is_the_same_file(bit_daemon: Igd, chelsea_png: bytes)
     pieces = [event["data"] for event in events if event["event"] == "data"]
     assert all(event["id"] == request_id for event in events) and len(pieces) > 1
     assert response["ok"] and "data" not in response["result"]
-    assert response["result"]["data_bytes"] == len(whole["data"]) and b"".join(pieces) == whole["data"]
+    streamed = b"".join(pieces)
+    assert response["result"]["data_bytes"] == len(streamed)
+    assert_same_result(streamed, whole["data"])

@@ -25,6 +25,7 @@ from PIL import Image
 
 from conftest import record_hardening, require_tool
 from daemon import IGD, SLOW_MODEL_OPTIONS, Igd, short_tempdir, steps_lasting
+from reference import assert_same_result
 from igd import protocol
 from igd.protocol import ERROR_CODES, ProtocolError
 from test_imaging import encoded, gradient, png_chunk, png_declaring
@@ -162,7 +163,7 @@ def test_ten_thousand_generated_requests_get_well_formed_answers(target: Igd, ch
     connection.drop()
     assert sum(codes.values()) >= GENERATED_CASES
     record_hardening("generated protocol cases", sum(codes.values()))
-    assert exact_answer(target, chelsea_png) == reference
+    assert_same_result(exact_answer(target, chelsea_png), reference)
 
 
 def exact_answer(igd: Igd, image: bytes) -> bytes:
@@ -538,7 +539,7 @@ def test_each_hostile_or_odd_input_gets_its_code_and_harms_nothing(target: Igd, 
         client.send_raw(data)
         code = answered_properly(client)
     assert code in expected, (name, code)
-    assert exact_answer(target, chelsea_png) == reference  # the next request is served exactly
+    assert_same_result(exact_answer(target, chelsea_png), reference)  # the next request is served exactly
     record_hardening("hostile or odd inputs (frames, arguments, images)", 1)
 
 

@@ -22,6 +22,7 @@ from torchvision.transforms import functional as TF
 
 import nets
 from daemon import IGD, Igd
+from reference import assert_same_result
 from wire import WireClient
 from igd.adaptive import attribute_adaptive
 from igd.attribution import attribute, quadrature
@@ -71,6 +72,26 @@ def test_adaptive_steps_serve_several_targets_from_one_set_of_nodes() -> None:
         assert relative(answer.directional_grads[row], gradients) <= 1e-6
         integrated = x[0] * (answer.step_sizes.view(-1, 1, 1, 1) * gradients).sum(0)
         assert relative(answer.integrated_grads[row], integrated) <= 1e-6
+
+
+def test_adaptive_refines_past_a_target_whose_attribution_is_zero() -> None:
+    """A logit that does not depend on the input has IG zero with nothing to integrate; the
+    other target still gets all the points it needs."""
+
+    class Extra(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nets.batchnorm_cnn().eval()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([self.net(x), torch.ones(len(x), 1)], dim=1)  # logit 5: constant
+
+    model = Extra().eval()
+    x = nets.images(1, seed=6)
+    (both,) = attribute_adaptive(lambda p, _i: model(p), x, [[0, 5]], tolerance=1e-3, max_steps=1024, modules=[model])
+    (alone,) = attribute_adaptive(lambda p, _i: model(p), x, [[0]], tolerance=1e-3, max_steps=1024, modules=[model])
+    assert both.tolerance_met and both.n_steps >= alone.n_steps
+    assert float(both.error_estimate[0]) <= 1e-3 and float(both.error_estimate[1]) == 0.0
 
 
 def plain_blur_ig(net: torch.nn.Module, image: torch.Tensor, target: int, sigma_max: float,
@@ -235,8 +256,7 @@ def test_smoothgrad_ig_is_reproducible_and_the_mean_of_its_samples(lanet: Igd, f
     image = fixtures / "images" / "chelsea.png"
     args = ("cat", "--noise", "0.1", "--samples", "4", "--seed", "7")
     first = attribute_file(lanet, workdir / "a.gzip", image, *args)
-    attribute_file(lanet, workdir / "b.gzip", image, *args)
-    assert (workdir / "a.gzip").read_bytes() == (workdir / "b.gzip").read_bytes()  # to the bit
+    assert_same_result(first, attribute_file(lanet, workdir / "b.gzip", image, *args))  # to the bit
     assert first["integrated_grads"].shape == (1, 1, 3, 32, 32) and first["path_ends"].shape == (4, 3, 32, 32)
     samples = [attribute_file(lanet, workdir / f"s{s}.gzip", image, "cat", "--noise", "0.1", "--seed", str(7 + s))
                for s in range(4)]
@@ -309,6 +329,10 @@ def test_several_targets_on_the_wire(lanet: Igd, fixtures: Path) -> None:
         assert "args.top_k cannot be given with a target" in refused["error"]["message"]
         refused = client.call("attribute", {"image": image, "samples": 3, "n_steps": 6})
         assert "needs --noise or a random baseline" in refused["error"]["message"]
+        refused = client.call("attribute", {"image": image, "samples": 2, "baseline": "blur", "blur_sigma": 0.0})
+        assert "needs --noise or a random baseline" in refused["error"]["message"]  # a zero sigma draws nothing
+        refused = client.call("attribute", {"image": image, "top_k": 12, "n_steps": 6})  # LaNet has 10 classes
+        assert refused["error"]["code"] == "bad_request" and "at most 10" in refused["error"]["message"]
 
 
 def test_igd_batch_takes_the_new_options(fixtures: Path, workdir: Path) -> None:
@@ -323,3 +347,6 @@ def test_igd_batch_takes_the_new_options(fixtures: Path, workdir: Path) -> None:
     result = read_result(workdir / "out" / record["output"])
     assert result["axes"] == ["target", "path"] and len(result["target_class"]) == 2
     assert result["integrated_directional_grads"].shape == (2, 2, 6, 3, 32, 32) and "idgi" in result
+    both = subprocess.run([IGD, "batch", str(images), str(workdir / "out2"), "-lp", str(fixtures / "lanet-tiny.pth"),
+                           "--top-k", "2", "-t", "cat"], capture_output=True, text=True, timeout=120)
+    assert both.returncode == 2 and "give --top-k or --target, not both" in both.stderr

@@ -21,6 +21,7 @@ from igd.files import UnreadableInput, read_regular_file
 from igd.models import load_model
 from igd.protocol import BAD_IMAGE, DEFAULT_MAX_FRAME_BYTES
 from igd.request import DEFAULT_MAX_PIXELS, AttributeRequest, RequestFailed
+from igd.provenance import now
 from igd.worker import ComputeSettings, Worker, WorkerError
 
 FORMATS = ("torch", "npz", "parquet")
@@ -48,6 +49,7 @@ class BatchAttributor:
     def __call__(self, pairs: list[Pair]) -> list[dict[str, Any]]:
         """One row per pair, in order; images shared by several pairs are decoded once."""
         request = self.options.request
+        created = now()
         rows: list[dict[str, Any] | None] = [None] * len(pairs)
         pending: list[tuple[int, pipeline.Prepared, concurrent.futures.Future[Any]]] = []
         prepared: dict[str, pipeline.Prepared | RequestFailed] = {}
@@ -67,7 +69,11 @@ class BatchAttributor:
                 rows[i] = error_row(pair, pipeline.worker_failure(error))
         for i, ready, future in pending:
             try:
-                rows[i] = self._row(pairs[i], pipeline.answer(future.result(), request, self.model, ready))
+                answer = pipeline.answer(future.result(), request, self.model, ready, self.worker.compute_facts, created)
+                metrics = pipeline.metric_job(answer)
+                if metrics is not None:
+                    answer = pipeline.with_metrics(answer, self.worker.submit(metrics).result())
+                rows[i] = self._row(pairs[i], answer)
             except WorkerError as error:
                 rows[i] = error_row(pairs[i], pipeline.worker_failure(error))
         return rows  # type: ignore[return-value]

@@ -58,6 +58,7 @@ class LoadedModel:
     source: str  # the file it came from
     device: torch.device
     weights_sha256: str = ""  # of the source file, hashed once at load: which weights, exactly
+    classes_source: str = ""  # where the class names came from, for people
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -111,6 +112,7 @@ class LoadedModel:
             "parameters": self.num_parameters,
             "device": str(self.device),
             "weights_sha256": self.weights_sha256,
+            "classes_source": self.classes_source,
         }
 
 
@@ -191,7 +193,7 @@ def load_model(
         parameter.requires_grad_(False)
     fold(module)
     num_outputs = _count_outputs(module, parts.preprocessing, target, parts.source)
-    class_names = _class_names(num_outputs, parts, classes_file, index_names)
+    class_names, classes_source = _class_names(num_outputs, parts, classes_file, index_names)
     return LoadedModel(
         module=module,
         preprocessing=parts.preprocessing,
@@ -202,6 +204,7 @@ def load_model(
         source=parts.source,
         device=target,
         weights_sha256=file_sha256(Path(parts.source)),
+        classes_source=classes_source,
     )
 
 
@@ -340,20 +343,21 @@ def _count_outputs(module: nn.Module, preprocessing: Preprocessing, device: torc
 
 def _class_names(
     count: int, parts: _Parts, classes_file: Path | None, index_names: bool
-) -> tuple[str, ...]:
+) -> tuple[tuple[str, ...], str]:
+    """The class names, and where they came from (for people)."""
     names = read_class_names(classes_file) if classes_file is not None else parts.class_names
-    origin = str(classes_file) if classes_file is not None else "the sidecar"
+    origin = str(classes_file) if classes_file is not None else f"the sidecar of {parts.source}"
     if names is None:
         if count == 10 and parts.family in ("bit", "lanet"):
-            return CIFAR10_CLASSES
+            return CIFAR10_CLASSES, "the predecessor's CIFAR-10 list"
         if count == 1000:
-            return tuple(EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"])
+            return tuple(EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"]), "torchvision's ImageNet-1k categories"
         if index_names:
-            return tuple(f"class_{i}" for i in range(count))
+            return tuple(f"class_{i}" for i in range(count)), "index names (--index-names)"
         raise ModelError(
             f"{parts.source}: the model has {count} outputs and no class names; give "
             "--classes FILE (one name per line) or accept index names with --index-names"
         )
     if len(names) != count:
         raise ModelError(f"{origin} names {len(names)} classes, but the model has {count} outputs")
-    return names
+    return names, origin

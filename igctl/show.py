@@ -1,0 +1,132 @@
+"""`igctl show`: what a saved result file says, and its picture, without a daemon.
+
+Reads torch and npz results without torch (igd.reader) and draws them with igd.rendering,
+the normalisation and colours igd's own heatmaps use. numpy and Pillow only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from igd.reader import PROVENANCE_KEYS, read_result
+from igd.rendering import render, side_by_side
+
+
+def summary(path: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """The facts of a result, JSON-ready: targets, prediction, accuracy, steps, provenance."""
+    names, indices = _listed(result.get("target_name")), _listed(result.get("target_class"))
+    facts: dict[str, Any] = {
+        "file": str(path),
+        "targets": [{"index": int(i), "name": n} for i, n in zip(indices, names or [None] * len(indices))],
+        "n_steps": _plain(result.get("n_steps", len(result.get("step_sizes", [])))),
+        "method": _plain(result.get("method")),
+        "baseline": _plain(result.get("baseline_name")),
+    }
+    if "prediction_name" in result:
+        facts["prediction"] = {"index": int(result["prediction_index"]), "name": str(result["prediction_name"]),
+                               "probability": float(result["prediction_probability"])}
+    elif "output" in result:  # an older file: the most likely index only
+        facts["prediction"] = {"index": int(np.argmax(np.asarray(result["output"])[0])), "name": None,
+                               "probability": None}
+    for key in ("convergence_delta", "completeness_gap", "error_estimate", "tolerance", "tolerance_met", "path",
+                "blur_sigma", "samples", "noise", "model", "path_names", "axes"):
+        if key in result:
+            facts[key] = _plain(result[key])
+    facts["provenance"] = {key: _plain(result[key]) for key in PROVENANCE_KEYS if key in result}
+    return facts
+
+
+def describe(facts: dict[str, Any]) -> list[str]:
+    """The summary as lines for people."""
+    targets = ", ".join(f"{t['name']!r} ({t['index']})" if t["name"] else str(t["index"]) for t in facts["targets"])
+    lines = [f"{facts['file']}: {targets}"]
+    prediction = facts.get("prediction")
+    if prediction:
+        name = repr(prediction["name"]) if prediction["name"] else f"class {prediction['index']}"
+        probability = f" {prediction['probability']:.2f}" if prediction["probability"] is not None else ""
+        lines[0] += f"; prediction {name}{probability}"
+    path = f" along Blur IG's path (sigma {facts['blur_sigma']:g})" if facts.get("path") == "blur" else \
+        f" from the {facts['baseline']} baseline"
+    lines.append(f"  {facts['n_steps']} {facts['method']} steps{path}; {_accuracy(facts)}")
+    origin = facts["provenance"]
+    if origin:
+        lines.append(f"  model {facts.get('model', '?')} ({origin.get('model_family', '?')}): "
+                     f"{origin.get('model_description', '')}; weights sha256 {origin.get('weights_sha256', '?')}")
+        size = "x".join(str(int(v)) for v in origin.get("input_size", []))
+        lines.append(f"  preprocessing: {origin.get('resize', '?')} to {size}, mean {_numbers(origin.get('mean'))}, "
+                     f"std {_numbers(origin.get('std'))}; classes: {origin.get('classes_source', '?')}")
+        lines.append(f"  computed {origin.get('created', '?')} on {origin.get('device_type', '?')} in "
+                     f"{origin.get('precision', '?')} ({origin.get('memory_format', '?')}), igd "
+                     f"{origin.get('igd_version', '?')}, torch {origin.get('torch_version', '?')}, torchvision "
+                     f"{origin.get('torchvision_version', '?')}")
+    else:
+        lines.append("  no provenance recorded (a file from before igd recorded it, or from the predecessor)")
+    return lines
+
+
+def picture(result: dict[str, Any], style: str, sign: str, outlier_perc: float) -> Image.Image:
+    """The rendering of a result's IG: one panel per target, side by side."""
+    integrated = np.asarray(result["integrated_grads"], dtype=np.float32)
+    panels = integrated.reshape(-1, *integrated.shape[-3:])  # (T, C, H, W): (1, ...) or (T, 1, ...)
+    image = _image(result)
+    return side_by_side([render(panel, image, style, sign, outlier_perc) for panel in panels])
+
+
+def load(path: Path) -> dict[str, Any]:
+    return read_result(path)
+
+
+def _image(result: dict[str, Any]) -> np.ndarray | None:
+    """The model input as an image (H, W, 3) in [0, 1]: ``input`` with the preprocessing's
+    normalisation undone; None when the file lacks what that needs."""
+    if "input" not in result or "mean" not in result or "std" not in result:
+        return None
+    inputs = np.asarray(result["input"], dtype=np.float64)[0]  # (C, H, W)
+    mean = np.asarray(result["mean"], dtype=np.float64).reshape(-1, 1, 1)
+    std = np.asarray(result["std"], dtype=np.float64).reshape(-1, 1, 1)
+    pixels = np.clip(inputs * std + mean, 0, 1).transpose(1, 2, 0)
+    return pixels.repeat(3, axis=2) if pixels.shape[2] == 1 else pixels[..., :3]
+
+
+def _accuracy(facts: dict[str, Any]) -> str:
+    parts = []
+    for key, label in (("error_estimate", "estimated error"), ("completeness_gap", "completeness gap")):
+        if key in facts:
+            parts.append(f"{label} {_percents(facts[key], signed=key == 'completeness_gap')}")
+    if not parts and "convergence_delta" in facts:
+        parts.append(f"convergence delta {_numbers(facts['convergence_delta'])}")
+    return ", ".join(parts) or "no accuracy recorded"
+
+
+def _percents(value: Any, signed: bool) -> str:
+    values = value if isinstance(value, list) else [value]
+    shown = [("unbounded" if v is None or not np.isfinite(v) else f"{v * 100:{'+' if signed else ''}.1f} %")
+             for v in values]
+    return ", ".join(shown)
+
+
+def _numbers(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(f"{float(v):.4g}" for v in value) + "]"
+    return "?" if value is None else f"{float(value):.4g}"
+
+
+def _listed(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, np.ndarray):
+        return value.tolist() if value.ndim else [value.item()]
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready: arrays as lists, numpy scalars as Python numbers."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
