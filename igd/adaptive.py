@@ -29,8 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from igd import accuracy
-from igd.attribution import Attribution, ChunkCallback, Path, PointForward, Target, check_max_batch, engine_mode
-from igd.paths import weighted_sum
+from igd.attribution import (
+    Attribution, ChunkCallback, Path, PointForward, Target, check_max_batch, engine_mode, weighted_sum,
+)
 
 METHOD = "adaptive"
 FIRST_PANELS = 16  # the first look: 17 nodes

@@ -13,12 +13,11 @@ seed ``seed + s`` alone, so one sample can be reproduced by itself.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
 from torch import Tensor
-from dataclasses import dataclass
-
 from torchvision.transforms import functional as TF
 
 from igd.models import Preprocessing
@@ -87,8 +86,7 @@ def make_paths(image: Image.Image, preprocessing: Preprocessing, request: Attrib
     if request.path == "blur":
         sigma = request.blur_sigma if request.blur_sigma is not None else default_blur_path_sigma(pixels.shape)
         curve: Curve = BlurPath(sigma)
-        ends = [_noisy(pixels, preprocessing, request, s) for s in range(request.samples)]
-        end = torch.cat(ends)
+        end = torch.cat([_noisy(inputs, pixels, preprocessing, request, s) for s in range(request.samples)])
         names = tuple(f"blur path sigma={sigma:g}" + _noise_name(request, s) for s in range(request.samples))
         return Paths(inputs, end, curve.start(end), names, curve)
     ends, starts, names = [], [], []
@@ -98,16 +96,18 @@ def make_paths(image: Image.Image, preprocessing: Preprocessing, request: Attrib
             if name == "blur" and request.samples > 1:
                 drawn = torch.rand((), generator=torch.Generator().manual_seed(request.seed + s), dtype=torch.float64)
                 sigma = float(1 - drawn) * 2 * (sigma if sigma is not None else default_blur_sigma(pixels))
-            ends.append(_noisy(pixels, preprocessing, request, s))
+            ends.append(_noisy(inputs, pixels, preprocessing, request, s))
             starts.append(make_baseline(name, pixels, preprocessing, blur_sigma=sigma, seed=request.seed + s))
             names.append(_baseline_name(name, request, s, sigma) + _noise_name(request, s))
     return Paths(inputs, torch.cat(ends), torch.cat(starts), tuple(names), STRAIGHT)
 
 
-def _noisy(pixels: Tensor, preprocessing: Preprocessing, request: AttributeRequest, sample: int) -> Tensor:
-    """The image of sample ``sample`` in input space: with SmoothGrad noise if asked."""
+def _noisy(inputs: Tensor, pixels: Tensor, preprocessing: Preprocessing, request: AttributeRequest,
+           sample: int) -> Tensor:
+    """The image of sample ``sample`` in input space: ``inputs`` (the image's ``pixels``
+    normalised), with SmoothGrad noise if asked."""
     if request.noise == 0.0:
-        return preprocessing.normalize(pixels)
+        return inputs
     generator = torch.Generator().manual_seed((request.seed + sample) ^ _NOISE_STREAM)
     noise = torch.randn(pixels.shape, generator=generator, dtype=pixels.dtype) * request.noise
     return preprocessing.normalize(pixels + noise.to(pixels.device))

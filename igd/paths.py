@@ -36,10 +36,6 @@ class Curve(Protocol):
     def points(self, inputs: Tensor, starts: Tensor, alphas: Tensor) -> Tensor:
         """(M, n, *F): the points of every path at every node of ``alphas`` (n,)."""
 
-    def integrate(self, inputs: Tensor, starts: Tensor, alphas: Tensor, weights: Tensor,
-                  directional: Tensor) -> Tensor:
-        """(M, *F): ``sum_k w_k g_k * gamma'(a_k)`` for per-step gradients (M, n, *F)."""
-
     def velocities(self, image: Tensor, start: Tensor, alphas: Tensor) -> Tensor:
         """(n, *F): gamma'(a_k) of one path (its end and start (*F)) at the nodes (n,)."""
 
@@ -59,10 +55,6 @@ class StraightLine:
 
     def points(self, inputs: Tensor, starts: Tensor, alphas: Tensor) -> Tensor:
         return starts.unsqueeze(1) + alphas.view(1, -1, *_features(inputs)) * (inputs - starts).unsqueeze(1)
-
-    def integrate(self, inputs: Tensor, starts: Tensor, alphas: Tensor, weights: Tensor,
-                  directional: Tensor) -> Tensor:
-        return (inputs - starts) * weighted_sum(directional, weights)
 
     def velocities(self, image: Tensor, start: Tensor, alphas: Tensor) -> Tensor:
         return (image - start).expand(len(alphas), *image.shape)
@@ -90,14 +82,6 @@ class BlurPath:
 
     def points(self, inputs: Tensor, starts: Tensor, alphas: Tensor) -> Tensor:
         return torch.stack([torch.stack([self._blur(image, a)[0] for a in alphas.tolist()]) for image in inputs])
-
-    def integrate(self, inputs: Tensor, starts: Tensor, alphas: Tensor, weights: Tensor,
-                  directional: Tensor) -> Tensor:
-        total = torch.zeros_like(inputs)
-        for k, (a, w) in enumerate(zip(alphas.tolist(), weights.tolist())):
-            for i, image in enumerate(inputs):
-                total[i] += w * directional[i, k] * self.velocity(image, a)
-        return total
 
     def velocities(self, image: Tensor, start: Tensor, alphas: Tensor) -> Tensor:
         return torch.stack([self.velocity(image, a) for a in alphas.tolist()])
@@ -144,29 +128,6 @@ def _separable(x: Tensor, vertical: Tensor, horizontal: Tensor) -> Tensor:
     padded = F.pad(x, [half, half, half, half], mode="reflect")
     rows = F.conv2d(padded, vertical.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
     return F.conv2d(rows, horizontal.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
-
-
-# Above this, weighted_sum works through the features in blocks (see there).
-_WHOLE_PRODUCT_BYTES = 64 << 20
-_FEATURE_BLOCK = 1 << 14
-
-
-def weighted_sum(directional: Tensor, weights: Tensor) -> Tensor:
-    """sum_k w_k g_k: (B, *F) from gradients (B, n, *F) and weights (n,), exactly as
-    ``(directional * w).sum(dim=1)`` (captum's arithmetic, to the bit). A large product
-    is formed a block of features at a time, so that it never takes a second (B, n, *F)
-    of memory: the same elementwise products, summed over k in the same order (blocks
-    of 2^14 features keep the vectorised reduction's lanes aligned; tested to the bit)."""
-    batch, n = directional.shape[:2]
-    if directional.numel() * directional.element_size() <= _WHOLE_PRODUCT_BYTES:
-        return (directional * weights.view(1, n, *(1,) * (directional.dim() - 2))).sum(dim=1)
-    flat = directional.reshape(batch, n, -1)
-    total = torch.empty((batch, flat.shape[2]), dtype=directional.dtype, device=directional.device)
-    column = weights.view(1, n, 1)
-    for start in range(0, flat.shape[2], _FEATURE_BLOCK):
-        block = slice(start, start + _FEATURE_BLOCK)
-        total[:, block] = (flat[:, :, block] * column).sum(dim=1)
-    return total.view(batch, *directional.shape[2:])
 
 
 def default_blur_path_sigma(shape: tuple[int, ...] | torch.Size) -> float:

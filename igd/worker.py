@@ -409,10 +409,7 @@ class Worker:
         device = self.model.device
         inputs = torch.cat([job.inputs for job in jobs]).to(device)
         if jobs[0].op in ("classify", "forward"):
-            step = max(self.max_batch, 1)  # as many images per call as path points: big batches are slow on a CPU
-            with torch.no_grad(), strict_float32(not self.allow_tf32):
-                logits = torch.cat([self.model.module(inputs[start : start + step]).float().cpu()
-                                    for start in range(0, len(inputs), step)])
+            logits = self._logits(inputs)
             if jobs[0].op == "classify":
                 return [logits[i] for i in range(len(jobs))]
             bounds = torch.tensor([0, *(len(job.inputs) for job in jobs)]).cumsum(0).tolist()
@@ -452,11 +449,18 @@ class Worker:
         found: list[Tensor | None] = [None] * len(jobs)
         if wanted:
             images = torch.cat([jobs[i].clean if jobs[i].clean is not None else jobs[i].inputs[:1] for i in wanted])
-            with torch.no_grad(), strict_float32(not self.allow_tf32):
-                logits = self.model.module(images.to(self.model.device)).float().cpu()
-            for i, row in zip(wanted, logits):
+            for i, row in zip(wanted, self._logits(images.to(self.model.device))):
                 found[i] = row
         return found
+
+    def _logits(self, images: Tensor) -> Tensor:
+        """float32 logits (N, K) on the CPU of images (N, C, H, W) on the device, without
+        gradients, as many images per call as a pass has path points (big batches are slow
+        on a CPU)."""
+        step = max(self.max_batch, 1)
+        with torch.no_grad(), strict_float32(not self.allow_tf32):
+            return torch.cat([self.model.module(images[start : start + step]).float().cpu()
+                              for start in range(0, len(images), step)])
 
     def _attribute(self, run: Callable[[int], T], images: int) -> tuple[T, int]:
         """``run(max_batch)``, and the chunk size it ran with. Out of memory with several

@@ -287,11 +287,11 @@ def test_end_logits_ride_along_with_the_first_chunk(max_batch: int, calls: int) 
 def test_weighted_sum_in_blocks_is_exact(shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch) -> None:
     """Large products are summed a block of features at a time (no second copy of the
     gradients); the result must be the whole product's, to the bit."""
-    from igd import paths
+    from igd import attribution
 
-    monkeypatch.setattr(paths, "_WHOLE_PRODUCT_BYTES", 0)  # every size takes the blocked path
+    monkeypatch.setattr(attribution, "_WHOLE_PRODUCT_BYTES", 0)  # every size takes the blocked path
     generator = torch.Generator().manual_seed(5)
     directional = torch.randn(shape, generator=generator)
     weights = torch.rand(shape[1], generator=generator)
     whole = (directional * weights.view(1, -1, 1, 1, 1)).sum(dim=1)
-    assert torch.equal(paths.weighted_sum(directional, weights), whole)
+    assert torch.equal(attribution.weighted_sum(directional, weights), whole)
