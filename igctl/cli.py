@@ -772,6 +772,7 @@ def _status_lines(socket: Path, state: dict[str, Any]) -> list[tuple[str, str]]:
                 ("state", f"starting: {startup.get('phase', '?')} ({startup.get('phase_s', 0):.0f} s)"), uptime]
     requests, batching = state["requests"], state["batching"]
     precision = "" if state.get("precision", "float32") == "float32" else f", {state['precision']}"
+    precision += "" if state.get("compiler", "eager") == "eager" else f", compiled ({state['compiler']})"
     return [
         ("socket", str(socket)),
         ("state", "ready"),
@@ -781,8 +782,20 @@ def _status_lines(socket: Path, state: dict[str, Any]) -> list[tuple[str, str]]:
         ("requests", f"{requests['served']} served, {requests['failed']} failed, {requests['in_flight']} in flight"),
         ("queue", f"{state['queue_depth']} waiting (of {state['queue_size']})"),
         ("batching", f"{batching['passes']} passes, {batching['images']} images, largest batch {batching['largest_batch']}"),
+        ("chunks", _chunk_line(batching)),
         ("memory", f"{state['memory']['rss_bytes'] / 2**20:.0f} MiB resident"),
     ]
+
+
+def _chunk_line(batching: dict[str, Any]) -> str:
+    """E.g. "4 points (measured: sizes 2, 4, 8, 16 at 42, 40, 47, 56 ms per point; search 4.0 s, <when>)"."""
+    line = f"{batching['max_batch_points']} points ({batching['chunk_source']}"
+    search = batching.get("chunk_search")
+    if search:
+        times = search["ms_per_point"]
+        line += (f": sizes {', '.join(times)} at {', '.join(f'{ms:.0f}' for ms in times.values())} ms per point; "
+                 f"search {search['search_s']:.1f} s, {search['measured']}")
+    return line + ")"
 
 
 @main.command(short_help="Print the versions of igctl and igd.")

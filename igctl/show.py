@@ -33,7 +33,7 @@ def summary(path: Path, result: dict[str, Any]) -> dict[str, Any]:
         facts["prediction"] = {"index": int(np.argmax(np.asarray(result["output"])[0])), "name": None,
                                "probability": None}
     for key in ("convergence_delta", "completeness_gap", "error_estimate", "tolerance", "tolerance_met", "path",
-                "blur_sigma", "samples", "noise", "model", "path_names", "axes"):
+                "blur_sigma", "samples", "noise", "model", "path_names", "axes", "max_batch"):
         if key in result:
             facts[key] = _plain(result[key])
     facts["provenance"] = {key: _plain(result[key]) for key in PROVENANCE_KEYS if key in result}
@@ -60,7 +60,9 @@ def describe(facts: dict[str, Any]) -> list[str]:
         lines.append(f"  preprocessing: {origin.get('resize', '?')} to {size}, mean {_numbers(origin.get('mean'))}, "
                      f"std {_numbers(origin.get('std'))}; classes: {origin.get('classes_source', '?')}")
         lines.append(f"  computed {origin.get('created', '?')} on {origin.get('device_type', '?')} in "
-                     f"{origin.get('precision', '?')} ({origin.get('memory_format', '?')}), igd "
+                     f"{origin.get('precision', '?')} ({origin.get('memory_format', '?')}, "
+                     f"{origin.get('compiler', 'eager')}), chunks of {facts.get('max_batch', '?')} "
+                     f"({origin.get('chunk_source', '?')}), igd "
                      f"{origin.get('igd_version', '?')}, torch {origin.get('torch_version', '?')}, torchvision "
                      f"{origin.get('torchvision_version', '?')}")
     else:

@@ -45,7 +45,11 @@ def run_check(model: LoadedModel, data: bytes, label: str, request: AttributeReq
         device += f", {compute.memory_format} (IG moved by {found.memory_format_deviation:.1e})"
     if compute.precision == "tf32" and model.device.type == "cuda":
         device += f", tf32 (IG moved by {found.tf32_deviation:.1e})"
+    if compute.compile:
+        device += f", compiled (IG moved by {found.compile_deviation:.1e})"
     chunk = f"chunks of {found.max_batch} ({found.chunk_source})"
+    search = found.chunk.describe() + (f", {found.chunk.measured}" if found.chunk_source == "cached" else "") \
+        if found.chunk is not None else "given with --max-batch"
     return [
         ("model", f"{model.name}: {model.description}"),
         ("source", model.source),
@@ -59,6 +63,7 @@ def run_check(model: LoadedModel, data: bytes, label: str, request: AttributeReq
         ("top-5", "; ".join(f"{name} ({index}) {p:.3f}" for index, name, p in top)),
         ("attribution", f"target {answer.target_name!r}, {attribution.n_steps} {attribution.method} steps, "
                         f"{request.baseline} baseline, {chunk}"),
+        ("chunk search", search),
         ("accuracy", f"estimated error {answer.error_estimate:.1%}{_tolerance(attribution)}, completeness gap "
                      f"{answer.completeness_gap:+.1%} (delta {delta:+.4g} = sum(IG) - (F(x) - F(b)))"),
         ("timings", f"warm-up {warm_s:.2f} s, classify {classify_s * 1000:.0f} ms, attribute {attribute_s:.2f} s"),

@@ -71,7 +71,7 @@ def load_from_options(**options: Any) -> Any:
 
 
 def compute_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """--max-batch, --memory-format and --precision (igd.worker.ComputeSettings), shared by
+    """--max-batch, --memory-format, --precision and --compile (igd.worker.ComputeSettings), shared by
     `serve`, `check` and `batch`; the command gets ``compute`` (max_images and queue_size
     left at their defaults, for `serve` to set)."""
     options = [
@@ -89,16 +89,22 @@ def compute_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="float32 is exact. tf32 lets CUDA's tensor cores round float32 convolutions and matmuls "
                           "to TF32: up to 6x the throughput on an H100, but IG moves by 4-9 % (relative L2; "
                           "measured and logged at start-up). No effect on a CPU."),
+        click.option("--compile", "compile_model", is_flag=True, envvar="IGD_COMPILE", show_envvar=True,
+                     help="Compile the model's forward and backward with torch.compile (inductor) at start-up. "
+                          "Takes minutes and a C++ compiler; moves IG slightly (other kernels, other rounding; "
+                          "measured and logged at start-up). Off: eager PyTorch, exact against captum."),
     ]
     for option in reversed(options):
         command = option(command)
 
     @functools.wraps(command)
-    def with_settings(*args: Any, max_batch: int | str, memory_format: str, precision: str, **kwargs: Any) -> Any:
+    def with_settings(*args: Any, max_batch: int | str, memory_format: str, precision: str, compile_model: bool,
+                      **kwargs: Any) -> Any:
         from igd.worker import ComputeSettings
 
         compute = ComputeSettings(max_batch=max_batch if isinstance(max_batch, int) else None,
-                                  remeasure=max_batch == "measure", memory_format=memory_format, precision=precision)
+                                  remeasure=max_batch == "measure", memory_format=memory_format, precision=precision,
+                                  compile=compile_model)
         return command(*args, compute=compute, **kwargs)
 
     return with_settings
@@ -177,6 +183,7 @@ def check(image: Path | None, compute: Any, **args: Any) -> None:
       igd check --model resnet18 --weights resnet18.pth --classes classes.txt
     """
     from igd.check import run_check
+    from igd.models import ModelError
     from igd.request import RequestFailed
     from igd.worker import WorkerError
 
@@ -189,6 +196,8 @@ def check(image: Path | None, compute: Any, **args: Any) -> None:
     label = str(image or SAMPLE_IMAGE)
     try:
         rows = run_check(model, data, label, request, compute)
+    except ModelError as error:  # --compile failed
+        raise click.ClickException(str(error)) from None
     except RequestFailed as failure:
         raise click.ClickException(f"{label}: {failure.message}") from None
     except WorkerError as error:

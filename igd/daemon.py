@@ -98,10 +98,13 @@ async def _start(service: Service, options: ServeOptions, model_args: dict[str, 
     if stopped():
         return
     phase(f"warming up {model.name}")
-    worker = await loop.run_in_executor(
-        None, functools.partial(Worker.warmed_up, model, options.compute,
-                                report=lambda step: phase(f"warming up {model.name}: {step}"))
-    )
+    try:
+        worker = await loop.run_in_executor(
+            None, functools.partial(Worker.warmed_up, model, options.compute,
+                                    report=lambda step: phase(f"warming up {model.name}: {step}"))
+        )
+    except ModelError as error:  # --compile failed
+        raise StartupError(str(error)) from None
     if stopped():
         worker.close()
         worker.join()

@@ -24,10 +24,13 @@ from igd.request import AttributeRequest
 
 @dataclass(frozen=True)
 class ComputeFacts:
-    """How the worker computed: its precision mode and memory format."""
+    """How the worker computed: its precision mode, memory format, compiler and where
+    its chunk size came from (the size itself is each result's ``max_batch``)."""
 
     precision: str = "float32"
     memory_format: str = "contiguous"
+    compiler: str = "eager"  # or "inductor" (--compile)
+    chunk_source: str = "given"  # "given" (--max-batch N), "measured" or "cached"
 
 
 def provenance(model: LoadedModel, request: AttributeRequest, compute: ComputeFacts,
@@ -47,6 +50,8 @@ def provenance(model: LoadedModel, request: AttributeRequest, compute: ComputeFa
         "seed": request.seed,
         "precision": compute.precision,
         "memory_format": compute.memory_format,
+        "compiler": compute.compiler,
+        "chunk_source": compute.chunk_source,
         "device_type": model.device.type,
         "igd_version": __version__,
         "torch_version": str(torch.__version__),  # a str subclass that weights_only loading refuses

@@ -218,6 +218,7 @@ class Service:
         answer.update(
             device=str(self.model.device),
             precision="tf32" if self.worker.allow_tf32 else "float32",
+            compiler=self.worker.compute_facts.compiler,
             model=self._model_facts(with_classes=False),
             queue_depth=self.worker.queue_depth,
             queue_size=self.worker.queue_size,

@@ -83,6 +83,7 @@ class ComputeSettings:
     remeasure: bool = False  # with max_batch None: measure even if a measurement is cached
     memory_format: str = "contiguous"  # or channels_last (igd.tuning.MEMORY_FORMATS)
     precision: str = "float32"  # or tf32 (igd.tuning.PRECISIONS)
+    compile: bool = False  # torch.compile (inductor) the model at warm-up
     max_images: int = 32  # most jobs batched into one pass
     queue_size: int = 64  # jobs waiting before submit() raises QueueFull
 
@@ -185,11 +186,14 @@ class Worker:
         """A started worker for ``model``, after the warm-up every entry point shares
         (memory format, chunk size, a first attribution; see igd.tuning.warm_up)."""
         found = warm_up(model, settings.max_batch, settings.memory_format, settings.precision, report,
-                        remeasure=settings.remeasure)
+                        remeasure=settings.remeasure, compile=settings.compile)
+        if found.compiled is not None:
+            model = dataclasses.replace(model, module=found.compiled)
         worker = cls(model, max_batch=found.max_batch, max_images=settings.max_images, queue_size=settings.queue_size,
                      max_pass_bytes=memory_budget(model.device) // 4, allow_tf32=settings.precision == "tf32")
         worker.warm_up = found
-        worker.compute_facts = ComputeFacts(settings.precision, settings.memory_format)
+        worker.compute_facts = ComputeFacts(settings.precision, settings.memory_format, found.compiler,
+                                            found.chunk_source)
         worker.start()
         return worker
 
@@ -291,6 +295,7 @@ class Worker:
             "batch_sizes": {str(size): n for size, n in sorted(self.batch_sizes.items())},
             "max_batch_points": self.max_batch,
             "chunk_source": self.warm_up.chunk_source if self.warm_up else "given",
+            "chunk_search": self.warm_up.chunk.to_json() if self.warm_up and self.warm_up.chunk else None,
             "max_images": self.max_images,
             "max_pass_bytes": self.max_pass_bytes,
             "oom_retries": self.oom_retries,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -52,6 +53,22 @@ def test_fixture_checkpoints(fixtures: Path, flag: str, family: str) -> None:
     assert report["input"].startswith("3x32x32")
     assert report["image"] == f"{image} (451x300)"
     assert "chunks of 25 (given)" in report["attribution"]
+    assert report["chunk search"] == "given with --max-batch"
+
+
+def test_the_chunk_search_is_shown_and_a_second_start_reuses_it(fixtures: Path) -> None:
+    checkpoint = str(fixtures / "lanet-tiny.pth")
+    measured = fields(igd_check("-lp", checkpoint, "--steps", "8", "--max-batch", "measure").stdout)
+    chunk = re.search(r"chunks of (\d+) \(measured\)", measured["attribution"])
+    assert chunk, measured
+    search = re.fullmatch(r"sizes ((?:\d+, )*\d+) at ((?:\d+, )*\d+) ms per point; memory cap (\d+); "
+                          r"search ([\d.]+) s", measured["chunk search"])
+    assert search, measured["chunk search"]
+    sizes = [int(size) for size in search.group(1).split(", ")]
+    assert sizes[0] == 2 and int(chunk.group(1)) in sizes and max(sizes) <= int(search.group(3))
+    cached = fields(igd_check("-lp", checkpoint, "--steps", "8").stdout)
+    assert f"chunks of {chunk.group(1)} (cached)" in cached["attribution"]
+    assert cached["chunk search"].startswith(measured["chunk search"] + ", 20")  # and when it was measured
 
 
 def test_problems_exit_non_zero_with_one_clear_line(fixtures: Path, tmp_path: Path) -> None:

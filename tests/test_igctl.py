@@ -64,6 +64,11 @@ def test_attribute_on_the_default_model(photos: dict[str, Path], workdir: Path) 
         assert heatmap.format == "PNG" and heatmap.size == (451, 300)
         assert "chelsea.jpg: " in out.stdout.decode() and "-> " in out.stdout.decode()
         assert re.search(r"event=warmed_up .*chunk_source=(measured|cached)", igd.log())  # not given
+        batching = json.loads(igd.igctl("status", "--json").stdout)["batching"]
+        search, chunk = batching["chunk_search"], batching["max_batch_points"]
+        assert search["max_batch"] == chunk and str(chunk) in search["ms_per_point"] and search["memory_cap"] >= chunk
+        assert f"{chunk} points ({batching['chunk_source']}: sizes 2, " in igd.igctl("status").stdout.decode()
+        assert result["max_batch"] == chunk and result["chunk_source"] == batching["chunk_source"]
         cat = igd.igctl("attribute", str(photos["chelsea.jpg"]), "cat", "-o", str(workdir / "no.gzip"))
         assert cat.returncode == 1  # ImageNet has no plain "cat"; the hint names its cats
         assert b"did you mean 'tiger cat', 'Persian cat', 'Siamese cat', 'Egyptian cat'" in cat.stderr
@@ -217,6 +222,7 @@ def test_status_version_and_classify(lanet: Igd, photos: dict[str, Path]) -> Non
     assert status.returncode == 0 and b"lanet-c16-l6" in status.stdout
     as_json = json.loads(lanet.igctl("status", "--json").stdout)
     assert as_json["device"] == "cpu" and as_json["precision"] == "float32" and "batching" in as_json
+    assert b"10 points (given)" in status.stdout and as_json["batching"]["chunk_search"] is None
     version = lanet.igctl("version").stdout.decode()
     assert "igctl 0.1.0 (protocol 1)" in version and "igd 0.1.0 (protocol 1)" in version
     classify = lanet.igctl("classify", str(photos["chelsea.png"]), str(photos["coffee.png"]), "--top", "2", "--json")

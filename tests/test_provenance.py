@@ -35,6 +35,7 @@ def check_provenance(result: dict, weights: Path) -> None:
     assert list(result["input_size"]) == [32, 32] and result["resize"] == "stretch"
     assert np.allclose(np.asarray(result["mean"], dtype=float), LANET_MEAN)
     assert result["precision"] == "float32" and result["device_type"] == "cpu"
+    assert result["compiler"] == "eager" and result["chunk_source"] == "given" and int(result["max_batch"]) == 10
     assert result["torch_version"] == str(torch.__version__)
     created = datetime.datetime.fromisoformat(str(result["created"]))
     assert abs((datetime.datetime.now(datetime.timezone.utc) - created).total_seconds()) < 600

@@ -77,6 +77,7 @@ def test_show_summarises_and_renders_torch_and_npz_results(lanet: Igd, fixtures:
         assert shown.returncode == 0, shown.stderr
         assert f"{workdir / name}: 'cat' (3); prediction" in shown.stdout
         assert "weights sha256 " in shown.stdout and "6 gausslegendre steps from the zero baseline" in shown.stdout
+        assert "in float32 (contiguous, eager), chunks of 10 (given)" in shown.stdout  # the lanet fixture's
         facts = json.loads(subprocess.run([IGCTL, "show", str(workdir / name), "--json"], capture_output=True,
                                           text=True, timeout=60).stdout)
         assert facts["targets"] == [{"index": 3, "name": "cat"}] and facts["provenance"]["model_family"] == "lanet"
