@@ -34,7 +34,9 @@ demo: install
 # All CPU benchmarks (about two hours on 2 cores; bench/accuracy.py is half of it), then docs/benchmarks.md. GPU: bench/gpu.py.
 bench: install-test
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python bench/chunks.py --json docs/benchmarks/chunks.json
 	$(BIN)/python bench/engine.py --json docs/benchmarks/engine.json
+	$(BIN)/python bench/compiled.py --json docs/benchmarks/compiled.json
 	$(BIN)/python bench/e2e.py --json docs/benchmarks/e2e.json
 	$(BIN)/python bench/client.py --json docs/benchmarks/client.json
 	$(BIN)/python bench/concurrency.py --json docs/benchmarks/concurrency.json

@@ -3,11 +3,14 @@ pipeline re-created for this benchmark (bench/predecessor_server.py: the image a
 JSON list of RGB values, curl POST on loopback, JSON parsing, the two-pass compute
 path, torch.save + gzip level 9).
 
-    python bench/e2e.py [--models bit,effnet] [--repeats 3] [--json out.json]
+    python bench/e2e.py [--models bit,effnet] [--repeats 3] [--igd-args=--compile] [--json out.json]
 
 Same model weights, same machine, runs alternating between the two pipelines; each
 time covers everything a user waits for, from the image file to the result file.
 Images: a 32x32 PNG, chelsea.jpg (451x300) and a 12-megapixel JPEG made from it.
+igd runs `igd serve` with defaults (plus ``--igd-args``) and an empty cache directory,
+so it measures its chunk size at warm-up as on a first start; each row names the chunk
+it picked.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -26,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from models import IMAGE, build
+from models import IMAGE, build, describe_machine
 from PIL import Image
 
 HERE = Path(__file__).resolve().parent
@@ -69,13 +71,15 @@ def predecessor_request(image: Path, target: str, url: str, work: Path) -> float
     return time.perf_counter() - start
 
 
-def bench_model(name: str, repeats: int, work: Path, images: dict[str, Path]) -> list[dict[str, object]]:
+def bench_model(name: str, repeats: int, work: Path, images: dict[str, Path],
+                igd_args: list[str]) -> list[dict[str, object]]:
     built = build(name, checkpoint_dir=work)
     target = str(built.target)
     del built  # the two servers hold the weights; this process need not
     sock = work / "igd.sock"
+    cache = Path(tempfile.mkdtemp(prefix="igd-e2e-cache-", dir="/tmp"))
     igd = subprocess.Popen([BIN / "igd", "serve", "--socket", str(sock), "--device", "cpu", "--log-level", "warning",
-                            *build_args(name, work)])
+                            *build_args(name, work), *igd_args], env={**os.environ, "IGD_CACHE_DIR": str(cache)})
     port = free_port()
     theirs = subprocess.Popen([sys.executable, str(HERE / "predecessor_server.py"), "serve", "--model", name,
                                "--port", str(port)], stdout=subprocess.PIPE, text=True)
@@ -83,9 +87,9 @@ def bench_model(name: str, repeats: int, work: Path, images: dict[str, Path]) ->
     try:
         assert theirs.stdout.readline().strip() == "ready"
         igctl = [str(BIN / "igctl"), "--socket", str(sock)]
-        while not sock.exists():
-            time.sleep(0.1)
-        subprocess.run([*igctl, "status"], check=True, stdout=subprocess.DEVNULL)  # waits until warm
+        status = json.loads(subprocess.run([*igctl, "status", "--wait", "--json"], check=True, capture_output=True,
+                                           text=True).stdout)  # waits until warm
+        chunk = status["batching"]["max_batch_points"]
         url = f"http://127.0.0.1:{port}/model/"
         for label, image in images.items():
             ours_cmd = [*igctl, "attribute", str(image), target, "-o", str(work / "ours.gzip"), "--force"]
@@ -96,15 +100,17 @@ def bench_model(name: str, repeats: int, work: Path, images: dict[str, Path]) ->
                 ours.append(wall(ours_cmd))
                 preds.append(predecessor_request(image, target, url, work))
             row = {"model": name, "image": label, "igd_s": statistics.median(ours),
-                   "predecessor_s": statistics.median(preds), "igd_runs": ours, "predecessor_runs": preds}
+                   "predecessor_s": statistics.median(preds), "igd_runs": ours, "predecessor_runs": preds,
+                   "chunk": chunk, "igd_args": " ".join(igd_args)}
             row["speedup"] = row["predecessor_s"] / row["igd_s"]
             rows.append(row)
-            print(f"| {name} | {label} | {row['igd_s']:.2f} | {row['predecessor_s']:.2f} | {row['speedup']:.1f}x |",
-                  flush=True)
+            print(f"| {name} | {label} | {row['igd_s']:.2f} | {row['predecessor_s']:.2f} | {row['speedup']:.1f}x | "
+                  f"{chunk} |", flush=True)
     finally:
         for process in (igd, theirs):
             process.send_signal(signal.SIGTERM)
             process.wait(120)
+        shutil.rmtree(cache, ignore_errors=True)
     return rows
 
 
@@ -116,16 +122,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="bit,effnet")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--igd-args", default="", help="More `igd serve` options, e.g. --igd-args=--compile.")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="igd-e2e-", dir="/tmp"))
     try:
         images = make_images(work)
-        machine = f"{platform.machine()}, {os.cpu_count()} cores, CPU"
+        machine = describe_machine()
         print(f"# end to end, one request, 50 steps, median of {args.repeats} ({machine})")
-        print("| model | image | igd + igctl (s) | predecessor pipeline (s) | speedup |")
-        print("|---|---|---|---|---|")
-        rows = [row for name in args.models.split(",") for row in bench_model(name.strip(), args.repeats, work, images)]
+        print("| model | image | igd + igctl (s) | predecessor pipeline (s) | speedup | chunk igd picked |")
+        print("|---|---|---|---|---|---|")
+        rows = [row for name in args.models.split(",")
+                for row in bench_model(name.strip(), args.repeats, work, images, args.igd_args.split())]
         if args.json:
             args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
     finally:

@@ -72,7 +72,7 @@ def bench_model(name: str, device: torch.device, steps: int, batches: tuple[int,
     x = built.preprocess(Image.open(IMAGE).convert("RGB")).to(device)
     target = built.target
     for mode, allow_tf32 in MODES.items():
-        chunk = choose_max_batch(model, x, limit=steps * max(batches), time_budget_s=20, allow_tf32=allow_tf32).max_batch
+        chunk = choose_max_batch(model, x, limit=steps * max(batches), allow_tf32=allow_tf32).max_batch
 
         def ours(images: int = 1) -> Any:
             xs = x.expand(images, -1, -1, -1).contiguous()
@@ -117,7 +117,7 @@ def bench_precision(device: torch.device, steps: int, repeats: int) -> dict[str,
     result: dict[str, Any] = {"model": default.label}
     runs = {}
     for mode, allow_tf32 in MODES.items():
-        chunk = choose_max_batch(model, x, limit=steps * 8, time_budget_s=20, allow_tf32=allow_tf32).max_batch
+        chunk = choose_max_batch(model, x, limit=steps * 8, allow_tf32=allow_tf32).max_batch
         runs[mode] = attribute(model, x, default.target, n_steps=steps, max_batch=chunk, allow_tf32=allow_tf32)
         xs = x.expand(8, -1, -1, -1).contiguous()
         result[f"{mode}_s"] = median_time(

@@ -9,6 +9,8 @@ that an igd started with ``igd_args`` serves exactly these weights.
 
 from __future__ import annotations
 
+import os
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -31,6 +33,16 @@ class BenchModel:
     class_names: tuple[str, ...]
     target: int  # the class benchmarks attribute to
     igd_args: list[str] = field(default_factory=list)
+
+
+def describe_machine() -> str:
+    """E.g. "Intel(R) Xeon(R) Processor, 2 cores, 2 torch threads": the CPU a table was measured on."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def calibrated(model: torch.nn.Module) -> torch.nn.Module:

@@ -96,6 +96,40 @@ def targets_table(data: dict) -> list[str]:
     return lines
 
 
+def chunks_table(data: dict) -> list[str]:
+    lines = ["| model | memory cap | best size in the sweep | `igd serve`, quiet: pick, vs best, search | "
+             "one core busy: pick, vs best, search |", "|---|---|---|---|---|"]
+    for r in data["rows"]:
+        picks = [f"**{p['pick']}**, {_over(p['over_best'])}, {p['search_s']:.1f} s" for p in r["picks"]]
+        lines.append(f"| {r['label']} | {r['memory_cap']} | {r['best']} ({r['best_ms_per_point']:.1f} ms/point) | "
+                     + " | ".join(picks) + " |")
+    lines += ["", "The sweep (ms per point of forward+backward, median of "
+              f"{data['repeats']} calls after one that builds the size's kernels):", ""]
+    for r in data["rows"]:
+        swept = ", ".join(f"{size}: {ms:.0f}" for size, ms in r["ms_per_point"].items())
+        lines.append(f"- {r['label']}: {swept}")
+    return lines
+
+
+def compiled_table(data: dict) -> list[str]:
+    lines = ["| model | chunk | eager | compiled | speed-up | compile time: first call + more at the first full pass | "
+             "peak RSS added | IG moved (8 / 50 steps) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        if "timeout_s" in r:
+            lines.append(f"| {r['label']} | | | not done in {r['timeout_s']:.0f} s (compiling) | | | | |")
+            continue
+        lines.append(f"| {r['label']} | {r['chunk']} | {r['eager_s']:.2f} s | {r['compiled_s']:.2f} s | "
+                     f"**{r['speedup']:.2f}x** | {r['compile_s']:.0f} s + {r['first_compiled_s'] - r['compiled_s']:.0f} s | "
+                     f"{r['peak_rss_added_mib']:.0f} MiB | "
+                     f"{r['ig_deviation_8_steps']:.1e} / {r['ig_deviation']:.1e} |")
+    return lines
+
+
+def _over(ratio: float | None) -> str:
+    return "not swept" if ratio is None else f"+{ratio - 1:.0%}"
+
+
 def engine_table(data: dict) -> list[str]:
     lines = ["| model | igd (s) | predecessor (s) | speedup | chunk, format |", "|---|---|---|---|---|"]
     for r in data["rows"]:
@@ -105,9 +139,12 @@ def engine_table(data: dict) -> list[str]:
 
 
 def e2e_table(data: dict) -> list[str]:
-    lines = ["| model | image | igd + igctl (s) | predecessor pipeline (s) | speedup |", "|---|---|---|---|---|"]
+    lines = ["| model | image | igd + igctl (s) | predecessor pipeline (s) | speedup | chunk igd picked |",
+             "|---|---|---|---|---|---|"]
     for r in data["rows"]:
-        lines.append(f"| {r['model']} | {r['image']} | {r['igd_s']:.2f} | {r['predecessor_s']:.2f} | **{r['speedup']:.1f}x** |")
+        mode = f" ({r['igd_args']})" if r.get("igd_args") else ""
+        lines.append(f"| {r['model']}{mode} | {r['image']} | {r['igd_s']:.2f} | {r['predecessor_s']:.2f} | "
+                     f"**{r['speedup']:.1f}x** | {r.get('chunk', '?')} |")
     return lines
 
 
@@ -216,6 +253,16 @@ def chart(engine: dict | None, e2e: dict | None) -> Path | None:
 def main() -> None:
     engine, e2e = load("engine"), load("e2e")
     sections = [
+        ("Chunk size (`bench/chunks.py`)", load("chunks"), chunks_table,
+         "Every chunk size timed up to the memory cap (forward+backward per path point, as the tuner times it), "
+         "against the chunk a real `igd serve` with defaults and an empty cache picks at warm-up: on a quiet "
+         "machine, and with another process keeping one core busy during the warm-up. \"vs best\": the sweep's time "
+         "per point at the pick over its best."),
+        ("Compiled mode (`bench/compiled.py`)", load("compiled"), compiled_table,
+         "`igd serve --compile` (torch.compile, inductor, forward and backward, dynamic in the number of points) "
+         "against eager PyTorch: a 50-step attribution in the chunk igd picks for the eager model, medians of 3, "
+         "each model in a fresh process. IG moved: relative L2 against eager (the daemon logs the 8-step figure "
+         "at start-up)."),
         ("Compute path (`bench/engine.py`)", engine, engine_table,
          "igd's one pass vs the predecessor's compute path (per-step pass with every path point in one batch, "
          "captum IG over the same path again, a forward), same model and input, 50 Gauss-Legendre steps, runs "
@@ -223,7 +270,8 @@ def main() -> None:
         ("End to end, one request (`bench/e2e.py`)", e2e, e2e_table,
          "From the image file to the result file: `igctl attribute` against igd, vs the predecessor's pipeline "
          "re-created for the benchmark (`prepare_input.py`-style JSON of RGB values, curl POST on loopback, JSON "
-         "parsing, the two-pass compute path, torch.save + gzip level 9)."),
+         "parsing, the two-pass compute path, torch.save + gzip level 9). igd is `igd serve` with defaults and an "
+         "empty cache, so the chunk is the one its warm-up search picked, as on a user's first start."),
         ("Client start-up (`bench/client.py`)", load("client"), client_table,
          "Wall time of whole commands, including the interpreter's start."),
         ("Concurrency (`bench/concurrency.py`)", load("concurrency"), concurrency_table,
