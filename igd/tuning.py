@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from igd.attribution import attribute, evaluation_mode, strict_float32
-from igd.files import write_atomically
+from igd.files import UnreadableInput, foreign, read_regular_file, write_atomically
 from igd.imaging import decode_image
 from igd.logs import log
 from igd.memory import memory_budget, release_free_memory
@@ -72,18 +72,73 @@ class ChunkChoice:
                 "search_threads": self.search_threads}
 
     @classmethod
-    def from_json(cls, entry: dict[str, Any]) -> ChunkChoice:
-        """The inverse of :meth:`to_json`; ValueError, TypeError or KeyError if ``entry``
-        is not one (a damaged cache file)."""
-        max_batch, timings = entry["max_batch"], entry.get("ms_per_point", {})
-        if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
-            raise ValueError(f"max_batch {max_batch!r}")
+    def from_json(cls, entry: object) -> ChunkChoice:
+        """The inverse of :meth:`to_json`. A ValueError saying why if ``entry`` is not one
+        (a damaged or planted cache file): every field is checked for its type and range,
+        numbers must be finite, and a ``max_batch`` of 1 is refused (see below)."""
+        if not isinstance(entry, dict):
+            raise ValueError(f"the entry is {_json_type(entry)}, not an object")
+        max_batch = _integer(entry, "max_batch", 1, CUDA_CEILING, required=True)
+        if max_batch == 1:
+            # The search never tries 1 where 2 fits (one-point calls take other kernels
+            # on a CPU, which round differently): a 1 is the memory's answer at best, and
+            # a planted one would change the bytes of every result. Measured again.
+            raise ValueError("max_batch 1 (never taken from a cache: one-point calls round differently)")
+        timings = entry.get("ms_per_point", {})
         if not isinstance(timings, dict):
-            raise TypeError(f"ms_per_point {timings!r}")
-        return cls(max_batch, {int(size): float(ms) / 1000 for size, ms in timings.items()},
-                   int(float(entry.get("mb_per_point", 0)) * 1e6), int(entry.get("memory_cap", 0)),
-                   float(entry.get("search_s", 0.0)), str(entry.get("measured", "")),
-                   float(entry.get("busy_cores", 0.0)), int(entry.get("search_threads", 0)))
+            raise ValueError(f"ms_per_point is {_json_type(timings)}, not an object")
+        if len(timings) > CUDA_CEILING:
+            raise ValueError(f"ms_per_point has {len(timings)} sizes")
+        seconds_per_point = {}
+        for size, ms in timings.items():
+            if not (isinstance(size, str) and size.isascii() and size.isdecimal() and len(size) <= 5
+                    and 1 <= int(size) <= CUDA_CEILING):
+                raise ValueError(f"ms_per_point has the size {str(size)[:20]!r}")
+            seconds_per_point[int(size)] = _number({"ms": ms}, "ms", 0.0, 1e9, f"ms_per_point[{size}]") / 1000
+        cap = _integer(entry, "memory_cap", 0, CUDA_CEILING)
+        if cap and max_batch > cap:
+            raise ValueError(f"max_batch {max_batch} is over its memory cap {cap}")
+        measured = entry.get("measured", "")
+        if not isinstance(measured, str) or len(measured) > 40:
+            raise ValueError(f"measured is {_json_type(measured)}, not a time")
+        return cls(max_batch, seconds_per_point, int(_number(entry, "mb_per_point", 0.0, 1e9) * 1e6), cap,
+                   _number(entry, "search_s", 0.0, 1e7), measured, _number(entry, "busy_cores", 0.0, 1e5),
+                   _integer(entry, "search_threads", 0, 1 << 16))
+
+
+def _json_type(value: object) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _integer(entry: dict[str, Any], name: str, low: int, high: int, *, required: bool = False) -> int:
+    """``entry[name]``, an integer (not a boolean) in [low, high]; 0 where it is absent."""
+    if name not in entry and not required:
+        return 0
+    value = entry.get(name)
+    if isinstance(value, float):
+        raise ValueError(f"{name} {value!r} is not an integer")
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} is {_json_type(value)}, not an integer")
+    if not low <= value <= high:
+        raise ValueError(f"{name} {value if abs(value) < 10**12 else 'of ' + str(len(str(value))) + ' digits'} "
+                         f"is outside [{low}, {high}]")
+    return value
+
+
+def _number(entry: dict[str, Any], name: str, low: float, high: float, label: str = "") -> float:
+    """``entry[name]``, a finite number (not a boolean) in [low, high]; 0.0 where it is absent."""
+    label = label or name
+    if name not in entry:
+        return 0.0
+    value = entry[name]
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"{label} is {_json_type(value)}, not a number")
+    if isinstance(value, int) and not low <= value <= high:
+        raise ValueError(f"{label} is outside [{low:g}, {high:g}]")
+    if not math.isfinite(value) or not low <= value <= high:
+        raise ValueError(f"{label} {value!r} is outside [{low:g}, {high:g}]")
+    return float(value)
 
 
 def saved_bytes_per_point(module: nn.Module, sample: Tensor) -> int:
@@ -385,11 +440,21 @@ class ChunkCache:
     """Measured chunk sizes, one JSON file: a choice is measured once per model (its
     weights' SHA-256), input size, device, threads, memory, precision, memory format,
     compiler, search and torch version, so that a restart, on a busy machine or not, takes the same
-    chunk and gives the same bytes for the same request."""
+    chunk and gives the same bytes for the same request.
+
+    The cache can never stop igd from starting, however it is damaged or whoever wrote
+    it: the file is read only if it is a regular file (no symlink, FIFO or device) of at
+    most LIMIT bytes, owned by this user or root and not writable by every user, in a
+    folder of the same kind; reading never blocks, and parsing is bounded by the size.
+    Anything else (a file cut short, infinities, deep nesting, wrong types, a max_batch
+    of 1, ...) means "search again", with a warning (event=chunk_cache_ignored) saying
+    why; :meth:`put` then writes a clean file over it, atomically."""
 
     SEARCH = 2  # the version of choose_max_batch's search; a new one measures again
+    LIMIT = 1 << 20  # bytes: about 2,500 entries; put drops the oldest beyond it
 
     def __init__(self, directory: Path) -> None:
+        self.directory = directory
         self.path = directory / "chunk-sizes.json"
 
     @classmethod
@@ -401,26 +466,84 @@ class ChunkCache:
         ))
 
     def get(self, key: str) -> ChunkChoice | None:
-        try:
-            entry = json.loads(self.path.read_text())[key]
-            return ChunkChoice.from_json(entry)
-        except (OSError, ValueError, TypeError, KeyError, AttributeError):
-            return None
+        """The choice cached for ``key``; None (search again) where there is none or the
+        cache cannot be trusted, logged with the reason in the second case."""
+        entries, damage = self._entries()
+        if damage is None and key in entries:
+            try:
+                return ChunkChoice.from_json(entries[key])
+            except ValueError as error:
+                damage = f"its entry for this model: {error}"
+        if damage is not None:
+            log("chunk_cache_ignored", level=30, path=str(self.path), reason=damage,
+                note="the chunk size is measured again")
+        return None
 
     def put(self, key: str, choice: ChunkChoice) -> None:
+        """Cache ``choice`` for ``key``: the file is rewritten atomically with the entries
+        that are sound and this one (a damaged file is replaced by a clean one). A choice
+        of 1 is not kept (:meth:`get` would not take it). Never raises: a cache that
+        cannot be written is logged and the size measured again at the next start."""
+        if choice.max_batch < 2:
+            return
+        entries, _damage = self._entries()
+        kept: dict[str, dict[str, Any]] = {}
+        for other, entry in entries.items():
+            try:
+                kept[other] = ChunkChoice.from_json(entry).to_json()
+            except ValueError:
+                continue  # damaged: dropped
+        kept[key] = choice.to_json()
+        data = json.dumps(dict(sorted(kept.items())), indent=1).encode()  # sizes in the order tried
+        while len(data) > self.LIMIT and len(kept) > 1:
+            del kept[min((other for other in kept if other != key), key=lambda other: kept[other]["measured"])]
+            data = json.dumps(dict(sorted(kept.items())), indent=1).encode()
         try:
-            entries = json.loads(self.path.read_text())
-            if not isinstance(entries, dict):
-                entries = {}
-        except (OSError, ValueError):
-            entries = {}
-        entries[key] = choice.to_json()
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(self.path, json.dumps(dict(sorted(entries.items())), indent=1).encode())  # sizes in order tried
+            self.directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+            refused = self._folder_refused()
+            if refused:
+                raise PermissionError(refused)
+            if self.path.is_dir() and not self.path.is_symlink():
+                self.path.rmdir()  # an empty folder in the file's place (a full one stays, and is an error)
+            write_atomically(self.path, data, mode=0o644)
         except OSError as error:
             log("chunk_cache_unwritable", level=30, path=str(self.path), error=error.strerror or str(error),
                 note="the chunk size will be measured again at the next start")
+
+    def _entries(self) -> tuple[dict[str, object], str | None]:
+        """The file's entries, and why the file cannot be trusted (None: it can; a file
+        that is not there is an empty cache)."""
+        refused = self._folder_refused()
+        if refused:
+            return {}, refused
+        try:
+            data = read_regular_file(str(self.path), self.LIMIT, what="chunk cache", owned=True,
+                                     follow_symlinks=False)
+        except UnreadableInput as error:
+            if not os.path.lexists(self.path):
+                return {}, None
+            reason = str(error)
+            return {}, "it " + reason.removeprefix(f"{self.path} ") if reason.startswith(f"{self.path} ") else reason
+        try:
+            entries = json.loads(data)
+        except RecursionError:
+            return {}, "it is nested too deeply"
+        except MemoryError:
+            return {}, "it is too large to parse"
+        except (ValueError, OverflowError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            return {}, f"it is not JSON ({str(error)[:200]})"
+        if not isinstance(entries, dict):
+            return {}, f"it holds {_json_type(entries)}, not an object"
+        return entries, None
+
+    def _folder_refused(self) -> str | None:
+        """Why the cache folder cannot be trusted (another owner, writable by every user), or None."""
+        try:
+            info = os.stat(self.directory)
+        except OSError:
+            return None  # not there yet: put makes it
+        refused = foreign(info)
+        return f"the folder {self.directory} {refused}" if refused else None
 
 
 def _memory_gib(device: torch.device) -> int:

@@ -351,3 +351,88 @@ def test_interrupted_ray_run_resumes(ray_cluster: str, dataset: Path, fixtures: 
     run = igd_batch(*command[2:], "--resume")
     assert run.returncode == 0, run.stderr
     check_resumed(out, first, 96)
+
+
+# --- One run per OUT_DIR, its files and nothing else -----------------------------------------
+
+
+def test_a_symlinked_status_file_is_refused(fixtures: Path) -> None:
+    work = short_tempdir()
+    try:
+        images, out, outside = work / "in", work / "out", work / "elsewhere.jsonl"
+        images.mkdir()
+        out.mkdir()
+        shutil.copy(fixtures / "images" / "chelsea.png", images / "one.png")
+        outside.write_text("precious\n")
+        (out / "status.jsonl").symlink_to(outside)  # would append status lines outside OUT_DIR
+        for resume in ((), ("--resume",)):
+            run = igd_batch(str(images), str(out), *model_args(fixtures), "-t", "cat", *resume, timeout=300)
+            assert run.returncode == 1, run.stderr
+            assert "status.jsonl is a symbolic link" in run.stderr and "Traceback" not in run.stderr
+            assert outside.read_text() == "precious\n" and (out / "status.jsonl").is_symlink()
+            assert not (out / "one.cat.gzip").exists()  # refused before any work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_a_run_removes_the_temporaries_a_killed_run_left(fixtures: Path) -> None:
+    work = short_tempdir()
+    try:
+        images, out, outside = work / "in", work / "out", work / "outside"
+        (images / "sub").mkdir(parents=True)
+        shutil.copy(fixtures / "images" / "chelsea.png", images / "sub" / "one.png")
+        outside.write_bytes(b"precious")
+        command = (str(images), str(out), *model_args(fixtures), "-t", "cat")
+        assert igd_batch(*command, timeout=300).returncode == 0
+        stale = [out / "sub" / ".one.cat.gzip.k3x_9a0q.part", out / ".status.jsonl.a1b2c3d4.part"]  # igd's own
+        kept = [out / "sub" / ".one.cat.gzip.part", out / "sub" / "one.part", out / ".notes.txt.a1b2c3d4.part",
+                out / "sub" / ".two.cat.gzip.a1b2c3d4.part"]  # other names, or not this run's results
+        for path in stale + kept:
+            path.write_bytes(b"partial")
+        (out / "sub" / ".one.cat.gzip.linked00.part").symlink_to(outside)  # not followed, not removed
+        (out / "sub" / ".one.cat.gzip.folder00.part").mkdir()  # only files are removed
+        run = igd_batch(*command, "--resume", timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert "1 pairs: 0 done now, 1 done before, 0 failed" in run.stdout
+        line = next(line for line in run.stderr.splitlines() if "event=stale_temporaries_removed" in line)
+        assert "count=2" in line and "level=warning" in line
+        assert not any(path.exists() for path in stale) and all(path.exists() for path in kept)
+        assert (out / "sub" / ".one.cat.gzip.linked00.part").is_symlink() and outside.read_bytes() == b"precious"
+        assert (out / "sub" / ".one.cat.gzip.folder00.part").is_dir()
+        again = igd_batch(*command, "--resume", timeout=300)
+        assert again.returncode == 0 and "stale_temporaries_removed" not in again.stderr
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_a_second_run_of_the_same_out_dir_or_shard_is_refused_at_once(dataset: Path, fixtures: Path) -> None:
+    import fcntl
+
+    out = dataset / "out-locked"
+    single = dataset / "single"
+    single.mkdir()
+    shutil.copy(fixtures / "images" / "chelsea.png", single / "one.png")
+    slow = ["-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "16", "--steps", "1024", "-t", "cat", "-t", "3"]
+    first = subprocess.Popen([IGD, "batch", str(dataset / "images"), str(out), *slow, "--shard", "1/2"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    lock = out / ".igd-batch.shard-1-of-2.lock"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and first.poll() is None:
+            if lock.exists() and lock.read_text().strip() == str(first.pid):
+                break
+            time.sleep(0.05)
+        assert first.poll() is None, first.stderr.read()
+        same = igd_batch(str(dataset / "images"), str(out), *slow, "--shard", "1/2", "--resume", timeout=120)
+        assert same.returncode == 1 and f"pid {first.pid}" in same.stderr and "shard 1/2" in same.stderr
+        assert len(same.stderr.strip().splitlines()) == 1, same.stderr  # one line, no traceback
+        whole = igd_batch(str(dataset / "images"), str(out), *slow, "--resume", timeout=120)
+        assert whole.returncode == 1 and f"pid {first.pid}" in whole.stderr, whole.stderr
+        other = igd_batch(str(single), str(out), *model_args(fixtures), "-t", "cat", "--shard", "2/2", timeout=300)
+        assert other.returncode == 0, other.stderr  # another shard runs beside it
+        assert first.poll() is None, "the first run ended before the test could run beside it"
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(60)
+    with lock.open("rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a killed run holds nothing

@@ -7,9 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from igd.batch.backends import run_local, run_ray
-from igd.batch.inputs import InputError, discover, in_shard
-from igd.batch.outputs import ParquetShards, ResultFiles, StatusLog, drop_incomplete_parquet, pending
+from igd.batch.inputs import InputError, Pair, discover, in_shard
+from igd.batch.lock import OutDirLock
+from igd.batch.outputs import (ParquetShards, ResultFiles, StatusLog, drop_incomplete_parquet, pending,
+                               remove_stale_temporaries, shard_outputs)
 from igd.batch.runner import FORMATS, BatchOptions
+from igd.logs import log
 from igd.request import SUFFIXES
 
 __all__ = ["FORMATS", "BatchOptions", "InputError", "Summary", "run_batch"]
@@ -21,6 +24,7 @@ class Summary:
     skipped: int  # already done (--resume)
     ok: int
     failed: int
+    temporaries_removed: int = 0  # left in OUT_DIR by a run killed while writing
 
 
 def run_batch(
@@ -39,7 +43,32 @@ def run_batch(
 ) -> Summary:
     pairs = [pair for pair in discover(source, targets) if in_shard(pair, shard)]
     out_dir.mkdir(parents=True, exist_ok=True)
+    with OutDirLock(out_dir, shard):  # a second run of this OUT_DIR (shard) stops here, at once
+        return _run(pairs, out_dir, model_args=model_args, options=options, shard=shard, resume=resume,
+                    backend=backend, address=address, workers=workers, gpus_per_worker=gpus_per_worker)
+
+
+def _run(
+    pairs: list[Pair],
+    out_dir: Path,
+    *,
+    model_args: dict[str, Any],
+    options: BatchOptions,
+    shard: tuple[int, int] | None,
+    resume: bool,
+    backend: str,
+    address: str | None,
+    workers: int,
+    gpus_per_worker: float,
+) -> Summary:
     status = StatusLog(out_dir, shard)
+    status.check()
+    # Only temporaries of what this run writes: other shards may be writing theirs now,
+    # and OUT_DIR may hold files of other programs.
+    removed = remove_stale_temporaries(out_dir, shard_outputs(pairs, SUFFIXES.get(options.fmt, ""), shard))
+    if removed:
+        log("stale_temporaries_removed", level=30, count=removed, out_dir=str(out_dir),
+            note="partial files of a run that was killed while writing")
     writer: ResultFiles | ParquetShards = (
         ParquetShards(out_dir, shard) if options.fmt == "parquet" else ResultFiles(out_dir, SUFFIXES[options.fmt])
     )
@@ -70,4 +99,4 @@ def run_batch(
     last = writer.close()
     status.append(last)
     counts["ok"] += len(last)
-    return Summary(len(pairs), len(pairs) - len(todo), counts["ok"], counts["failed"])
+    return Summary(len(pairs), len(pairs) - len(todo), counts["ok"], counts["failed"], removed)

@@ -5,18 +5,24 @@ share a directory) holds one JSON line per (image, target): ``ok`` with the outp
 the error code and message. Outputs are written before their status line, each file
 atomically, so after a crash a status line never points at a missing or partial file;
 ``--resume`` keeps the pairs recorded ok whose output is present, rewrites the status
-file with those alone (one line per pair) and does the rest.
+file with those alone (one line per pair) and does the rest. The status file is never
+followed through a symbolic link (which could lead outside OUT_DIR). Temporaries that a
+run killed while writing left behind (``.<name>.<random>.part``) are removed by the
+next run of the same OUT_DIR (and shard).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import stat
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
-from igd.batch.inputs import Pair
-from igd.files import write_atomically
+from igd.batch.inputs import InputError, Pair
+from igd.files import temporary_target, write_atomically
 from igd.protocol import BAD_REQUEST, INTERNAL
 
 # No floats: a status line is the same whichever backend, shard or batch produced it
@@ -30,6 +36,10 @@ def status_name(shard: tuple[int, int] | None) -> str:
     return "status.jsonl" if shard is None else f"status.shard-{shard[0]}-of-{shard[1]}.jsonl"
 
 
+def parquet_prefix(shard: tuple[int, int] | None) -> str:
+    return "part" if shard is None else f"part-shard-{shard[0]}-of-{shard[1]}"
+
+
 class StatusLog:
     """The append-only status file; reopened for appending after a resume's rewrite."""
 
@@ -37,12 +47,44 @@ class StatusLog:
         self.path = out_dir / status_name(shard)
         self.out_dir = out_dir
 
+    def check(self) -> None:
+        """InputError unless the status file is absent or a regular file (a symbolic link
+        could lead outside OUT_DIR; a FIFO or a device would block or never end)."""
+        try:
+            info = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if stat.S_ISLNK(info.st_mode):
+            raise InputError(f"{self.path} is a symbolic link; igd batch writes its status only to a regular file "
+                             "in OUT_DIR (remove the link)")
+        if not stat.S_ISREG(info.st_mode):
+            raise InputError(f"{self.path} is not a regular file; igd batch writes its status there (remove it)")
+
+    def _open(self, flags: int) -> int:
+        """The status file opened with ``flags``, never through a symbolic link, and only
+        if it is a regular file."""
+        try:
+            fd = os.open(self.path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                self.check()  # says so
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            self.check()
+            raise InputError(f"{self.path} is not a regular file")
+        return fd
+
     def done(self) -> dict[str, dict[str, Any]]:
         """The last record of each pair that is ok and whose output exists."""
         records: dict[str, dict[str, Any]] = {}
-        if not self.path.exists():
+        try:
+            fd = self._open(os.O_RDONLY)
+        except FileNotFoundError:
             return records
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        with os.fdopen(fd, "r", encoding="utf-8") as f:
+            text = f.read()
+        for line in text.splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
@@ -58,7 +100,7 @@ class StatusLog:
         write_atomically(self.path, b"".join(_line(record) for record in records))
 
     def append(self, records: list[dict[str, Any]]) -> None:
-        with self.path.open("ab") as f:
+        with os.fdopen(self._open(os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab") as f:
             f.write(b"".join(_line(record) for record in records))
             f.flush()
             os.fsync(f.fileno())
@@ -128,7 +170,7 @@ class ParquetShards:
         import pyarrow  # noqa: F401 - fail at start, not after the first batch
 
         self.out_dir = out_dir
-        self.prefix = "part" if shard is None else f"part-shard-{shard[0]}-of-{shard[1]}"
+        self.prefix = parquet_prefix(shard)
         self.rows: list[dict[str, Any]] = []
         existing = [int(p.stem.rsplit("-", 1)[1]) for p in out_dir.glob(f"{self.prefix}-*.parquet")]
         self.written = max(existing, default=-1) + 1
@@ -180,6 +222,40 @@ def drop_incomplete_parquet(out_dir: Path, done: dict[str, dict[str, Any]], pref
             path.unlink()
             done = {key: record for key, record in done.items() if record.get("output") != path.name}
     return done
+
+
+def remove_stale_temporaries(out_dir: Path, ours: Callable[[str], bool] | None = None) -> int:
+    """Remove the temporaries of igd's atomic writes (``.<name>.<8 characters>.part``,
+    see igd.files.AtomicFile) that a run killed while writing left anywhere in OUT_DIR,
+    and return how many. Only regular files of that pattern; symbolic links are neither
+    followed nor removed. ``ours`` says which results (paths relative to OUT_DIR) belong
+    to this run, where other runs (other shards) may be writing theirs right now; None:
+    every one (no other run can be)."""
+    removed = 0
+    for folder, _folders, names in os.walk(out_dir):  # never into a symlinked folder
+        for name in names:
+            target = temporary_target(name)
+            if target is None:
+                continue
+            if ours is not None and not ours(Path(folder, target).relative_to(out_dir).as_posix()):
+                continue
+            path = Path(folder, name)
+            try:
+                if stat.S_ISREG(os.lstat(path).st_mode):
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+    return removed
+
+
+def shard_outputs(pairs: list[Pair], suffix: str, shard: tuple[int, int] | None) -> Callable[[str], bool]:
+    """Whether a path relative to OUT_DIR is one this shard writes: a result of one of its
+    ``pairs``, its status file or one of its parquet files."""
+    results = {pair.output + suffix for pair in pairs}
+    parquet = re.compile(re.escape(parquet_prefix(shard)) + r"-\d+\.parquet")
+    return lambda relative: (relative in results or relative == status_name(shard)
+                             or parquet.fullmatch(relative) is not None)
 
 
 def pending(pairs: list[Pair], done: dict[str, dict[str, Any]]) -> list[Pair]:
