@@ -6,25 +6,54 @@ the normalisation and colours igd's own heatmaps use. numpy and Pillow only.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 from PIL import Image
 
-from igd.reader import PROVENANCE_KEYS, read_result
+from igd.reader import PROVENANCE_KEYS, UnreadableResult, read_result
 from igd.rendering import render, side_by_side
 
+MAX_SHOWN_VALUES = 100_000
+"""The most values (numbers, strings) one summary takes from a result (igd's show a few
+dozen): a file holding more where a summary looks is refused rather than listed."""
 
+_Function = TypeVar("_Function", bound=Callable[..., Any])
+
+
+def _unreadable_if_odd(function: _Function) -> _Function:
+    """``function`` of a result read from a file, which may hold anything the reader lets
+    through (any key missing, any value of another kind or shape): what it cannot take is
+    an UnreadableResult, ``not an igd result (why)``, like the reader's own refusals."""
+
+    @functools.wraps(function)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except UnreadableResult:
+            raise
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError, MemoryError,
+                RecursionError) as error:
+            said = str(error).splitlines()[0][:200] if str(error) else ""
+            raise UnreadableResult(f"not an igd result (a value it cannot show: {type(error).__name__}"
+                                   f"{': ' + said if said else ''})") from None
+
+    return checked  # type: ignore[return-value]
+
+
+@_unreadable_if_odd
 def summary(path: Path, result: dict[str, Any]) -> dict[str, Any]:
     """The facts of a result, JSON-ready: targets, prediction, accuracy, steps, provenance."""
-    names, indices = _listed(result.get("target_name")), _listed(result.get("target_class"))
+    plain = _Plain()
+    names, indices = plain.listed(result.get("target_name")), plain.listed(result.get("target_class"))
     facts: dict[str, Any] = {
         "file": str(path),
         "targets": [{"index": int(i), "name": n} for i, n in zip(indices, names or [None] * len(indices))],
-        "n_steps": _plain(result.get("n_steps", len(result.get("step_sizes", [])))),
-        "method": _plain(result.get("method")),
-        "baseline": _plain(result.get("baseline_name")),
+        "n_steps": plain(result.get("n_steps", len(result.get("step_sizes", [])))),
+        "method": plain(result.get("method")),
+        "baseline": plain(result.get("baseline_name")),
     }
     if "prediction_name" in result:
         facts["prediction"] = {"index": int(result["prediction_index"]), "name": str(result["prediction_name"]),
@@ -35,11 +64,12 @@ def summary(path: Path, result: dict[str, Any]) -> dict[str, Any]:
     for key in ("convergence_delta", "completeness_gap", "error_estimate", "tolerance", "tolerance_met", "path",
                 "blur_sigma", "samples", "noise", "model", "path_names", "axes", "max_batch"):
         if key in result:
-            facts[key] = _plain(result[key])
-    facts["provenance"] = {key: _plain(result[key]) for key in PROVENANCE_KEYS if key in result}
+            facts[key] = plain(result[key])
+    facts["provenance"] = {key: plain(result[key]) for key in PROVENANCE_KEYS if key in result}
     return facts
 
 
+@_unreadable_if_odd
 def describe(facts: dict[str, Any]) -> list[str]:
     """The summary as lines for people."""
     targets = ", ".join(f"{t['name']!r} ({t['index']})" if t["name"] else str(t["index"]) for t in facts["targets"])
@@ -67,9 +97,10 @@ def describe(facts: dict[str, Any]) -> list[str]:
                      f"{origin.get('torchvision_version', '?')}")
     else:
         lines.append("  no provenance recorded (a file from before igd recorded it, or from the predecessor)")
-    return lines
+    return [_printable(line) for line in lines]
 
 
+@_unreadable_if_odd
 def picture(result: dict[str, Any], style: str, sign: str, outlier_perc: float) -> Image.Image:
     """The rendering of a result's IG: one panel per target, side by side."""
     integrated = np.asarray(result["integrated_grads"], dtype=np.float32)
@@ -117,18 +148,40 @@ def _numbers(value: Any) -> str:
     return "?" if value is None else f"{float(value):.4g}"
 
 
-def _listed(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    if isinstance(value, np.ndarray):
-        return value.tolist() if value.ndim else [value.item()]
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+def _printable(line: str) -> str:
+    """``line`` with control characters (a file's own escape sequences, line breaks) and
+    other unprintable ones written as Python escapes."""
+    if line.isprintable():
+        return line
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in line)
 
 
-def _plain(value: Any) -> Any:
-    """JSON-ready: arrays as lists, numpy scalars as Python numbers."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+class _Plain:
+    """JSON-ready values of one summary: arrays as lists, numpy scalars as Python numbers,
+    also inside lists; at most MAX_SHOWN_VALUES values in all, counted before converting."""
+
+    def __init__(self) -> None:
+        self.room = MAX_SHOWN_VALUES
+
+    def _take(self, count: int) -> None:
+        self.room -= count
+        if self.room < 0:
+            raise UnreadableResult(f"not an igd result (over {MAX_SHOWN_VALUES:,} values where a summary looks)")
+
+    def __call__(self, value: Any) -> Any:
+        if isinstance(value, np.ndarray):
+            self._take(value.size)
+            return value.tolist()
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, (list, tuple)):
+            self._take(len(value))
+            return [self(item) for item in value]
+        return value
+
+    def listed(self, value: Any) -> list[Any]:
+        if value is None:
+            return []
+        if isinstance(value, np.ndarray):
+            return list(self(value)) if value.ndim else [self(value.item())]
+        return self(value) if isinstance(value, (list, tuple)) else [self(value)]

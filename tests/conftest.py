@@ -71,15 +71,20 @@ def require_tool(name: str, request: pytest.FixtureRequest | None = None) -> str
     return path
 
 
-def record_hardening(what: str, count: int) -> None:
-    _HARDENING[what] = _HARDENING.get(what, 0) + count
+DAEMON_OUTCOME = "each answered properly, the daemon serving exactly after"
+READER_OUTCOME = "each read or refused in one line, within the reader's limits"
+
+
+def record_hardening(what: str, count: int, outcome: str = DAEMON_OUTCOME) -> None:
+    """Count ``count`` more cases of ``what`` for the summary at the end of the run."""
+    _HARDENING[(what, outcome)] = _HARDENING.get((what, outcome), 0) + count
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if _HARDENING:
         terminalreporter.section("hardening")
-        for what, count in _HARDENING.items():
-            terminalreporter.write_line(f"{count:,} {what}, each answered properly, the daemon serving exactly after")
+        for (what, outcome), count in _HARDENING.items():
+            terminalreporter.write_line(f"{count:,} {what}, {outcome}")
     if not _MISSING_TOOLS:
         return
     terminalreporter.section("TESTS NOT RUN: system tools missing", sep="!", red=True, bold=True)
