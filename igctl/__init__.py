@@ -2,7 +2,7 @@
 (``from igctl import Client``; igctl/api.py). Never imports torch, nor numpy until arrays
 are read."""
 
-from igctl.api import Attribution, Client, ClientError, NoDaemon, RequestFailed
+from igctl.api import Attribution, Client, ClientError, NoDaemon, RequestFailed, UntrustedSocket
 from igd import __version__
 
-__all__ = ["Attribution", "Client", "ClientError", "NoDaemon", "RequestFailed", "__version__"]
+__all__ = ["Attribution", "Client", "ClientError", "NoDaemon", "RequestFailed", "UntrustedSocket", "__version__"]

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any, Union
 
 from igctl.client import Client as Connection
-from igctl.client import ClientError, NoDaemon, RequestFailed
+from igctl.client import ClientError, NoDaemon, RequestFailed, UntrustedSocket
 from igd import request as spec
 from igd.protocol import default_socket_path
 
-__all__ = ["Client", "Attribution", "ClientError", "NoDaemon", "RequestFailed"]
+__all__ = ["Client", "Attribution", "ClientError", "NoDaemon", "RequestFailed", "UntrustedSocket"]
 
 ImageLike = Union[str, "os.PathLike[str]", bytes, Any]  # a path, the file's bytes, or a PIL image
 DEFAULT_TIMEOUT = 900.0
@@ -142,10 +142,9 @@ class Attribution:
             if self.format != "npz":
                 raise ValueError("arrays are read from the npz format; ask for format='npz' (the default here), "
                                  "or read the torch file with torch.load")
-            import numpy  # only now: importing igctl stays numpy-free
+            from igd.reader import read_npz  # numpy only now: importing igctl stays numpy-free
 
-            with numpy.load(io.BytesIO(self.data)) as archive:
-                self._arrays = {key: _plain(archive[key]) for key in archive.files}
+            self._arrays = read_npz(self.data)  # checked as a file from anywhere is (UnreadableResult)
         return self._arrays
 
     def __repr__(self) -> str:
@@ -153,11 +152,6 @@ class Attribution:
         shown = "unbounded" if estimate is None else f"{estimate:.1%}"
         return (f"<Attribution {self.target!r} (prediction {self.prediction!r} {self.probability:.2f}), "
                 f"{self.facts.get('n_steps')} {self.facts.get('method')} steps, estimated error {shown}>")
-
-
-def _plain(array: Any) -> Any:
-    """0-d arrays (scalars and strings in the npz) as Python values; others as they are."""
-    return array.item() if array.ndim == 0 else array
 
 
 def _image_bytes(image: ImageLike) -> bytes:

@@ -106,12 +106,17 @@ def fail(error: ClientError, prefix: str = "") -> Failure:
     return Failure(f"{prefix}{error}", error.exit_status)
 
 
+# Not checked by click (whose readable=True check says "not readable", exit 2, of a socket
+# one may not connect to): connecting says why (exit 3 "permission denied", or 6).
+SOCKET_PATH = click.Path(path_type=Path, readable=False)
+
+
 def connection_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """--socket and --timeout: given before the subcommand (``igctl --socket S status``) or
     after it (``igctl status --socket S``); the later one wins."""
-    command = click.option("--socket", "socket_path", type=click.Path(path_type=Path), metavar="PATH",
+    command = click.option("--socket", "socket_path", type=SOCKET_PATH, metavar="PATH",
                            help="igd's socket [default: $IGD_SOCKET, else /run/igd/igd.sock as root, "
-                                "else $XDG_RUNTIME_DIR/igd.sock].")(command)
+                                "else $XDG_RUNTIME_DIR/igd.sock, else /tmp/igd-UID/igd.sock].")(command)
     return click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
                         help=f"Seconds to wait for each answer [default: {DEFAULT_TIMEOUT:g}].")(command)
 
@@ -126,8 +131,10 @@ def _session(ctx: click.Context, socket_path: Path | None, timeout: float | None
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog=EXIT_STATUSES,
 )
-@click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="IGD_SOCKET", show_envvar=True,
-              metavar="PATH", help="igd's socket [default: /run/igd/igd.sock as root, else $XDG_RUNTIME_DIR/igd.sock].")
+@click.option("--socket", "socket_path", type=SOCKET_PATH, envvar="IGD_SOCKET", show_envvar=True,
+              metavar="PATH", help="igd's socket [default: /run/igd/igd.sock as root, else $XDG_RUNTIME_DIR/igd.sock, "
+                                   "else /tmp/igd-UID/igd.sock]. igctl talks only to a server run by you, root or "
+                                   "igd's service user.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
               help=f"Seconds to wait for each answer [default: {DEFAULT_TIMEOUT:g}].")
 @click.version_option(__version__, prog_name="igctl")
@@ -662,8 +669,8 @@ def classify(ctx: click.Context, images: tuple[str, ...], top: int, as_json: boo
 
 
 @main.command(short_help="Summarise saved result files; re-render their heatmaps.")
-@click.argument("results", nargs=-1, required=True, metavar="RESULT...",
-                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("results", nargs=-1, required=True, metavar="RESULT...",  # directories: the reader refuses them
+                type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="One JSON line per result (targets, accuracy, provenance).")
 @click.option("--heatmap", type=click.Path(path_type=Path), metavar="PNG",
               help="Render IG to this PNG (a directory when there are several results): one panel per target.")

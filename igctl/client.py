@@ -6,7 +6,9 @@ Standard library, msgpack and igd's torch-free protocol module only.
 from __future__ import annotations
 
 import os
+import pwd
 import socket
+import struct
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -16,6 +18,7 @@ from igd.protocol import ProtocolError
 
 # Exit statuses, documented in `igctl --help` and README (EXIT_TABLE is both).
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_DAEMON_FAILED, EXIT_STARTING = 0, 1, 2, 3, 4, 5
+EXIT_UNTRUSTED = 6
 EXIT_TABLE = (
     (EXIT_OK, "success"),
     (EXIT_REFUSED, "the daemon refused a request (bad image, unknown target, ...), or a file could not be read or written"),
@@ -23,6 +26,8 @@ EXIT_TABLE = (
     (EXIT_NO_DAEMON, "no daemon reachable at the socket (the message names the path and how to start one)"),
     (EXIT_DAEMON_FAILED, "the daemon failed (internal error, timeout, overloaded, shutting down, stopped mid-request)"),
     (EXIT_STARTING, "`igctl status`: the daemon is still starting (loading or warming up); `--wait` waits for it"),
+    (EXIT_UNTRUSTED, "the socket is not igd's: its directory or the server behind it belongs to another user "
+                     "(nothing was sent)"),
     (130, "interrupted by Ctrl-C (SIGINT; 143 for SIGTERM): requests are cancelled on the daemon, nothing is written"),
 )
 
@@ -30,6 +35,7 @@ EXIT_TABLE = (
 REFUSALS = {
     protocol.BAD_FRAME, protocol.FRAME_TOO_LARGE, protocol.UNSUPPORTED_VERSION, protocol.UNKNOWN_OP,
     protocol.BAD_REQUEST, protocol.BAD_IMAGE, protocol.IMAGE_TOO_LARGE, protocol.UNKNOWN_TARGET,
+    protocol.REQUEST_TOO_LARGE,
 }  # fmt: skip
 
 
@@ -41,6 +47,31 @@ class ClientError(Exception):
 
 class NoDaemon(ClientError):
     exit_status = EXIT_NO_DAEMON
+
+
+class UntrustedSocket(ClientError):
+    """The socket may be someone else's impersonating igd: its /tmp directory is not the
+    user's own, or the server's kernel-recorded uid is not trusted. Nothing was sent."""
+
+    exit_status = EXIT_UNTRUSTED
+
+
+# The system service's user (systemd/igd.sysusers, User= in igd.service).
+SERVICE_USER = "igd"
+
+
+def trusted_server_uids() -> set[int]:
+    """The uids whose igd this client talks to: its own (its igd, or its own ssh -L
+    forwarding), root (systemd creates socket-activated sockets, the listening side, so
+    they report uid 0; root can read everything anyway) and igd's service user, which
+    only root can create and become. Nobody else's: a server run by another user could
+    read the images and options and return any result."""
+    uids = {os.getuid(), os.geteuid(), 0}
+    try:
+        uids.add(pwd.getpwnam(SERVICE_USER).pw_uid)
+    except KeyError:
+        pass
+    return uids
 
 
 class ConnectionLost(ClientError):
@@ -69,6 +100,11 @@ class Client:
     def __init__(self, path: Path, timeout: float | None = None) -> None:
         self.path = path
         self._next_id = 1
+        if protocol.is_fallback_socket(path):
+            try:
+                protocol.check_private_directory(path.parent, listening=False)
+            except protocol.UnsafeDirectory as error:
+                raise UntrustedSocket(f"not connecting to {path}: {error}") from None
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
         try:
@@ -85,7 +121,29 @@ class Client:
         except OSError as error:
             self._sock.close()
             raise NoDaemon(f"cannot connect to {path}: {error.strerror or error}") from None
+        self._check_server()
         self._hello: dict[str, Any] | None = None
+
+    def _check_server(self) -> None:
+        """Before the first byte is sent: the kernel's record of who listens on the other
+        side (SO_PEERCRED: pid, uid, gid) must name a trusted uid (trusted_server_uids)."""
+        try:
+            creds = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid, uid, _gid = struct.unpack("3i", creds)
+        except OSError as error:
+            self._sock.close()
+            raise UntrustedSocket(
+                f"cannot tell who serves {self.path} ({error.strerror or error}); nothing was sent") from None
+        if uid not in trusted_server_uids():
+            self._sock.close()
+            try:
+                owner = f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+            except KeyError:
+                owner = f"uid {uid}"
+            raise UntrustedSocket(
+                f"refusing the server at {self.path}: it runs as {owner} (pid {pid}), not as you, root or "
+                f"igd's service user, so it could be impersonating igd; nothing was sent"
+            )
 
     def _connect(self, timeout: float | None) -> None:
         """Connect; while igd's listen backlog is full (it is busy accepting), retry for up

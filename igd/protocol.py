@@ -9,7 +9,9 @@ A frame is an 8-byte header -- magic ``b"IG"``, version (u8), kind (u8), body le
 from __future__ import annotations
 
 import os
+import pwd
 import socket
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,9 +43,10 @@ TIMEOUT = "timeout"
 SHUTTING_DOWN = "shutting_down"
 INTERNAL = "internal"
 FORBIDDEN = "forbidden"
+REQUEST_TOO_LARGE = "request_too_large"  # more memory than the daemon's budget could ever give it
 ERROR_CODES = (
     BAD_FRAME, FRAME_TOO_LARGE, UNSUPPORTED_VERSION, UNKNOWN_OP, BAD_REQUEST, BAD_IMAGE,
-    IMAGE_TOO_LARGE, UNKNOWN_TARGET, OVERLOADED, TIMEOUT, SHUTTING_DOWN, INTERNAL, FORBIDDEN,
+    IMAGE_TOO_LARGE, UNKNOWN_TARGET, OVERLOADED, TIMEOUT, SHUTTING_DOWN, INTERNAL, FORBIDDEN, REQUEST_TOO_LARGE,
 )  # fmt: skip
 
 OPS = ("hello", "status", "classify", "attribute")
@@ -51,14 +54,88 @@ OPS = ("hello", "status", "classify", "attribute")
 
 def default_socket_path() -> Path:
     """``$IGD_SOCKET``, else /run/igd/igd.sock for root (the system service), else
-    ``$XDG_RUNTIME_DIR/igd.sock`` (``/tmp/igd-UID/igd.sock`` without one)."""
+    ``$XDG_RUNTIME_DIR/igd.sock`` (``/tmp/igd-UID/igd.sock`` without one: see
+    :func:`check_private_directory`)."""
     configured = os.environ.get("IGD_SOCKET")
     if configured:
         return Path(configured)
     if os.geteuid() == 0:
         return Path("/run/igd/igd.sock")
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/igd-{os.getuid()}"
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or fallback_runtime_directory()
     return Path(runtime) / "igd.sock"
+
+
+def fallback_runtime_directory() -> Path:
+    """``/tmp/igd-UID``: the user's private directory for igd's socket where there is no
+    ``$XDG_RUNTIME_DIR``. Anyone can create it first in /tmp, so igd and igctl use it
+    only after :func:`check_private_directory`."""
+    return Path(f"/tmp/igd-{os.getuid()}")
+
+
+def is_fallback_socket(path: Path) -> bool:
+    """Whether ``path`` lies in :func:`fallback_runtime_directory` (default or not)."""
+    return Path(os.path.abspath(path)).parent == fallback_runtime_directory()
+
+
+class UnsafeDirectory(Exception):
+    """The socket's private directory is not safely ours; the message (one line) says
+    why and what to do."""
+
+
+def check_private_directory(directory: Path, listening: bool = True) -> None:
+    """Refuse (UnsafeDirectory) a private socket directory in a shared place (the /tmp
+    fallback) that another user could have made or could change, since whoever controls
+    it can put their own socket there and impersonate igd: it must be a directory, not a
+    symbolic link, owned by this user, mode 0700 (nothing for group or others), in a
+    parent that others cannot rename it out of (sticky like /tmp, or not writable by
+    them). A missing directory is not an error here (connecting then finds no daemon).
+
+    ``listening=False`` (igctl, connecting) accepts group/other read and search bits, as
+    in the 0755 directory an older igd made: only write access would let someone else
+    put a socket there, and igd serve makes the directory 0700 when it starts.
+    """
+    advice = "set XDG_RUNTIME_DIR, or --socket / IGD_SOCKET, to a directory of your own"
+    try:
+        info = directory.lstat()
+    except FileNotFoundError:
+        return
+    uid = os.geteuid()
+    if info.st_uid != uid:
+        raise UnsafeDirectory(
+            f"{directory} belongs to {_user_name(info.st_uid)}, not to you, so its owner could impersonate igd: "
+            f"refusing to use it; {advice}, or ask root to remove {directory}"
+        )
+    if stat.S_ISLNK(info.st_mode):
+        raise UnsafeDirectory(f"{directory} is a symbolic link, not igd's private directory: refusing to use it; "
+                              f"remove it (rm {directory}), or {advice}")
+    if not stat.S_ISDIR(info.st_mode):
+        raise UnsafeDirectory(f"{directory} is not a directory: refusing to use it; remove it, or {advice}")
+    if info.st_mode & (0o077 if listening else stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafeDirectory(
+            f"{directory} has mode {stat.S_IMODE(info.st_mode):04o}; igd's private directory must be 0700 so "
+            f"that nobody else can put a socket there: chmod 700 {directory}, or {advice}"
+        )
+    parent = directory.parent.stat()
+    if parent.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not parent.st_mode & stat.S_ISVTX:
+        raise UnsafeDirectory(f"{directory.parent} is writable by others and not sticky, so {directory} could be "
+                              f"swapped for another: refusing to use it; {advice}")
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` for an error message, cut to about ``limit`` characters: a client's
+    megabyte of text is not echoed back to it (nor into the log)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f" ({len(value):,} characters)" if isinstance(value, str) else ""
+    return f"{text[:limit]}...{size}"
 
 
 @dataclass

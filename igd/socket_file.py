@@ -5,6 +5,9 @@ A stale socket file (nobody accepting, left by a crash) is replaced; a live one 
 igd serving) or a path that is not a socket is an error rather than something to delete.
 The directory must belong to igd's user or root and not be writable by others (sticky
 directories such as /tmp aside), so that nobody else can swap the socket for their own.
+The /tmp fallback (``/tmp/igd-UID``, without XDG_RUNTIME_DIR) must moreover be igd's
+user's own, mode 0700 and not a link: anyone could have created it first (a squatter
+who would receive the requests of the user's igctl); igd creates it so when missing.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from igd.logs import log
+from igd.protocol import UnsafeDirectory, check_private_directory, is_fallback_socket
 
 LISTEN_BACKLOG = 128
 
@@ -48,6 +52,8 @@ def bind_socket(path: Path) -> tuple[socket.socket, OwnedPath]:
     """
     if len(os.fsencode(path)) > 107:
         raise SocketUnusable(f"socket path {path} is {len(os.fsencode(path))} bytes; AF_UNIX allows 107")
+    if is_fallback_socket(path):
+        _make_private_directory(path.parent)  # before looking inside: it may be someone else's
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:
@@ -73,6 +79,26 @@ def bind_socket(path: Path) -> tuple[socket.socket, OwnedPath]:
         os.umask(old_umask)
     sock.listen(LISTEN_BACKLOG)
     return sock, OwnedPath(path, path.lstat().st_ino)
+
+
+def _make_private_directory(directory: Path) -> None:
+    """The /tmp fallback directory (no XDG_RUNTIME_DIR): created mode 0700 when missing,
+    else used only if it is ours, a real directory and 0700 (see
+    igd.protocol.check_private_directory), since anyone may have created it first. One
+    made 0755 by an older igd (ours, not a link, writable by nobody else) is set to 0700."""
+    try:
+        os.mkdir(directory, 0o700)
+        log("runtime_directory_created", path=str(directory))
+    except FileExistsError:
+        info = directory.lstat()
+        if (info.st_uid == os.geteuid() and stat.S_ISDIR(info.st_mode) and info.st_mode & 0o077
+                and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
+            os.chmod(directory, 0o700)
+            log("runtime_directory_made_private", path=str(directory), mode=f"{stat.S_IMODE(info.st_mode):04o}")
+    try:
+        check_private_directory(directory)  # also after mkdir: the mode, and whether it was really ours
+    except UnsafeDirectory as error:
+        raise SocketUnusable(str(error)) from None
 
 
 def _check_directory(directory: Path) -> None:
