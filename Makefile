@@ -42,6 +42,7 @@ bench: install-test
 	$(BIN)/python bench/concurrency.py --json docs/benchmarks/concurrency.json
 	$(BIN)/python bench/memory.py --json docs/benchmarks/memory.json
 	$(BIN)/python bench/max_request.py --json docs/benchmarks/max_request.json
+	$(BIN)/python bench/budget.py --json docs/benchmarks/budget.json
 	$(BIN)/python bench/accuracy.py --json docs/benchmarks/accuracy.json
 	$(BIN)/python bench/batch.py --json docs/benchmarks/batch.json
 	$(BIN)/python bench/targets.py --json docs/benchmarks/targets.json

@@ -174,6 +174,23 @@ def memory_table(data: dict) -> list[str]:
     return lines
 
 
+def budget_table(data: dict) -> list[str]:
+    budgets = data["budgets"]
+    lines = ["| request kind | alone: reserved (MiB) | alone: peak (MiB) | "
+             + " | ".join(f"4 x 4 pipelined, budget {b}: answers | peak (MiB) | / budget" for b in budgets) + " |",
+             "|---|---|---|" + "---|---|---|" * len(budgets)]
+    for name, alone in data["alone"].items():
+        cells = [name, f"{alone['ledger_peak_mib']:.0f}", f"{alone['peak_above_idle_mib']:.0f}"]
+        for budget in budgets:
+            piped = data[f"pipelined {budget}"].get(name, {})
+            mib = float(budget[:-1]) * (1024 if budget.endswith("G") else 1)
+            cells += [", ".join(f"{n} {c}" for c, n in piped.get("codes", {}).items()),
+                      f"{piped.get('peak_above_idle_mib', 0):.0f}",
+                      f"{piped.get('peak_above_idle_mib', 0) / mib:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def batch_table(data: dict) -> list[str]:
     lines = ["| backend | seconds (model loading included) | images/s |", "|---|---|---|"]
     return lines + [f"| {r['backend']} | {r['seconds']:.1f} | {r['images_per_s']:.2f} |" for r in data["rows"]]
@@ -280,6 +297,14 @@ def main() -> None:
         ("Memory (`bench/memory.py`)", load("memory"), memory_table,
          "Resident memory (VmRSS, peak VmHWM) of the daemon, and of the predecessor's server re-created in "
          "bench/predecessor_server.py, on the same model."),
+        ("Memory budget (`bench/budget.py`)", load("budget"), budget_table,
+         "Does `--memory-budget` bound the daemon? `igd serve` with the default model and defaults otherwise, a fresh "
+         "daemon for each row and budget; peak resident memory (VmHWM, reset when the daemon is ready) above the "
+         "ready daemon. \"alone\": one request under a budget it fits, with what the ledger reserved for it (the "
+         "compute worker's working set, one pass of the chunk, included). Pipelined: 4 requests sent at once on "
+         "each of 4 connections; `overloaded` is the answer to what does not fit now, `request_too_large` to what "
+         "could never fit. The budget includes one pass's working set (about 190 MiB for this model at its chunk "
+         "of 2), so under 256 MiB only small requests fit."),
         ("One maximal request (`bench/max_request.py`)", load("max_request"), max_request_table,
          "Peak resident memory of `igd serve` (built-in model, CPU) above idle while it answers one attribution at "
          "the advertised maximum of 1024 steps, written by igctl to a file, against the answer's size. Before the "

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator, Sequence, Union
 
 import numpy as np
@@ -81,6 +81,13 @@ class Attribution:
         """(R, n, *F): the path points (x_k = b + a_k (x - b) on the straight line), the
         very values the model saw. Computed on each access (as large as ``directional_grads``)."""
         return self.curve.points(self.inputs, self.baselines, self.alphas)
+
+    def rows(self, start: int, stop: int) -> Attribution:
+        """Rows ``start:stop`` as an Attribution of their own: copies, so that they do not
+        keep the other rows' memory alive (a pass over several images, answered one by one)."""
+        per_row = {name: tensor[start:stop].clone() for name, tensor in vars(self).items()
+                   if isinstance(tensor, Tensor) and name not in ("alphas", "step_sizes")}
+        return replace(self, **per_row)
 
     def intermediates_of(self, row: int, alphas: slice = slice(None)) -> Tensor:
         """(n, *F): row ``row``'s path points (see :attr:`intermediates`), or those of the

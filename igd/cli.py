@@ -6,6 +6,7 @@ Torch is imported only inside the commands, so `igd --help` answers at once."""
 from __future__ import annotations
 
 import functools
+import signal
 import time
 from importlib import resources
 from pathlib import Path
@@ -276,6 +277,9 @@ def serve(
       igd serve -bp bit_model.pth --socket /tmp/igd.sock
       IGD_DEVICE=cuda:1 igd serve -lp lanet_model.pth --max-images 8
     """
+    # A hang-up during the imports and loading below would otherwise end the process
+    # (129): the daemon ignores SIGHUP from here on (igd.daemon, igd.server log it).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     import dataclasses
 
     from igd import logs

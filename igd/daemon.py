@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import signal
 import socket
 import time
@@ -17,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from igd import systemd
+from igd import pipeline, systemd
 from igd.access import AccessPolicy
 from igd.logs import log
 from igd.models import ModelError, load_model
 from igd.protocol import default_socket_path
+from igd.request import AttributeRequest
 from igd.server import Server
 from igd.service import Limits, Service
 from igd.socket_file import OwnedPath, SocketUnusable, bind_socket
@@ -109,6 +111,20 @@ async def _start(service: Service, options: ServeOptions, model_args: dict[str, 
         worker.close()
         worker.join()
         return
+    phase(f"warming up {model.name}: measuring one pass's memory")
+    working_set = await loop.run_in_executor(None, worker.working_set)
+    try:
+        service.hold_compute(working_set)
+    except ValueError as error:
+        worker.close()
+        worker.join()
+        raise StartupError(str(error)) from None
+    log("compute_working_set", bytes=working_set, max_batch=worker.max_batch)
+    default = pipeline.footprint(AttributeRequest(), model).total
+    if default > service.ledger.for_requests:
+        log("memory_budget_small", level=logging.WARNING, budget_bytes=service.ledger.limit,
+            working_set_bytes=working_set, default_request_bytes=default,
+            note="a request with default options can never fit: raise --memory-budget")
     service.serve(model, worker)
 
 

@@ -1,5 +1,8 @@
 """A heatmap of |IG| over the image the user sent, as PNG bytes: one, or one per target side by
-side. Normalisation and colours are igd.rendering's (as `igctl show` draws them)."""
+side. Normalisation and colours are igd.rendering's (as `igctl show` draws them).
+
+The photo is drawn at most MAX_SIDE pixels on its longer side (a 49 Mpx photo would
+otherwise take gigabytes per panel to draw; the attribution itself is a few hundred pixels)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,29 @@ from torch import Tensor
 
 from igd.models import Preprocessing
 from igd.rendering import DEFAULT_OUTLIER_PERC, colorize, normalize, png, side_by_side
+
+
+MAX_SIDE = 1024
+
+
+def canvas(image: Image.Image) -> Image.Image:
+    """The photo the heatmap is drawn on: ``image``, reduced to at most MAX_SIDE pixels
+    on its longer side."""
+    longer = max(image.size)
+    if longer <= MAX_SIDE:
+        return image
+    scale = MAX_SIDE / longer
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+
+
+def drawing_bytes(width: int, height: int, panels: int) -> int:
+    """The most memory drawing ``panels`` heatmaps on a photo of ``width`` x ``height``
+    takes: the photo reduced by :func:`canvas`, the copies one panel's drawing makes
+    (RGB, dimmed, RGBA, the overlay), each panel kept for the sheet, the sheet, and its PNG."""
+    scale = min(1.0, MAX_SIDE / max(width, height, 1))
+    pixels = (width * scale + 1) * (height * scale + 1)
+    return int(pixels * 4 * (8 + 3 * panels))
 
 
 def heatmap_png(integrated_grads: Tensor, image: Image.Image, preprocessing: Preprocessing) -> bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import (  # noqa: F401 - importing a plugin registers its format
@@ -64,6 +65,60 @@ class ImageTooLarge(ImageError):
         self.max_pixels = max_pixels
 
 
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header says, before any pixel is decoded."""
+
+    width: int
+    height: int
+    mode: str  # Pillow's mode of the decoded pixels, e.g. "RGB", "I;16", "P"
+    may_rotate: bool  # an EXIF orientation to apply (or one that may follow the pixels: PNG)
+    transparent: bool = False  # a palette with a transparent colour
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    def decoding_bytes(self) -> int:
+        """The most memory :func:`decode_image` holds at once for this image: the decoded
+        pixels, the rotated copy an EXIF orientation makes, and the conversion to 8-bit
+        RGB (a copy, through 32-bit integers for 16-bit samples, through RGBA with a white
+        background for transparency)."""
+        stored = _BYTES_PER_PIXEL.get(self.mode, 4)
+        if self.mode == "RGB":
+            converting = 0
+        elif self.mode in _ALPHA_MODES or self.transparent:
+            converting = 16
+        elif self.mode.startswith("I") or self.mode == "F":
+            converting = 10
+        else:
+            converting = 4
+        return self.pixels * ((2 if self.may_rotate else 1) * stored + converting)
+
+
+# Bytes per pixel of Pillow's image memory, by mode (everything else: 4).
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_ORIENTATION = 0x0112
+
+
+def probe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
+    """The header of the image in ``data`` (format, size and mode; no pixels), checked
+    against ``max_pixels``; the errors of :func:`decode_image`."""
+    if not data:
+        raise EmptyImage("the image is empty (0 bytes)")
+    image = _open(data, max_pixels)
+    try:
+        orientation = image.getexif().get(_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block: decoding will say what is wrong
+        orientation = 1
+    header = ImageHeader(image.width, image.height, image.mode, orientation != 1 or image.format == "PNG",
+                         image.mode == "P" and "transparency" in image.info)
+    if header.pixels > max_pixels:
+        raise ImageTooLarge(f"{header.width} x {header.height} = {header.pixels:,} pixels", max_pixels)
+    return header
+
+
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode ``data`` into an RGB image with EXIF orientation applied.
 
@@ -78,7 +133,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         raise ImageTooLarge(f"{width} x {height} = {width * height:,} pixels", max_pixels)
     try:
         image.load()
-        image = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # no copy when there is nothing to turn
         return _to_rgb(image)
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as error:
         raise CorruptImage(
@@ -109,11 +164,14 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16-bit samples: Pillow's own convert would clip everything above 255 to white.
-        samples = np.asarray(image, dtype=np.int64).clip(0, 65535)
-        image = Image.fromarray(((samples + 128) // 257).astype(np.uint8), mode="L")
+        samples = np.array(image, dtype=np.int32)  # a copy to work in: 4 bytes a pixel, in place
+        np.clip(samples, 0, 65535, out=samples)
+        samples += 128
+        samples //= 257
+        image = Image.fromarray(samples.astype(np.uint8), mode="L")
     elif image.mode == "F":
         image = Image.fromarray(np.asarray(image).clip(0, 255).round().astype(np.uint8), mode="L")
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+    has_alpha = image.mode in _ALPHA_MODES or (
         image.mode == "P" and "transparency" in image.info
     )
     if has_alpha:

@@ -6,7 +6,13 @@ produce (path points, gradients and the encoded file, estimated from n_steps and
 model's input size before anything runs), then the answer frame itself, which a client
 that does not read keeps in the daemon. A large frame waits for room before its body is
 read (backpressure: the client's sends block); a request whose answer does not fit is
-refused at once with ``overloaded`` and the figures. Event-loop thread only.
+refused at once with ``overloaded`` and the figures, and one that could not fit even in an
+idle daemon with ``request_too_large`` (retrying cannot help it).
+
+The compute worker's own working set -- the activations of one pass of ``max_batch``
+path points, measured at start-up -- is held for good (:meth:`Ledger.hold_compute`):
+it is memory the daemon uses for its clients' requests, one pass at a time.
+Event-loop thread only.
 """
 
 from __future__ import annotations
@@ -25,14 +31,25 @@ class Ledger:
         self.limit = limit
         self.used = 0
         self.peak = 0
+        self.compute = 0  # held for good: one pass's working set
         self._freed = asyncio.Event()
+
+    def hold_compute(self, nbytes: int) -> None:
+        """Hold ``nbytes`` for the compute worker's working set from now on."""
+        self._change(nbytes - self.compute)
+        self.compute = nbytes
+
+    @property
+    def for_requests(self) -> int:
+        """The most that requests can ever hold together: the limit less the compute share."""
+        return self.limit - self.compute
 
     def fits(self, nbytes: int) -> bool:
         return self.used + nbytes <= self.limit
 
     async def room_for(self, nbytes: int) -> Reservation:
         """A reservation of ``nbytes``, waiting until they fit (small ones never wait)."""
-        while nbytes > SMALL_FRAME and not self.fits(nbytes) and self.used > 0:
+        while nbytes > SMALL_FRAME and not self.fits(nbytes) and self.used > self.compute:  # requests hold some
             self._freed.clear()
             await self._freed.wait()
         return Reservation(self, nbytes)
@@ -44,7 +61,8 @@ class Ledger:
             self._freed.set()
 
     def facts(self) -> dict[str, int]:
-        return {"accounted_bytes": self.used, "limit_bytes": self.limit, "peak_accounted_bytes": self.peak}
+        return {"accounted_bytes": self.used, "limit_bytes": self.limit, "peak_accounted_bytes": self.peak,
+                "compute_working_set_bytes": self.compute}
 
 
 class Overbudget(Exception):
@@ -58,6 +76,18 @@ class Overbudget(Exception):
         self.needed, self.used, self.limit = needed, used, limit
 
 
+class TooLarge(Exception):
+    """A request larger than the budget could ever hold for it."""
+
+    def __init__(self, needed: int, available: int, limit: int) -> None:
+        super().__init__(
+            f"this request needs about {needed / 2**20:,.0f} MiB, more than the {available / 2**20:,.0f} MiB "
+            f"that requests may ever hold of the {limit / 2**20:,.0f} MiB memory budget (--memory-budget); "
+            "ask for fewer steps, targets or paths, a smaller image or no heatmap"
+        )
+        self.needed, self.available, self.limit = needed, available, limit
+
+
 class Reservation:
     """What one request holds of the budget; :meth:`release` gives it all back."""
 
@@ -67,7 +97,10 @@ class Reservation:
         self._set(nbytes)
 
     def expect(self, nbytes: int) -> None:
-        """Add room for an answer of ``nbytes`` now, or Overbudget."""
+        """Add room for an answer of ``nbytes`` now; TooLarge if it could never fit beside
+        what this request already holds, Overbudget if it does not fit now."""
+        if self.held + nbytes > self.ledger.for_requests:
+            raise TooLarge(self.held + nbytes, self.ledger.for_requests, self.ledger.limit)
         if not self.ledger.fits(nbytes):
             raise Overbudget(nbytes, self.ledger.used, self.ledger.limit)
         self._set(self.held + nbytes)

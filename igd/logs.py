@@ -29,10 +29,16 @@ class KeyValueFormatter(logging.Formatter):
         return line
 
 
+# A field longer than this is cut: a client's megabyte of text (an op, a target) stays out of the log.
+MAX_FIELD = 256
+
+
 def _value(value: Any) -> str:
     if isinstance(value, float):
         value = _plain(value)
     text = str(value)
+    if len(text) > MAX_FIELD:
+        text = f"{text[:MAX_FIELD]}... ({len(text):,} characters)"
     if not text or any(c in text for c in ' "=\n\t'):
         escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
         return f'"{escaped}"'

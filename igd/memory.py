@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from typing import Callable
 
 import torch
 
@@ -29,6 +30,29 @@ def memory_budget(device: torch.device) -> int:
         free, _total = torch.cuda.mem_get_info(device)
         return int(free * CUDA_MEMORY_SHARE)
     return int(available_ram() * CPU_MEMORY_SHARE)
+
+
+def resident_growth(run: Callable[[], object]) -> int | None:
+    """How far ``run()`` raised this process's peak resident memory above where it stood
+    (freed heap handed back first), in bytes; None where the peak cannot be reset (Linux's
+    /proc/self/clear_refs). Other threads' allocations meanwhile count too."""
+    release_free_memory()
+    try:
+        before = _status_bytes("VmRSS")
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
+            clear.write("5")  # VmHWM := VmRSS
+    except OSError:
+        return None
+    run()
+    return max(_status_bytes("VmHWM") - before, 0)
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no {field} in /proc/self/status")
 
 
 def release_free_memory() -> None:

@@ -12,11 +12,12 @@ self-test) and turn failures into wire errors or status rows.
 
 from __future__ import annotations
 
-import math
+import contextlib
 import datetime
+import math
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any, BinaryIO, Union
+from typing import Any, BinaryIO, Iterator, Union
 
 from PIL import Image
 import torch
@@ -26,8 +27,10 @@ from igd import faithfulness
 from igd.accuracy import completeness_gap
 from igd.baselines import Paths, make_paths
 from igd.faithfulness import Curves
-from igd.heatmap import heatmap_grid_png
-from igd.imaging import ImageError, ImageTooLarge, decode_image
+from igd.heatmap import canvas as heatmap_canvas
+from igd.heatmap import drawing_bytes, heatmap_grid_png
+from igd.imaging import ImageError, ImageHeader, ImageTooLarge, decode_image
+from igd.imaging import probe as probe_image
 from igd.models import LoadedModel, UnknownClass
 from igd.provenance import ComputeFacts, now, provenance
 from igd.protocol import BAD_IMAGE, BAD_REQUEST, IMAGE_TOO_LARGE, INTERNAL, OVERLOADED, SHUTTING_DOWN, UNKNOWN_TARGET
@@ -47,8 +50,21 @@ from igd.worker import (
 
 def decode(data: bytes, max_pixels: int) -> Image.Image:
     """The RGB image in ``data``; ``bad_image`` or ``image_too_large`` otherwise."""
-    try:
+    with _image_errors(max_pixels):
         return decode_image(data, max_pixels=max_pixels)
+
+
+def probe(data: bytes, max_pixels: int) -> ImageHeader:
+    """The header of the image in ``data`` (size and mode, no pixels decoded): what
+    decoding it will cost; the errors of :func:`decode`."""
+    with _image_errors(max_pixels):
+        return probe_image(data, max_pixels=max_pixels)
+
+
+@contextlib.contextmanager
+def _image_errors(max_pixels: int) -> Iterator[None]:
+    try:
+        yield
     except ImageTooLarge as error:
         raise RequestFailed(IMAGE_TOO_LARGE, str(error), {"max_pixels": max_pixels}) from None
     except ImageError as error:
@@ -85,7 +101,8 @@ def resolve_targets(model: LoadedModel, target: Any, top_k: int | None = None) -
 @dataclass(frozen=True)
 class Prepared:
     """An image ready for the engine: its paths in the model's input space (igd.baselines),
-    and the image itself only if a heatmap will be drawn on it."""
+    and, only if a heatmap will be drawn, the photo to draw it on (igd.heatmap.canvas: at
+    most MAX_SIDE pixels on its longer side)."""
 
     paths: Paths
     image: Image.Image | None
@@ -102,24 +119,64 @@ class Prepared:
 
 
 def prepare(image: Image.Image, request: AttributeRequest, model: LoadedModel) -> Prepared:
-    return Prepared(make_paths(image, model.preprocessing, request), image if request.heatmap else None)
+    return Prepared(make_paths(image, model.preprocessing, request), heatmap_canvas(image) if request.heatmap else None)
 
 
-def footprint(request: AttributeRequest, model: LoadedModel, targets: int = 1) -> int:
-    """Bytes one attribution may hold at its largest, known before it runs: for each path,
-    its points and the per-step gradients of each target (n_steps x C x H x W float32 each),
-    with several paths the result's copy of those gradients, on Blur IG's path its
-    derivative, the few per-path tensors, and the encoded file, which is no larger than what
-    it encodes."""
+@dataclass(frozen=True)
+class Footprint:
+    """The most memory one request holds at once, known before anything runs, by part
+    (bytes): decoding its image, the attribution (path points, per-step gradients, the
+    result's copies and its encoded file), the faithfulness images, IDGI and the heatmap.
+    The parts are added: a bound, not a forecast."""
+
+    image: int = 0
+    attribution: int = 0
+    metrics: int = 0
+    idgi: int = 0
+    heatmap: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.image + self.attribution + self.metrics + self.idgi + self.heatmap
+
+    def parts(self) -> dict[str, int]:
+        """The non-zero parts, for error details and logs."""
+        return {name: value for name, value in vars(self).items() if value}
+
+    def describe(self) -> str:
+        """E.g. "attribution 120 MiB, heatmap 30 MiB"."""
+        return ", ".join(f"{name} {value / 2**20:,.0f} MiB" for name, value in self.parts().items())
+
+
+def footprint(request: AttributeRequest, model: LoadedModel, targets: int = 1,
+              image: ImageHeader | None = None) -> Footprint:
+    """What one attribution of ``targets`` targets on an image with header ``image`` may
+    hold at its largest (igd.ledger reserves it before anything is decoded).
+
+    The attribution: for each path its points and the per-step gradients of each target
+    (n_steps x C x H x W float32 each), with several paths the result's copy of those
+    gradients, on Blur IG's path its derivative, each (path, target) row's IG and its copies
+    of the path's start and end, the few per-path tensors, and the encoded file, which is no
+    larger than what it encodes (x2). The faithfulness images of one
+    target at a time (and the worker's copy); IDGI's per-row work; the heatmap's drawing
+    (igd.heatmap.drawing_bytes)."""
     c, h, w = model.input_shape
+    plane = c * h * w * 4
     paths, steps = request.paths, request.n_steps
     per_step = paths * (targets + 1) * steps  # gradients of each target and the points, per path
     if paths > 1:
         per_step += targets * paths * steps  # the result's (T, P, n, ...) copy of the gradients
     if request.path != "straight":
         per_step += paths * steps  # the path's derivative at every node
-    tensors = (per_step + 4 * paths) * c * h * w * 4
-    return 2 * (tensors + 4 * len(model.class_names) * 4 * paths)
+    rows = targets * paths  # (target, path) rows: each has its IG, and its path's start and end repeated
+    tensors = (per_step + 3 * rows + 4 * paths) * plane  # and the few per-path tensors
+    attribution = 2 * (tensors + 4 * len(model.class_names) * 4 * paths)
+    metrics = 2 * 2 * (faithfulness.STEPS + 1) * plane if request.metrics else 0
+    idgi = (2 * steps + targets * paths + targets) * plane if request.idgi else 0
+    heatmap = 0
+    if request.heatmap and image is not None:
+        heatmap = drawing_bytes(image.width, image.height, targets)
+    return Footprint(image.decoding_bytes() if image is not None else 0, attribution, metrics, idgi, heatmap)
 
 
 def job(prepared: Prepared, targets: Targets, request: AttributeRequest,
@@ -348,22 +405,24 @@ def answer(part: AttributionSlice, request: AttributeRequest, model: LoadedModel
     return Answer(part, request, model, prepared.image, prepared.paths.names, prepared.inputs, facts)
 
 
-def metric_job(answer: Answer) -> Job | None:
-    """The one forward pass of the faithfulness curves of every target (igd.faithfulness),
-    or None when the request asks for none. The fill is the first path's start."""
+def metric_jobs(answer: Answer) -> Iterator[Job]:
+    """The forward passes of the faithfulness curves (igd.faithfulness), one job per
+    target, each made only when the previous one is done with (a target's images are
+    2 (STEPS + 1) images; all targets at once would be 16 times that); none when the
+    request asks for no metrics. The fill is the first path's start."""
     if not answer.request.metrics:
-        return None
+        return
     assert answer.inputs is not None
     fill = answer.part.attribution.baselines[answer.part.row()]
-    images = [faithfulness.perturbed(answer.inputs[0], fill, ig) for ig in answer.mean_attributions()]
-    return Job("forward", torch.cat(images))
+    for ig in answer.mean_attributions():
+        yield Job("forward", faithfulness.perturbed(answer.inputs[0], fill, ig))
 
 
-def with_metrics(answer: Answer, logits: Tensor) -> Answer:
-    """``answer`` with its curves, from the logits of :func:`metric_job`'s images."""
-    per_target = 2 * (faithfulness.STEPS + 1)
-    curves = tuple(faithfulness.curves(logits[i * per_target : (i + 1) * per_target], facts.index)
-                   for i, facts in enumerate(answer.targets))
+def with_metrics(answer: Answer, logits: list[Tensor]) -> Answer:
+    """``answer`` with its curves, from the logits (2 (STEPS + 1), K) of each of
+    :func:`metric_jobs`' jobs."""
+    curves = tuple(faithfulness.curves(target_logits, facts.index)
+                   for target_logits, facts in zip(logits, answer.targets, strict=True))
     return replace(answer, curves=curves)
 
 
@@ -374,6 +433,6 @@ def worker_failure(error: WorkerError) -> RequestFailed:
     if isinstance(error, WorkerClosed):
         return RequestFailed(SHUTTING_DOWN, str(error))
     if isinstance(error, PassCancelled):  # while someone still waits for it: igd is stopping
-        return RequestFailed(SHUTTING_DOWN, f"the daemon stopped before this request finished ({error})")
+        return RequestFailed(SHUTTING_DOWN, f"the daemon is shutting down: {error}")
     reason = error.reason if isinstance(error, ComputeFailed) else type(error).__name__
     return RequestFailed(INTERNAL, str(error), {"error": reason})

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from igd.protocol import BAD_REQUEST
+from igd.protocol import BAD_REQUEST, shown
 
 METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 BASELINES = ("zero", "black", "white", "blur", "uniform")
@@ -60,7 +60,7 @@ class Option:
         if isinstance(value, bool) != (self.kind is bool) or not isinstance(value, _ACCEPTED[self.kind]):
             raise RequestError(self, f"must be {_KIND_NAMES[self.kind]}, got {type(value).__name__}")
         if self.choices and value not in self.choices:
-            raise RequestError(self, f"must be one of {', '.join(self.choices)}, got {value!r}", choices=self.choices)
+            raise RequestError(self, f"must be one of {', '.join(self.choices)}, got {shown(value)}", choices=self.choices)
         if self.kind is float:
             if not math.isfinite(value):
                 raise RequestError(self, f"must be a finite number, got {value}")
@@ -255,7 +255,7 @@ def _names(option: Option, value: Any, default: tuple[str, ...]) -> tuple[str, .
     elif isinstance(value, (list, tuple)) and value and all(isinstance(name, str) for name in value):
         names = list(value)
     else:
-        raise RequestError(option, f"must be a name, comma-separated names or a list of names, got {value!r}")
+        raise RequestError(option, f"must be a name, comma-separated names or a list of names, got {shown(value)}")
     for name in names:
         option.check(name)
     if len(set(names)) != len(names):

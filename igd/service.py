@@ -25,9 +25,19 @@ from typing import Any, Callable, Protocol, TypeVar
 import torch
 
 from igd import __version__, pipeline
-from igd.ledger import Ledger, Overbudget, Reservation
+from igd.ledger import Ledger, Overbudget, Reservation, TooLarge
 from igd.models import LoadedModel
-from igd.protocol import BAD_REQUEST, DEFAULT_MAX_FRAME_BYTES, OPS, OVERLOADED, UNKNOWN_OP, VERSION, Blob
+from igd.protocol import (
+    BAD_REQUEST,
+    DEFAULT_MAX_FRAME_BYTES,
+    OPS,
+    OVERLOADED,
+    REQUEST_TOO_LARGE,
+    UNKNOWN_OP,
+    VERSION,
+    Blob,
+    shown,
+)
 from igd.request import (
     BASELINES,
     DEFAULT_MAX_PIXELS,
@@ -126,6 +136,16 @@ class Service:
         """Start-up's progress, e.g. "warming up: measuring chunk size 8" (any thread)."""
         self.phase, self.phase_started = phase, time.monotonic()
 
+    def hold_compute(self, working_set: int) -> None:
+        """Hold the compute worker's working set (bytes) in the memory budget for good;
+        ValueError if that leaves requests nothing."""
+        if working_set >= self.ledger.limit:
+            raise ValueError(
+                f"one pass of this model takes about {working_set / 2**20:,.0f} MiB, more than the "
+                f"{self.ledger.limit / 2**20:,.0f} MiB memory budget (--memory-budget): raise the budget, "
+                "or pass fewer path points at a time (--max-batch)")
+        self.ledger.hold_compute(working_set)
+
     def serve(self, model: LoadedModel, worker: Worker) -> None:
         """Start-up is done: compute requests (waiting ones too) go to ``worker``."""
         self.model, self.worker = model, worker
@@ -148,7 +168,7 @@ class Service:
             "attribute": self.attribute,
         }.get(op)
         if handler is None:
-            raise RequestFailed(UNKNOWN_OP, f"unknown op {op!r}; this server knows {', '.join(OPS)}", {"ops": list(OPS)})
+            raise RequestFailed(UNKNOWN_OP, f"unknown op {shown(op)}; this server knows {', '.join(OPS)}", {"ops": list(OPS)})
         if op in ("hello", "status"):
             return await handler(args, notes)
         # Admission: every compute request holds its image (up to a frame) from arrival to
@@ -233,6 +253,8 @@ class Service:
         top = _checked(TOP, args)
         emit = _progress(args, events)
         model, _worker = await self._until_ready(emit)
+        header = await self.in_pool(pipeline.probe, data, self.limits.max_pixels)
+        self._reserve(reservation, pipeline.Footprint(image=header.decoding_bytes()))
         inputs = await self._decoded(data, notes, model.preprocessing)
         del data
         logits = await self._compute(Job("classify", inputs), notes)
@@ -255,20 +277,19 @@ class Service:
         stream = events is not None and _checked(STREAM, args)
         model, worker = await self._until_ready(emit)
         target = pipeline.resolve_targets(model, args.get("target"), request.top_k)
-        try:
-            reservation.expect(pipeline.footprint(request, model, target_count(target, request.top_k)))
-        except Overbudget as error:
-            raise RequestFailed(OVERLOADED, str(error), {"needed_bytes": error.needed, "accounted_bytes": error.used,
-                                                        "memory_budget_bytes": error.limit}) from None
+        header = await self.in_pool(pipeline.probe, data, self.limits.max_pixels)
+        self._reserve(reservation, pipeline.footprint(request, model, target_count(target, request.top_k), header))
         notes.update(target=target, **request.log_fields())
         prepared = await self._decoded(data, notes, lambda image: pipeline.prepare(image, request, model))
         del data
         listener = None if emit is None else _EventRelay(asyncio.get_running_loop(), emit)
         part = await self._compute(pipeline.job(prepared, target, request, listener), notes)
         answer = pipeline.answer(part, request, model, prepared, worker.compute_facts, created)
-        metrics = pipeline.metric_job(answer)
-        if metrics is not None:
-            answer = pipeline.with_metrics(answer, await self._compute(metrics, {}))
+        if request.metrics:  # each target's images are made in the pool, the next once its pass is done
+            jobs, logits = pipeline.metric_jobs(answer), []
+            while (metric_job := await self.in_pool(next, jobs, None)) is not None:
+                logits.append(await self._compute(metric_job, {}))
+            answer = await self.in_pool(pipeline.with_metrics, answer, logits)  # each target's facts: not on the loop
         del part, prepared
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
@@ -299,6 +320,19 @@ class Service:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _reserve(self, reservation: Reservation, needed: pipeline.Footprint) -> None:
+        """Add ``needed`` to the request's share of the memory budget, or refuse it:
+        ``request_too_large`` if it could never fit, ``overloaded`` if it does not fit now."""
+        details = {"needed_bytes": needed.total, "needed_by_part": needed.parts(),
+                   "memory_budget_bytes": self.ledger.limit}
+        try:
+            reservation.expect(needed.total)
+        except TooLarge as error:
+            raise RequestFailed(REQUEST_TOO_LARGE, f"{error} ({needed.describe()})",
+                                {**details, "available_bytes": error.available}) from None
+        except Overbudget as error:
+            raise RequestFailed(OVERLOADED, str(error), {**details, "accounted_bytes": error.used}) from None
 
     async def _until_ready(self, emit: Emit | None) -> tuple[LoadedModel, Worker]:
         if not self._ready.is_set():

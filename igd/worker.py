@@ -28,9 +28,9 @@ from igd.paths import STRAIGHT, Curve
 from igd.provenance import ComputeFacts
 from igd.request import target_count
 from igd.logs import log
-from igd.memory import memory_budget, release_free_memory
+from igd.memory import memory_budget, release_free_memory, resident_growth
 from igd.models import LoadedModel
-from igd.tuning import WarmUp, warm_up
+from igd.tuning import WarmUp, saved_bytes_per_point, warm_up
 
 
 T = TypeVar("T")
@@ -231,6 +231,19 @@ class Worker:
     def start(self) -> None:
         self._thread.start()
 
+    def working_set(self) -> int:
+        """The host memory one pass of ``max_batch`` path points takes (its activations,
+        saved for the backward, and gradients), measured by running one; 0 on a GPU, where
+        they live in device memory. Call before serving: other work would count too."""
+        if self.model.device.type != "cpu":
+            return 0
+        sample = torch.zeros(1, *self.model.input_shape)
+        job = Job("attribute", sample, torch.zeros_like(sample), 0, max(self.max_batch, 2), "gausslegendre")
+        grown = resident_growth(lambda: self.submit(job).result())
+        if grown is None:  # no /proc to measure with: autograd's saved tensors, and as much again
+            grown = 2 * self.max_batch * saved_bytes_per_point(self.model.module, sample)
+        return grown
+
     def submit(self, job: Job) -> concurrent.futures.Future[Any]:
         with self._cond:
             if self._closed:
@@ -412,7 +425,7 @@ class Worker:
 
     def _compute(self, jobs: list[Job]) -> list[Any]:
         device = self.model.device
-        inputs = torch.cat([job.inputs for job in jobs]).to(device)
+        inputs = (jobs[0].inputs if len(jobs) == 1 else torch.cat([job.inputs for job in jobs])).to(device)
         if jobs[0].op in ("classify", "forward"):
             logits = self._logits(inputs)
             if jobs[0].op == "classify":
@@ -440,11 +453,15 @@ class Worker:
             curve=jobs[0].curve,
         ), len(jobs))
         cpu = _to_cpu(result)
+        del result
         parts, row = [], 0
         for job, logits in zip(jobs, job_logits):
             keep = logits if job.clean is not None else None
-            parts.append(_finite(AttributionSlice(cpu, row, chunk, len(job.inputs), job.width, keep)))
-            row += len(job.inputs) * job.width
+            rows = len(job.inputs) * job.width
+            # In a shared pass each job gets its rows of its own, freed when its request is answered.
+            own = cpu if len(jobs) == 1 else cpu.rows(row, row + rows)
+            parts.append(_finite(AttributionSlice(own, 0, chunk, len(job.inputs), job.width, keep)))
+            row += rows
         return parts
 
     def _image_logits(self, jobs: list[Job]) -> list[Tensor | None]:
@@ -520,7 +537,7 @@ def _watch(jobs: list[Job]) -> Callable[[int, int], None]:
 
     def on_chunk(done: int, total: int) -> None:
         if all(job.cancelled for job in jobs):
-            raise PassCancelled(f"cancelled by its clients after {done} of {total} path points")
+            raise PassCancelled(f"the pass was cancelled after {done} of {total} path points")
         for job in jobs:
             job.report(done / total)
 

@@ -18,8 +18,10 @@ import time
 from pathlib import Path
 
 import msgpack
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from daemon import IGCTL, SLOW_MODEL_OPTIONS, Igd, short_tempdir, steps_lasting
 from reference import assert_same_result
@@ -34,6 +36,12 @@ SLACK_MIB = 96
 def rss(pid: int) -> int:
     with open(f"/proc/{pid}/status", encoding="ascii") as status:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+def held_by_requests(igd: Igd) -> int:
+    """What requests hold of the memory budget now (the ledger less the compute worker's share)."""
+    memory = json.loads(igd.igctl("status", "--json").stdout)["memory"]
+    return memory["accounted_bytes"] - memory["compute_working_set_bytes"]
 
 
 def hello_frame(request_id: int) -> bytes:
@@ -83,8 +91,11 @@ def test_pipelined_hellos_that_are_never_read_stay_within_the_budget(fixtures: P
 
 
 def test_clients_that_never_read_large_answers_cannot_pass_the_budget(fixtures: Path, chelsea_png: bytes) -> None:
-    # bit-tiny at 1024 steps: each answer is about 25 MB raw, so a 64 MiB budget holds one.
-    with Igd("-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "16", "--memory-budget", f"{BUDGET_MIB}M",
+    # bit-tiny at 1024 steps: each answer is about 25 MB raw (51 MiB reserved with its path points), and a
+    # pass of 16 points holds about 25 MiB for good, so a 90 MiB budget holds one request in the making
+    # (25 + 51), but not a second beside an answer nobody reads (25 + 25 + 51): margins of 12 MiB either way.
+    budget_mib = 90
+    with Igd("-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "16", "--memory-budget", f"{budget_mib}M",
              "--idle-timeout", "60") as igd:
         idle = rss(igd.process.pid)
         hogs = [WireClient(str(igd.socket), timeout=300) for _ in range(3)]
@@ -93,23 +104,100 @@ def test_clients_that_never_read_large_answers_cannot_pass_the_budget(fixtures: 
                 hog.request("attribute", {"image": chelsea_png, "n_steps": 1024, "gzip_level": 0})
         time.sleep(3.0)
         grown = rss(igd.process.pid) - idle
-        assert grown < (BUDGET_MIB + SLACK_MIB) * 2**20, f"RSS grew by {grown / 2**20:.0f} MiB"
+        assert grown < (budget_mib + SLACK_MIB) * 2**20, f"RSS grew by {grown / 2**20:.0f} MiB"
         with WireClient(str(igd.socket), timeout=60) as client:
             started = time.monotonic()
             refused = client.call("attribute", {"image": chelsea_png, "n_steps": 1024})
             assert time.monotonic() - started < 5  # at once, not after the hogs
             assert refused["error"]["code"] == "overloaded"
-            assert refused["error"]["details"]["memory_budget_bytes"] == BUDGET_MIB * 2**20
+            assert refused["error"]["details"]["memory_budget_bytes"] == budget_mib * 2**20
             assert "memory budget" in refused["error"]["message"]
             assert client.call("hello")["ok"]  # small requests still get through
         for hog in hogs:
             hog.close()
         deadline = time.monotonic() + 60
-        while json.loads(igd.igctl("status", "--json").stdout)["memory"]["accounted_bytes"] > 2**20:  # status's own
+        while held_by_requests(igd) > 2**20:  # status's own
             assert time.monotonic() < deadline
             time.sleep(0.2)
         with WireClient(str(igd.socket), timeout=300) as client:  # the budget is free again
             assert client.call("attribute", {"image": chelsea_png, "n_steps": 1024})["ok"]
+
+
+def smooth_jpeg(width: int, height: int) -> bytes:
+    """A photo-like JPEG of ``width`` x ``height`` (gradients: a few hundred KB at most)."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    pixels = np.stack([x * 255 / width, y * 255 / height, (x / width + y / height) * 127], axis=2).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", quality=80)
+    return out.getvalue()
+
+
+def peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+
+
+def test_every_kind_of_request_stays_within_the_budget(fixtures: Path, chelsea_png: bytes, tmp_path: Path) -> None:
+    """The kinds of request that used to escape the budget (faithfulness images, IDGI, decoding, heatmaps),
+    4 pipelined on each of 4 connections: the daemon's peak resident memory stays within the budget plus
+    25 %; what could never fit is refused at once with request_too_large."""
+    budget_mib = 256
+    kinds = {
+        "1024 steps, 2 targets, metrics, IDGI": {"image": chelsea_png, "n_steps": 1024, "top_k": 2, "idgi": True,
+                                                 "metrics": ["insertion", "deletion"], "gzip_level": 0},
+        "9 Mpx image": {"image": smooth_jpeg(3000, 3000), "n_steps": 8},
+        "3 Mpx image, 3 heatmap panels": {"image": smooth_jpeg(2000, 1500), "n_steps": 8, "top_k": 3,
+                                          "heatmap": True},
+        # decoding 187 MiB and drawing 80 MiB: more than the budget leaves beside one pass (about 25 MiB)
+        "49 Mpx image, 4 heatmap panels": {"image": smooth_jpeg(7000, 7000), "n_steps": 1, "top_k": 4,
+                                           "heatmap": True},
+    }
+    names = list(kinds)
+    with Igd("-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "16", "--memory-budget", f"{budget_mib}M") as igd:
+        pid = igd.process.pid
+        idle = rss(pid)
+        with open(f"/proc/{pid}/clear_refs", "w", encoding="ascii") as clear:
+            clear.write("5")  # the peak from here on, not start-up's
+        answers: dict[str, list[dict]] = {name: [] for name in names}
+        overloaded = dict.fromkeys(names, 0)
+
+        def connection(first: int) -> None:
+            with WireClient(str(igd.socket), timeout=600) as client:
+                sent = {client.request("attribute", kinds[names[(first + i) % len(names)]]):
+                        names[(first + i) % len(names)] for i in range(len(names))}
+                while sent:  # answered as they are done, not in order; what does not fit now is asked again
+                    answer = client.receive()
+                    name = sent.pop(answer["id"])
+                    if not answer["ok"] and answer["error"]["code"] == "overloaded":
+                        overloaded[name] += 1
+                        time.sleep(0.2)
+                        sent[client.request("attribute", kinds[name])] = name
+                    else:
+                        answers[name].append(answer)
+
+        threads = [threading.Thread(target=connection, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(600)
+        grown = peak_rss(pid) - idle
+        codes = {name: sorted(a["error"]["code"] if not a["ok"] else "ok" for a in answers[name]) for name in names}
+        assert grown <= budget_mib * 1.25 * 2**20, f"peak RSS {grown / 2**20:.0f} MiB above idle; {codes}"
+        never = "49 Mpx image, 4 heatmap panels"
+        assert codes[never] == ["request_too_large"] * 4, codes
+        refused = answers[never][0]["error"]
+        assert "memory budget" in refused["message"] and "image" in refused["details"]["needed_by_part"]
+        assert refused["details"]["needed_bytes"] > refused["details"]["available_bytes"]
+        for name in names[:3]:
+            assert codes[name] == ["ok"] * 4, codes
+        assert sum(overloaded.values()) > 0, "the budget never made a request wait: the test tests nothing"
+
+        huge = tmp_path / "huge.jpg"
+        huge.write_bytes(kinds[never]["image"])
+        refused_by_igctl = igd.igctl("attribute", str(huge), "--steps", "1", "--top-k", "4", "--heatmap",
+                                     str(tmp_path / "out.png"), "-o", str(tmp_path / "out.gzip"))
+        assert refused_by_igctl.returncode == 1, refused_by_igctl.stderr
+        assert b"request_too_large" in refused_by_igctl.stderr and b"Traceback" not in refused_by_igctl.stderr
 
 
 def test_sigterm_during_a_long_pass_exits_0(slow_model: Path, chelsea_png: bytes) -> None:
@@ -129,6 +217,8 @@ def test_sigterm_during_a_long_pass_exits_0(slow_model: Path, chelsea_png: bytes
             assert igd.process.wait(60) == 0
             assert time.monotonic() - started < 1 + 5  # the drain, one chunk, and leaving
         assert response["error"]["code"] == "shutting_down"
+        message = response["error"]["message"]  # the daemon cancelled it, not its client
+        assert message.startswith("the daemon is shutting down: the pass was cancelled after ") and "client" not in message
         assert not igd.socket.exists()
         log = igd.log()
         assert "the pass in progress stops at its next chunk" in log and "event=pass_cancelled" in log
@@ -151,6 +241,47 @@ def test_sighup_is_logged_and_ignored(fixtures: Path, chelsea_png: bytes) -> Non
     finally:
         igd.stop()
         igd.cleanup()
+
+
+def ignores(pid: int, signum: int) -> bool:
+    """Whether the process ignores ``signum`` (its SigIgn mask in /proc)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        mask = next(int(line.split()[1], 16) for line in status if line.startswith("SigIgn:"))
+    return bool(mask >> (signum - 1) & 1)
+
+
+def test_sighup_during_start_up_is_ignored(fixtures: Path, chelsea_png: bytes) -> None:
+    # Before the fix, a hang-up while igd imported torch (its first seconds) ended it with 129.
+    igd = Igd("-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "16", wait_ready=False)
+    try:
+        deadline = time.monotonic() + 60
+        while not ignores(igd.process.pid, signal.SIGHUP):
+            assert igd.process.poll() is None and time.monotonic() < deadline, igd.log()
+            time.sleep(0.005)
+        igd.process.send_signal(signal.SIGHUP)
+        assert "event=model_loaded" not in igd.log()  # the hang-up came during start-up
+        igd.notify.wait_for("READY=1", 180, igd.process)
+        assert timed_attribute(igd, chelsea_png) > 0
+        assert igd.stop() == 0
+    finally:
+        igd.stop()
+        igd.cleanup()
+
+
+def test_a_huge_target_or_option_is_not_echoed_back(fixtures: Path, chelsea_png: bytes) -> None:
+    megabyte = "x" * 2**20
+    with Igd("-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "16") as igd:
+        with WireClient(str(igd.socket), timeout=60) as client:
+            for args, code in (({"target": megabyte}, "unknown_target"), ({"target": [megabyte]}, "unknown_target"),
+                               ({"method": megabyte}, "bad_request"), ({"baseline": megabyte}, "bad_request")):
+                answer = client.call("attribute", {"image": chelsea_png, "n_steps": 4, **args})
+                assert answer["error"]["code"] == code
+                assert len(answer["error"]["message"]) < 1000, answer["error"]["message"][:200]
+                assert "1,048,576 characters" in answer["error"]["message"]
+            answer = client.call(megabyte)
+            assert answer["error"]["code"] == "unknown_op" and len(answer["error"]["message"]) < 1000
+            assert client.call("hello")["ok"]
+        assert len(igd.log()) < 100_000
 
 
 def test_a_vanishing_blur_never_answers_nan(fixtures: Path, chelsea_png: bytes) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -170,3 +172,51 @@ def test_pixel_limit_is_configurable() -> None:
 def test_fixture_photo_decodes(fixtures: Path) -> None:
     image = decode_image((fixtures / "images" / "chelsea.jpg").read_bytes())
     assert image.size == (451, 300) and image.mode == "RGB"
+
+
+# In a fresh process (without torch, whose import would cost seconds): the peak resident
+# memory decoding adds, against what the header predicts.
+_DECODING_PROBE = """
+import sys
+from igd.imaging import decode_image, probe
+
+def status(field):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))
+
+data = open(sys.argv[1], "rb").read()
+header = probe(data)
+before = status("VmRSS:")
+open("/proc/self/clear_refs", "w").write("5")
+decode_image(data)
+print(header.decoding_bytes(), status("VmHWM:") - before)
+"""
+
+
+def _large(mode: str) -> Image.Image:
+    """A 2000 x 1500 image in ``mode`` with content that does not compress away."""
+    rng = np.random.default_rng(0)
+    if mode == "I;16":
+        return Image.fromarray(rng.integers(0, 65535, (1500, 2000), dtype=np.uint16))
+    rgb = Image.fromarray(rng.integers(0, 255, (1500, 2000, 3), dtype=np.uint8), "RGB")
+    return rgb.convert(mode) if mode != "P" else rgb.quantize(64)
+
+
+@pytest.mark.parametrize("mode, fmt, exif", [("RGB", "JPEG", False), ("RGB", "JPEG", True), ("L", "PNG", False),
+                                             ("P", "PNG", False), ("RGBA", "PNG", False), ("I;16", "PNG", False),
+                                             ("CMYK", "JPEG", False)])
+def test_decoding_takes_no_more_memory_than_the_header_predicts(mode: str, fmt: str, exif: bool,
+                                                                 tmp_path: Path) -> None:
+    # The daemon reserves header.decoding_bytes() of its memory budget before decoding (igd.ledger).
+    image = _large(mode)
+    params: dict[str, object] = {}
+    if exif:
+        tags = Image.Exif()
+        tags[0x0112] = 6  # rotated: decoding makes a turned copy
+        params["exif"] = tags.tobytes()
+    path = tmp_path / f"large.{fmt.lower()}"
+    path.write_bytes(encoded(image, fmt, **params))
+    out = subprocess.run([sys.executable, "-c", _DECODING_PROBE, str(path)], capture_output=True, text=True,
+                         check=True).stdout
+    predicted, grown = map(int, out.split())
+    assert grown <= predicted + 4 * 2**20, (mode, fmt, exif, predicted / 2**20, grown / 2**20)
+    assert predicted < 2.5 * grown + 8 * 2**20, "the prediction should not be far above what decoding takes"

@@ -135,10 +135,14 @@ def test_pass_memory_budget_limits_images_per_pass() -> None:
     per_image = job(x, 0).result_bytes()
     assert per_image == 2 * 6 * 3 * 16 * 16 * 4
     worker = Worker(loaded(nets.groupnorm_cnn()), max_batch=64, max_images=8, max_pass_bytes=3 * per_image)
-    futures = [worker.submit(job(x, 0)) for _ in range(7)]
+    jobs = [job(x, 0) for _ in range(7)]
+    futures = [worker.submit(j) for j in jobs]
     worker.start()
     concurrent.futures.wait(futures, timeout=60)
-    assert [f.result().attribution.inputs.shape[0] for f in futures] == [3, 3, 3, 3, 3, 3, 1]
+    assert [j.batch_size for j in jobs] == [3, 3, 3, 3, 3, 3, 1]
+    assert worker.batch_sizes == {3: 2, 1: 1}
+    # each job of a shared pass gets its own rows: one answered request frees its memory alone
+    assert all(f.result().attribution.inputs.shape[0] == 1 and f.result().index == 0 for f in futures)
     worker.close()
     worker.drain(5)
 
@@ -202,6 +206,7 @@ def test_a_non_finite_attribution_is_an_error_not_a_result() -> None:
         futures[1].result(60)
     assert error.value.reason == "non_finite" and "not finite" in str(error.value)
     for i in (0, 2):
-        assert torch.isfinite(futures[i].result(60).attribution.integrated_grads[i]).all()
+        part = futures[i].result(60)
+        assert torch.isfinite(part.attribution.integrated_grads[part.index]).all()
     worker.close()
     worker.drain(5)

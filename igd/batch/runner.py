@@ -70,9 +70,9 @@ class BatchAttributor:
         for i, ready, future in pending:
             try:
                 answer = pipeline.answer(future.result(), request, self.model, ready, self.worker.compute_facts, created)
-                metrics = pipeline.metric_job(answer)
-                if metrics is not None:
-                    answer = pipeline.with_metrics(answer, self.worker.submit(metrics).result())
+                if request.metrics:
+                    answer = pipeline.with_metrics(answer, [self.worker.submit(job).result()
+                                                            for job in pipeline.metric_jobs(answer)])
                 rows[i] = self._row(pairs[i], answer)
             except WorkerError as error:
                 rows[i] = error_row(pairs[i], pipeline.worker_failure(error))

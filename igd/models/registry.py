@@ -24,6 +24,7 @@ from igd.models.custom import (
 )
 from igd.models.preprocessing import Preprocessing
 from igd.models.standardized import fold
+from igd.protocol import shown
 
 DEFAULT_MODEL = "efficientnet-lite0"
 # The predecessor's list, in its order: the class indices of its users' checkpoints.
@@ -83,7 +84,7 @@ class LoadedModel:
         """A class index from an index or a case-insensitive name; UnknownClass otherwise."""
         count = len(self.class_names)
         if isinstance(target, bool):
-            raise UnknownClass(f"target must be a class name or index, got {target!r}")
+            raise UnknownClass(f"target must be a class name or index, got {shown(target)}")
         if isinstance(target, int):
             if 0 <= target < count:
                 return target
@@ -96,7 +97,7 @@ class LoadedModel:
             return self.class_index(int(wanted))
         close = similar_names(wanted, self.class_names)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise UnknownClass(f"{target!r} is not a class of {self.name} ({count} classes){hint}")
+        raise UnknownClass(f"{shown(target)} is not a class of {self.name} ({count} classes){hint}")
 
     def summary(self) -> dict[str, object]:
         """Facts for `igd check`, the `hello` and `status` ops, and logs."""
@@ -121,6 +122,8 @@ def similar_names(wanted: str, names: tuple[str, ...], limit: int = 5) -> list[s
     word ('cat' -> 'tiger cat', 'Persian cat'), then those containing it, then spelling
     neighbours ('tigr cat' -> 'tiger cat'). Case-insensitive."""
     wanted = wanted.strip().casefold()
+    if len(wanted) > max(map(len, names), default=0) + 16:  # no class is that long (and difflib is quadratic)
+        return []
     folded = [name.casefold() for name in names]
     words = [name for name, low in zip(names, folded) if wanted in low.replace(",", " ").replace("-", " ").split()]
     inside = [name for name, low in zip(names, folded) if wanted and wanted in low and name not in words]
