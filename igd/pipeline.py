@@ -1,4 +1,4 @@
-"""The one path of a request, shared by the daemon, `igd batch` and `igd check`.
+"""The steps of a request's path, which the daemon, `igd batch` and `igd check` each take in turn.
 
     bytes --decode--> image --prepare--> engine inputs --job--> Worker --answer--> result
 

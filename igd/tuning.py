@@ -1,5 +1,6 @@
-"""Pick the chunk size (path points per forward+backward), the memory format and the
-compiler by measuring the real model.
+"""Choose the chunk size (path points per forward+backward) by measuring the real model,
+keep it in a cache, and measure what the opt-in modes (memory format, TF32, compiling)
+change; warm-up runs all of it.
 
 No chunk size suits every model on a CPU: EfficientNet-Lite0 at 224x224 runs fastest in
 chunks of 4 to 16 and slows down beyond (caches), while BiT-R101x3 at 32x32 pays about

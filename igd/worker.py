@@ -1,9 +1,10 @@
 """The single compute thread: it alone owns the model and the device.
 
 Requests wait in one bounded queue. Each pass takes the oldest job and every queued job
-it can share a pass with (same op, and for attributions the same n_steps and method, or
-all adaptive ones, whose tolerances and caps are per image like baselines and targets),
-up to ``max_images``. Jobs that arrive while a
+it can share a pass with (:meth:`Job.batch_key`: the same op, and for attributions the
+same n_steps, rule, number of targets and path; adaptive ones the same number of
+targets, whatever their tolerances and caps, which are per image like baselines), up to
+``max_images`` and ``max_pass_bytes`` of results. Jobs that arrive while a
 pass runs are batched into the next one, so batching costs no waiting. Every image gets
 exactly the result it would get alone: the model runs in eval mode, so images in a pass
 do not interact.
@@ -269,7 +270,8 @@ class Worker:
 
     def drain(self, timeout: float) -> int:
         """Wait up to ``timeout`` s for queued and running work to finish, then fail what
-        is still queued with ``shutting_down``. Returns how many jobs were rejected."""
+        is still queued with :class:`WorkerClosed` (the daemon answers it ``shutting_down``).
+        Returns how many jobs were rejected."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while (self._queue or self._busy) and time.monotonic() < deadline:

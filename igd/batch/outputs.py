@@ -25,8 +25,8 @@ from igd.batch.inputs import InputError, Pair
 from igd.files import temporary_target, write_atomically
 from igd.protocol import BAD_REQUEST, INTERNAL
 
-# No floats: a status line is the same whichever backend, shard or batch produced it
-# (the values themselves are in the result files).
+# The fields of a status line, whichever backend, shard or batch produced it: the pair, its
+# outcome and the few figures people filter on (the arrays themselves are in the result files).
 STATUS_FIELDS = ("id", "path", "target", "ok", "output", "target_index", "target_name", "prediction", "n_steps",
                  "error_estimate", "completeness_gap", "tolerance_met", "code", "message")
 PARQUET_ROWS_PER_FILE = 256
