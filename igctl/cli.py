@@ -293,9 +293,9 @@ def _class(target: str) -> str | int:
 def _checked_before_hello(options: dict[str, Any]) -> spec.AttributeRequest:
     """The request, checked before igctl connects: every limit but the number of steps,
     which the daemon sets (``igd serve --max-steps``) and which is checked after hello."""
-    steps = options.get("n_steps")
+    steps = options.get(spec.STEPS.name)
     if isinstance(steps, int) and steps > spec.MAX_STEPS:
-        return checked_request({**options, "n_steps": spec.MAX_STEPS})
+        return checked_request({**options, spec.STEPS.name: spec.MAX_STEPS})
     return checked_request(options)
 
 
@@ -629,8 +629,8 @@ def _finish(outcomes: list[Outcome]) -> None:
 
 @main.command(epilog=EXIT_STATUSES, short_help="Print the most likely classes of images.")
 @click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
-@click.option("--top", "-k", type=click.IntRange(1, spec.MAX_TOP), default=spec.TOP.default, show_default=True,
-              help=spec.TOP.help)
+@click.option(spec.TOP.flag, "-k", type=click.IntRange(1, spec.MAX_TOP), default=spec.TOP.default,
+              show_default=True, help=spec.TOP.help)
 @click.option("--json", "as_json", is_flag=True, help="One JSON line per image on stdout: image, ok, top.")
 @click.option("--jobs", "-j", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Requests in flight at once.")

@@ -32,10 +32,11 @@ from igd import accuracy
 from igd.attribution import (
     Attribution, ChunkCallback, Path, PointForward, Target, check_max_batch, engine_mode, weighted_sum,
 )
+from igd.request import ADAPTIVE_START
 
 METHOD = "adaptive"
-FIRST_PANELS = 16  # the first look: 17 nodes
-START_POINTS = FIRST_PANELS + 1  # the fewest points an adaptive request may be capped at
+START_POINTS = ADAPTIVE_START  # the first look, and the fewest points an adaptive request may be capped at
+FIRST_PANELS = START_POINTS - 1  # a power of two: the nodes lie on the grid below
 SPLIT_FRACTION = 0.25  # of an image's panels, bisected per round
 # Nodes are multiples of 2^-60, and a panel is bisected only while its midpoint is exact in
 # float32 (so the path points are exactly the reported alphas): panels go down to 2^-60

@@ -1,7 +1,8 @@
 """The `igd` command: `igd serve` (the daemon), `igd check` (load a model and self-test),
 `igd batch` (a whole dataset) and `igd install-systemd` (the service units).
 
-Torch is imported only inside the commands, so `igd --help` answers at once."""
+Torch is imported only inside the commands, and only once their flags are checked, so
+`igd --help` answers at once and so does a usage error."""
 
 from __future__ import annotations
 
@@ -73,8 +74,8 @@ def load_from_options(**options: Any) -> Any:
 
 def compute_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """--max-batch, --memory-format, --precision and --compile (igd.worker.ComputeSettings), shared by
-    `serve`, `check` and `batch`; the command gets ``compute`` (max_images and queue_size
-    left at their defaults, for `serve` to set)."""
+    `serve`, `check` and `batch`; the command gets ``compute``, their values for
+    :func:`compute_settings` (which imports torch: the command calls it once its flags are checked)."""
     options = [
         click.option("--max-batch", default="auto", callback=_parse_max_batch, envvar="IGD_MAX_BATCH",
                      show_envvar=True, show_default=True,
@@ -101,14 +102,19 @@ def compute_options(command: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(command)
     def with_settings(*args: Any, max_batch: int | str, memory_format: str, precision: str, compile_model: bool,
                       **kwargs: Any) -> Any:
-        from igd.worker import ComputeSettings
-
-        compute = ComputeSettings(max_batch=max_batch if isinstance(max_batch, int) else None,
-                                  remeasure=max_batch == "measure", memory_format=memory_format, precision=precision,
-                                  compile=compile_model)
+        compute = {"max_batch": max_batch if isinstance(max_batch, int) else None, "remeasure": max_batch == "measure",
+                   "memory_format": memory_format, "precision": precision, "compile": compile_model}
         return command(*args, compute=compute, **kwargs)
 
     return with_settings
+
+
+def compute_settings(compute: dict[str, Any], **more: Any) -> Any:
+    """igd.worker.ComputeSettings from :func:`compute_options`' ``compute`` and ``more`` (the
+    command's own: max_images, queue_size). Imports torch."""
+    from igd.worker import ComputeSettings
+
+    return ComputeSettings(**compute, **more)
 
 
 def _parse_max_batch(_ctx: click.Context, _param: click.Parameter, value: str) -> int | str:
@@ -117,6 +123,20 @@ def _parse_max_batch(_ctx: click.Context, _param: click.Parameter, value: str) -
     if value.isdigit() and int(value) > 0:
         return int(value)
     raise click.BadParameter("use 'auto', 'measure' or a positive number of path points")
+
+
+def _parse_shard(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[int, int] | None:
+    """--shard I/N with 1 <= I <= N, checked with the other flags (before torch). The same
+    messages, and exit status 1, as igd.batch.inputs.parse_shard, which imports torch with igd.batch."""
+    if not value:
+        return None
+    try:
+        index, count = (int(part) for part in value.split("/"))
+    except ValueError:
+        raise click.ClickException(f"--shard must look like I/N (e.g. 2/8), got {value!r}") from None
+    if not 1 <= index <= count:
+        raise click.ClickException(f"--shard {value}: I must be between 1 and N")
+    return index, count
 
 
 _SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -170,7 +190,7 @@ def main() -> None:
 @click.option("--image", type=_FILE, help="Image to classify and attribute [default: a bundled cat photo].")
 @attribute_flags
 @compute_options
-def check(image: Path | None, compute: Any, **args: Any) -> None:
+def check(image: Path | None, compute: dict[str, Any], **args: Any) -> None:
     """Load a model exactly as `igd serve` does (same loading, warm-up and compute worker),
     classify IMAGE and attribute it to its most likely class, and print what happened.
 
@@ -183,23 +203,24 @@ def check(image: Path | None, compute: Any, **args: Any) -> None:
       igd check --model net.pt --steps 128          # TorchScript + net.pt.json sidecar
       igd check --model resnet18 --weights resnet18.pth --classes classes.txt
     """
+    model_args = {name: args.pop(name) for name in MODEL_ARGS}
+    request = checked_request(args)  # before anything imports torch: a usage error is at once
+
     from igd.check import run_check
     from igd.models import ModelError
-    from igd.request import RequestFailed
     from igd.worker import WorkerError
 
-    model_args = {name: args.pop(name) for name in MODEL_ARGS}
-    request = checked_request(args)
+    settings = compute_settings(compute)
     started = time.perf_counter()
     model = load_from_options(**model_args)
     load_s = time.perf_counter() - started
     data = image.read_bytes() if image else resources.files("igd").joinpath("data", SAMPLE_IMAGE).read_bytes()
     label = str(image or SAMPLE_IMAGE)
     try:
-        rows = run_check(model, data, label, request, compute)
+        rows = run_check(model, data, label, request, settings)
     except ModelError as error:  # --compile failed
         raise click.ClickException(str(error)) from None
-    except RequestFailed as failure:
+    except spec.RequestFailed as failure:
         raise click.ClickException(f"{label}: {failure.message}") from None
     except WorkerError as error:
         raise click.ClickException(f"{label}: {error}") from None
@@ -248,7 +269,7 @@ def check(image: Path | None, compute: Any, **args: Any) -> None:
 @_log_level_option("info")
 def serve(
     socket_path: Path | None,
-    compute: Any,
+    compute: dict[str, Any],
     max_images: int,
     queue_size: int,
     max_frame_bytes: int,
@@ -280,8 +301,6 @@ def serve(
     # A hang-up during the imports and loading below would otherwise end the process
     # (129): the daemon ignores SIGHUP from here on (igd.daemon, igd.server log it).
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    import dataclasses
-
     from igd import logs
     from igd.access import AccessPolicy
     from igd.daemon import ServeOptions, StartupError, serve_forever
@@ -298,7 +317,7 @@ def serve(
         raise click.BadParameter(str(error), param_hint="--allow-uid/--allow-group") from None
     options = ServeOptions(
         socket_path=socket_path,
-        compute=dataclasses.replace(compute, max_images=max_images, queue_size=queue_size),
+        compute=compute_settings(compute, max_images=max_images, queue_size=queue_size),
         limits=Limits(max_frame_bytes=max_frame_bytes, max_pixels=max_pixels, max_steps=max_steps,
                       request_timeout=request_timeout, idle_timeout=idle_timeout, max_outstanding=max_outstanding,
                       memory_budget=memory_budget or available_ram() // 2),
@@ -367,7 +386,8 @@ def install_systemd(prefix: Path, igd_executable: Path | None, dry_run: bool) ->
               help="Parquet: the stored gradients' precision.")
 @click.option("--with-steps", is_flag=True, help="Parquet: also store the per-step gradients (large).")
 @click.option("--resume", is_flag=True, help="Skip the pairs already done in OUT_DIR; do the rest.")
-@click.option("--shard", metavar="I/N", help="Process the I-th of N deterministic parts of the input (1-based).")
+@click.option("--shard", metavar="I/N", callback=_parse_shard,
+              help="Process the I-th of N deterministic parts of the input (1-based).")
 @click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: in this process; ray: model-holding actors on a Ray cluster (pip install 'igd[ray]').")
 @click.option("--address", help="Ray cluster address [default: start a local Ray, or RAY_ADDRESS].")
@@ -377,8 +397,8 @@ def install_systemd(prefix: Path, igd_executable: Path | None, dry_run: bool) ->
 @compute_options
 @_log_level_option("warning")
 def batch(source: str, out_dir: Path, targets: tuple[str, ...], dtype: str, with_steps: bool, resume: bool,
-          shard: str | None, backend: str, address: str | None, workers: int, gpus_per_worker: float,
-          compute: Any, log_level: str, **args: Any) -> None:
+          shard: tuple[int, int] | None, backend: str, address: str | None, workers: int, gpus_per_worker: float,
+          compute: dict[str, Any], log_level: str, **args: Any) -> None:
     """Attribute every image of INPUT (a directory, a glob, or a CSV / JSON-lines manifest
     with path, target and id columns) and write the results under OUT_DIR, with one line
     per image and target in OUT_DIR/status.jsonl. A bad image or target is recorded
@@ -390,13 +410,6 @@ def batch(source: str, out_dir: Path, targets: tuple[str, ...], dtype: str, with
       igd batch manifest.csv results/ --format parquet --steps 100
       igd batch 'photos/**/*.jpg' results/ --shard 2/8 --resume
     """
-    import dataclasses
-
-    from igd import logs
-    from igd.batch import BatchOptions, InputError, run_batch
-    from igd.batch.inputs import parse_shard
-    from igd.models import ModelError
-
     model_args = {name: args.pop(name) for name in MODEL_ARGS}
     fmt = args.pop("format") or spec.FORMAT.default
     if fmt not in BATCH_FORMATS:
@@ -404,12 +417,18 @@ def batch(source: str, out_dir: Path, targets: tuple[str, ...], dtype: str, with
     request = checked_request({**args, "format": fmt if fmt != "parquet" else spec.FORMAT.default})
     if request.top_k is not None and targets:
         raise click.UsageError("give --top-k or --target, not both: --top-k picks each image's most likely classes")
+
+    # Every flag is checked: only now torch (igd.batch's runner, igd.models).
+    from igd import logs
+    from igd.batch import BatchOptions, InputError, run_batch
+    from igd.models import ModelError
+
     logs.configure(log_level)
     options = BatchOptions(request=request, fmt=fmt, dtype=dtype, with_steps=with_steps,
-                           compute=dataclasses.replace(compute, queue_size=1 << 30))
+                           compute=compute_settings(compute, queue_size=1 << 30))
     try:
         summary = run_batch(source, out_dir, targets=targets, model_args=model_args, options=options,
-                            shard=parse_shard(shard) if shard else None, resume=resume, backend=backend,
+                            shard=shard, resume=resume, backend=backend,
                             address=address, workers=workers, gpus_per_worker=gpus_per_worker)
     except (InputError, ModelError) as error:
         raise click.ClickException(str(error)) from None

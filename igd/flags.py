@@ -37,28 +37,25 @@ def flag(option: spec.Option, *, choices: tuple[str, ...] | None = None, help: s
     )
 
 
+# The request options whose flags each command adds itself: --format (`igd batch` adds parquet),
+# and igctl's --heatmap (a PNG path) and --progress-json (JSON lines on stdout).
+OWN_FLAGS = (spec.FORMAT.name, spec.HEATMAP.name, spec.PROGRESS.name)
+
+
+def _help(option: spec.Option) -> str | None:
+    """A flag's help where it says more than the option's."""
+    if option is spec.STEPS:
+        return (f"{spec.STEPS.help} At most {spec.MAX_STEPS} (`igd serve --max-steps` may allow more); "
+                "with --tolerance, the most it may take.")
+    return None
+
+
 def attribute_flags(command: Callable[..., Any]) -> Callable[..., Any]:
-    """--steps, --tolerance, --method, --baseline, --samples, --noise, --path, --idgi, --metrics,
-    --top-k, --seed, --blur-sigma, --gzip-level (the format flag differs between commands: each adds
-    its own)."""
-    steps_help = (f"{spec.STEPS.help} At most {spec.MAX_STEPS} (`igd serve --max-steps` may allow more); "
-                  "with --tolerance, the most it may take.")
-    for decorator in reversed((
-        flag(spec.STEPS, help=steps_help),
-        flag(spec.TOLERANCE),
-        flag(spec.METHOD),
-        flag(spec.BASELINE),
-        flag(spec.SAMPLES),
-        flag(spec.NOISE),
-        flag(spec.PATH),
-        flag(spec.IDGI),
-        flag(spec.METRICS, help=spec.METRICS.help),
-        flag(spec.TOP_K),
-        flag(spec.SEED),
-        flag(spec.BLUR_SIGMA),
-        flag(spec.GZIP_LEVEL),
-    )):
-        command = decorator(command)
+    """A flag for each of igd.request.ATTRIBUTE_OPTIONS, in its order (--steps, --tolerance,
+    --method, ...), but OWN_FLAGS."""
+    for option in reversed(spec.ATTRIBUTE_OPTIONS):
+        if option.name not in OWN_FLAGS:
+            command = flag(option, help=_help(option))(command)
     return command
 
 

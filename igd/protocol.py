@@ -49,7 +49,8 @@ ERROR_CODES = (
     IMAGE_TOO_LARGE, UNKNOWN_TARGET, OVERLOADED, TIMEOUT, SHUTTING_DOWN, INTERNAL, FORBIDDEN, REQUEST_TOO_LARGE,
 )  # fmt: skip
 
-OPS = ("hello", "status", "classify", "attribute")
+COMPUTE_OPS = ("classify", "attribute")  # the ops that need the model: admitted, queued, refused while draining
+OPS = ("hello", "status", *COMPUTE_OPS)  # every op of protocol v1 (igd.service answers each, by its name)
 
 
 def default_socket_path() -> Path:

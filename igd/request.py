@@ -12,7 +12,7 @@ Torch-free (the standard library and igd.protocol): igctl imports this module.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from igd.protocol import BAD_REQUEST, shown
@@ -31,7 +31,7 @@ DEFAULT_GZIP_LEVEL = 1
 MAX_TOP = 1000
 MAX_BLUR_SIGMA = 1000.0
 ADAPTIVE = "adaptive"  # the rule of a request with a tolerance (igd.adaptive)
-ADAPTIVE_START = 17  # an adaptive request's first look along the path, in points
+ADAPTIVE_START = 17  # an adaptive request's first look along the path, in points (igd.adaptive: 2^k + 1)
 MIN_TOLERANCE = 1e-4
 MAX_TARGETS = 16  # targets of one attribution (a list, or top_k)
 MAX_PATHS = 64  # baselines x samples of one attribution
@@ -50,6 +50,20 @@ class Option:
     choices: tuple[str, ...] = ()
     low: float | None = None
     high: float | None = None
+    many: bool = False  # names, comma-separated (on the wire also a list): a tuple in the request
+    attribute: str = ""  # its AttributeRequest field, where that is not ``name``
+
+    @property
+    def field(self) -> str:
+        """The AttributeRequest field that holds it."""
+        return self.attribute or self.name
+
+    @property
+    def request_default(self) -> Any:
+        """The default as AttributeRequest holds it: a tuple of names for ``many``."""
+        if self.many:
+            return () if self.default is None else (self.default,)
+        return self.default
 
     def check(self, value: Any, *, high: float | None = None) -> Any:
         """``value`` (None: the default) if it is allowed, else RequestError. ``high``
@@ -119,7 +133,7 @@ METHOD = Option("method", "--method", str, METHODS[0], "Quadrature rule, as capt
 BASELINE = Option("baseline", "--baseline", str, BASELINES[0],
                   "zero: zeros in the model's input space (the predecessor's); black, white, blur, uniform: "
                   "made in pixel space and normalised like the image. Several, comma-separated (black,white): "
-                  "each one's attribution, and their mean.", choices=BASELINES)
+                  "each one's attribution, and their mean.", choices=BASELINES, many=True, attribute="baselines")
 SAMPLES = Option("samples", "--samples", int, 1,
                  "Paths per baseline, each with its own draw: of --noise, and of a uniform or blur baseline "
                  "(expected-gradients style); IG is their mean. Sample s uses seed + s.", low=1, high=MAX_PATHS)
@@ -133,7 +147,7 @@ IDGI = Option("idgi", "--idgi", bool, False, "Also compute IDGI (Yang et al. 202
 METRICS = Option("metrics", "--metrics", str, None,
                  "Faithfulness: insertion, deletion or both (comma-separated): the target's probability as the "
                  "most attributed pixels are put in or taken out, 16 steps (docs/protocol.md).",
-                 choices=("insertion", "deletion"))
+                 choices=("insertion", "deletion"), many=True)
 TOP_K = Option("top_k", "--top-k", int, None, "Attribute to the K most likely classes, most likely first.",
                low=1, high=MAX_TARGETS)
 SEED = Option("seed", "--seed", int, 0, "Seed of the random draws (uniform and sampled blur baselines, --noise).",
@@ -156,32 +170,44 @@ STREAM = Option("stream", "--stream", bool, False,
                 "Send the result file in data events as it is made, not in the response (docs/protocol.md).")
 TOP = Option("top", "--top", int, 5, "How many of the most likely classes.", low=1, high=MAX_TOP)
 
+# The options of an attribution, in the order of their flags' help. Everything else follows
+# from this table: AttributeRequest's defaults, parse_attribute, log_fields, the flags
+# (igd.flags), hello's capabilities (igd.service).
 ATTRIBUTE_OPTIONS = (STEPS, TOLERANCE, METHOD, BASELINE, SAMPLES, NOISE, PATH, IDGI, METRICS, TOP_K, SEED,
                      BLUR_SIGMA, FORMAT, GZIP_LEVEL, HEATMAP, PROGRESS)
 CLASSIFY_OPTIONS = (TOP, PROGRESS)
 BY_NAME = {option.name: option for option in (*ATTRIBUTE_OPTIONS, *CLASSIFY_OPTIONS, STREAM)}
+REQUEST_OPTIONS = tuple(option for option in ATTRIBUTE_OPTIONS if option is not PROGRESS)  # AttributeRequest's
+LOGGED = (STEPS, METHOD, BASELINE)  # on every attribution's log line
+LOGGED_WHEN_CHANGED = (TOLERANCE, SAMPLES, NOISE, PATH, IDGI, TOP_K, METRICS)  # there when not the default
+
+
+def _default(option: Option) -> Any:
+    """An AttributeRequest field's default: the option's, read from the table when a request is made."""
+    return field(default_factory=lambda: option.request_default)
 
 
 @dataclass(frozen=True)
 class AttributeRequest:
     """One attribution, validated: what to compute and how to return it (the image and
-    the target travel beside it: the target needs the model's classes to check)."""
+    the target travel beside it: the target needs the model's classes to check). A field
+    per option of REQUEST_OPTIONS (its ``field``), defaulted by the option."""
 
-    n_steps: int = DEFAULT_STEPS  # with a tolerance: the most points it may take
-    method: str = METHOD.default  # with a tolerance: ADAPTIVE
-    tolerance: float | None = None
-    baselines: tuple[str, ...] = (BASELINE.default,)
-    samples: int = 1
-    noise: float = 0.0
-    path: str = PATH.default
-    idgi: bool = False
-    metrics: tuple[str, ...] = ()  # of igd.faithfulness.METRICS
-    top_k: int | None = None
-    seed: int = SEED.default
-    blur_sigma: float | None = None
-    format: str = FORMAT.default
-    gzip_level: int = DEFAULT_GZIP_LEVEL
-    heatmap: bool = False
+    n_steps: int = _default(STEPS)  # with a tolerance: the most points it may take
+    method: str = _default(METHOD)  # with a tolerance: ADAPTIVE
+    tolerance: float | None = _default(TOLERANCE)
+    baselines: tuple[str, ...] = _default(BASELINE)
+    samples: int = _default(SAMPLES)
+    noise: float = _default(NOISE)
+    path: str = _default(PATH)
+    idgi: bool = _default(IDGI)
+    metrics: tuple[str, ...] = _default(METRICS)  # of igd.faithfulness.METRICS
+    top_k: int | None = _default(TOP_K)
+    seed: int = _default(SEED)
+    blur_sigma: float | None = _default(BLUR_SIGMA)
+    format: str = _default(FORMAT)
+    gzip_level: int = _default(GZIP_LEVEL)
+    heatmap: bool = _default(HEATMAP)
 
     @property
     def baseline(self) -> str:
@@ -194,13 +220,13 @@ class AttributeRequest:
         return len(self.baselines) * self.samples
 
     def log_fields(self) -> dict[str, Any]:
-        fields: dict[str, Any] = {"n_steps": self.n_steps, "method": self.method, "baseline": self.baseline}
-        for name, value, default in (("tolerance", self.tolerance, None), ("samples", self.samples, 1),
-                                     ("noise", self.noise, 0.0), ("path", self.path, "straight"),
-                                     ("idgi", self.idgi, False), ("top_k", self.top_k, None),
-                                     ("metrics", self.metrics, ())):
-            if value != default:
-                fields[name] = value
+        """The options for the request's log line, under their wire names (``baseline``
+        as given: ``black,white``): LOGGED, and LOGGED_WHEN_CHANGED where not the default."""
+        fields: dict[str, Any] = {option.name: getattr(self, option.name) for option in LOGGED}
+        for option in LOGGED_WHEN_CHANGED:
+            value = getattr(self, option.field)
+            if value != option.request_default:
+                fields[option.name] = value
         return fields
 
 
@@ -211,13 +237,13 @@ def parse_attribute(args: Mapping[str, Any], *, max_steps: int = MAX_STEPS) -> A
     With a ``tolerance`` the rule is ADAPTIVE and ``n_steps`` caps the points (default:
     ``max_steps``); giving a ``method`` as well is an error, since the tolerance places
     the points itself."""
-    tolerance = TOLERANCE.check(args.get("tolerance"))
-    steps = STEPS.check(args.get("n_steps"), high=max_steps)
-    method = METHOD.check(args.get("method"))
+    tolerance = TOLERANCE.check(args.get(TOLERANCE.name))
+    steps = STEPS.check(args.get(STEPS.name), high=max_steps)
+    method = METHOD.check(args.get(METHOD.name))
     if tolerance is not None:
-        if args.get("method") is not None:
+        if args.get(METHOD.name) is not None:
             raise RequestError(METHOD, "cannot be given with a tolerance, which places the points itself")
-        if args.get("n_steps") is None:
+        if args.get(STEPS.name) is None:
             steps = max_steps
         if steps < ADAPTIVE_START:
             raise RequestError(STEPS, f"must be at least {ADAPTIVE_START} with a tolerance (its first look "
@@ -225,31 +251,22 @@ def parse_attribute(args: Mapping[str, Any], *, max_steps: int = MAX_STEPS) -> A
         method = ADAPTIVE
     elif method != "gausslegendre" and steps < 2:
         raise RequestError(STEPS, f"must be at least 2 for {method}, got {steps}")
-    request = AttributeRequest(
-        n_steps=steps,
-        method=method,
-        tolerance=tolerance,
-        baselines=_names(BASELINE, args.get("baseline"), (BASELINE.default,)),
-        samples=SAMPLES.check(args.get("samples")),
-        noise=NOISE.check(args.get("noise")),
-        path=PATH.check(args.get("path")),
-        idgi=IDGI.check(args.get("idgi")),
-        metrics=_names(METRICS, args.get("metrics"), ()),
-        top_k=TOP_K.check(args.get("top_k")),
-        seed=SEED.check(args.get("seed")),
-        blur_sigma=BLUR_SIGMA.check(args.get("blur_sigma")),
-        format=FORMAT.check(args.get("format")),
-        gzip_level=GZIP_LEVEL.check(args.get("gzip_level")),
-        heatmap=HEATMAP.check(args.get("heatmap")),
-    )
+    given = {option.field: _checked(option, args.get(option.name)) for option in REQUEST_OPTIONS
+             if option.name not in (STEPS.name, METHOD.name, TOLERANCE.name)}
+    request = AttributeRequest(n_steps=steps, method=method, tolerance=tolerance, **given)
     _check_combination(request, args)
     return request
 
 
-def _names(option: Option, value: Any, default: tuple[str, ...]) -> tuple[str, ...]:
+def _checked(option: Option, value: Any) -> Any:
+    """``value`` (None: the default) as AttributeRequest holds it, if allowed; else RequestError."""
+    return _names(option, value) if option.many else option.check(value)
+
+
+def _names(option: Option, value: Any) -> tuple[str, ...]:
     """One of the option's names, several comma-separated, or (on the wire) a list of them."""
     if value is None:
-        return default
+        return option.request_default
     if isinstance(value, str):
         names = [name.strip() for name in value.split(",")]
     elif isinstance(value, (list, tuple)) and value and all(isinstance(name, str) for name in value):

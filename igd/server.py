@@ -322,7 +322,7 @@ class Server:
                 del body
                 if request_id is None:
                     raise ProtocolError(BAD_REQUEST, "a request needs an integer id", {"field": "id"})
-                if self.stopping and op in ("classify", "attribute"):
+                if self.stopping and op in protocol.COMPUTE_OPS:
                     raise ProtocolError(SHUTTING_DOWN, "the daemon is shutting down")
                 result = await asyncio.wait_for(service.handle(op, args, notes, events, reservation),
                                                 service.limits.request_timeout)

@@ -29,6 +29,7 @@ from igd.ledger import Ledger, Overbudget, Reservation, TooLarge
 from igd.models import LoadedModel
 from igd.protocol import (
     BAD_REQUEST,
+    COMPUTE_OPS,
     DEFAULT_MAX_FRAME_BYTES,
     OPS,
     OVERLOADED,
@@ -39,17 +40,19 @@ from igd.protocol import (
     shown,
 )
 from igd.request import (
-    BASELINES,
+    ATTRIBUTE_OPTIONS,
+    BASELINE,
+    CLASSIFY_OPTIONS,
     DEFAULT_MAX_PIXELS,
-    FORMATS,
-    MAX_PATHS,
+    FORMAT,
     MAX_STEPS,
-    MAX_TARGETS,
-    METHODS,
-    PATHS,
+    METHOD,
+    PATH,
     PROGRESS,
+    SAMPLES,
     STREAM,
     TOP,
+    TOP_K,
     RequestError,
     RequestFailed,
     parse_attribute,
@@ -161,15 +164,10 @@ class Service:
         the request's event frames (progress, if asked for with ``args.progress``; the
         result file, with ``args.stream``); ``reservation`` is the request's share of the
         memory budget."""
-        handler = {
-            "hello": self.hello,
-            "status": self.status,
-            "classify": self.classify,
-            "attribute": self.attribute,
-        }.get(op)
-        if handler is None:
+        if op not in OPS:
             raise RequestFailed(UNKNOWN_OP, f"unknown op {shown(op)}; this server knows {', '.join(OPS)}", {"ops": list(OPS)})
-        if op in ("hello", "status"):
+        handler = getattr(self, op)  # each op is answered by the method of its name
+        if op not in COMPUTE_OPS:
             return await handler(args, notes)
         # Admission: every compute request holds its image (up to a frame) from arrival to
         # answer, so their number is bounded before any decoding, not only at the queue.
@@ -193,18 +191,22 @@ class Service:
             "state": self.state,
             "capabilities": {
                 "ops": list(OPS),
-                "methods": list(METHODS),
-                "baselines": list(BASELINES),
-                "formats": list(FORMATS),
-                "paths": list(PATHS),
+                "methods": list(METHOD.choices),
+                "baselines": list(BASELINE.choices),
+                "formats": list(FORMAT.choices),
+                "paths": list(PATH.choices),
                 "heatmap": True,
                 "idgi": True,
                 "limits": {
                     "max_frame_bytes": self.limits.max_frame_bytes,
                     "max_pixels": self.limits.max_pixels,
                     "max_steps": self.limits.max_steps,
-                    "max_targets": MAX_TARGETS,
-                    "max_paths": MAX_PATHS,
+                    "max_targets": TOP_K.high,
+                    "max_paths": SAMPLES.high,
+                },
+                "defaults": {
+                    "attribute": {option.name: option.default for option in ATTRIBUTE_OPTIONS},
+                    "classify": {option.name: option.default for option in CLASSIFY_OPTIONS},
                 },
                 "events": list(EVENTS),
             },
