@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install install-test test test-cuda demo bench clean
+.PHONY: install install-test test test-fast test-cuda demo bench clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 test: install-test
 	$(BIN)/python -m pytest
+
+# The fast lane: every test but those marked slow (full-size models, Ray clusters) or cuda.
+test-fast: install-test
+	$(BIN)/python -m pytest -m "not slow and not cuda"
 
 # Where a GPU is: the engine, checkpoints and daemon on CUDA (tests/test_cuda.py).
 test-cuda: install-test

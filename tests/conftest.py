@@ -57,12 +57,11 @@ def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def require_tool(name: str, request: pytest.FixtureRequest | None = None) -> str:
     """The path of a system tool a test needs. Missing: the test fails under CI (.ci/run
-    installs socat and systemd's tools); elsewhere it is skipped and named in a warning
+    installs systemd's tools); elsewhere it is skipped and named in a warning
     at the end of the run, so that nobody mistakes a skipped test for a passed one."""
     path = shutil.which(name)
     if path is None:
-        package = "socat" if name == "socat" else "systemd"
-        message = f"{name} is not installed (Debian: apt-get install {package})"
+        message = f"{name} is not installed (Debian: apt-get install systemd)"
         if os.environ.get("CI"):
             pytest.fail(message)
         test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]

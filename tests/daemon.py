@@ -16,6 +16,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 BIN = Path(sys.executable).parent
 
@@ -32,6 +35,26 @@ IGCTL = _script("igctl")
 
 def short_tempdir() -> Path:
     return Path(tempfile.mkdtemp(prefix="igd-", dir="/tmp"))
+
+
+def wait_until(condition: Callable[[], T], timeout: float, what: str, *, process: subprocess.Popen | None = None,
+               log: Callable[[], str] | None = None, interval: float = 0.05) -> T:
+    """Poll ``condition()`` until it returns something true, and return that. Fails the
+    test after ``timeout`` seconds, or at once when ``process`` has exited, with ``what``
+    (what was waited for) and ``log()`` (e.g. the daemon's) in the message."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if process is not None and process.poll() is not None:
+            problem = f"the process exited with {process.returncode} first"
+        elif time.monotonic() >= deadline:
+            problem = f"not within {timeout:g} s"
+        else:
+            time.sleep(interval)
+            continue
+        raise AssertionError(f"waited for {what}: {problem}" + (f"\n{log()}" if log else ""))
 
 
 class NotifyListener:

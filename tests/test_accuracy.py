@@ -4,8 +4,6 @@ to a tolerance; then the same through a real daemon, igctl and `igd batch`."""
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import math
 import subprocess
@@ -16,6 +14,7 @@ import torch
 
 import nets
 from daemon import IGD, Igd, short_tempdir
+from reference import read_result
 from igd import accuracy
 from igd.adaptive import START_POINTS, attribute_adaptive
 from igd.attribution import attribute, quadrature
@@ -196,8 +195,7 @@ def test_tolerance_through_igctl(bit: Igd, fixtures: Path) -> None:
     assert run.returncode == 0, run.stderr
     line = run.stdout.decode()
     assert "estimated error" in line and "completeness gap" in line, line
-    with gzip.open(work / "cat.gzip") as f:
-        result = torch.load(io.BytesIO(f.read()), weights_only=True)
+    result = read_result(work / "cat.gzip")
     n = result["n_steps"]
     assert result["method"] == "adaptive" and result["tolerance"] == 0.05 and result["tolerance_met"] is True
     assert result["error_estimate"] <= 0.05 and START_POINTS <= n
@@ -226,7 +224,7 @@ def test_tolerance_on_the_wire_and_fixed_rules_unchanged(bit: Igd, fixtures: Pat
     assert adaptive["method"] == "adaptive" and adaptive["tolerance_met"] and adaptive["error_estimate"] <= 0.05
     assert fixed["method"] == "gausslegendre" and fixed["n_steps"] == 50 and "tolerance" not in fixed
     assert isinstance(fixed["error_estimate"], float) and isinstance(fixed["completeness_gap"], float)
-    result = torch.load(io.BytesIO(gzip.decompress(fixed["data"])), weights_only=True)
+    result = read_result(fixed["data"])
     assert result["error_estimate"] == fixed["error_estimate"] and result["path_logits"].shape == (50,)
 
 

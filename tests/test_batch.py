@@ -3,8 +3,7 @@ not fatal; interrupted runs resume without doing anything twice; parquet output.
 
 from __future__ import annotations
 
-import gzip
-import io
+import contextlib
 import json
 import os
 import shutil
@@ -12,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from daemon import IGD, Igd, short_tempdir
+from daemon import IGD, Igd, short_tempdir, wait_until
+from reference import read_result
 from igd.batch.inputs import Pair, discover, in_shard
 from wire import WireClient
 
@@ -46,8 +45,8 @@ def dataset(fixtures: Path):
     shutil.rmtree(root, ignore_errors=True)
 
 
-def igd_batch(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([IGD, "batch", *args], capture_output=True, text=True, timeout=timeout)
+def igd_batch(*args: str, timeout: float = 900, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([IGD, "batch", *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def model_args(fixtures: Path) -> list[str]:
@@ -64,11 +63,6 @@ def comparable(records: list[dict]) -> list[tuple]:
     rounded = ("error_estimate", "completeness_gap")
     return sorted(tuple(sorted((k, round(v, 4) if k in rounded and v is not None else v) for k, v in r.items()))
                   for r in records)
-
-
-def load_result(path: Path) -> dict:
-    with gzip.open(path, "rb") as f:
-        return torch.load(io.BytesIO(f.read()))
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +83,8 @@ def test_local_results_equal_the_daemons(local_run: Path, dataset: Path, fixture
                 image = (dataset / "images" / record["id"]).read_bytes()
                 target = int(record["target"]) if record["target"].isdecimal() else record["target"]
                 answer = client.call("attribute", {"image": image, "target": target, "n_steps": int(STEPS)})
-                served = torch.load(io.BytesIO(gzip.decompress(answer["result"]["data"])))
-                ours = load_result(local_run / record["output"])
+                served = read_result(answer["result"]["data"])
+                ours = read_result(local_run / record["output"])
                 for key in ("integrated_grads", "integrated_directional_grads", "output"):
                     error = (ours[key] - served[key]).norm() / served[key].norm()
                     assert error < 1e-5, (record["id"], key, float(error))
@@ -113,7 +107,7 @@ def test_shards_cover_everything_once(local_run: Path, dataset: Path, fixtures: 
     sharded = statuses(out)
     assert comparable(sharded) == comparable(statuses(local_run))
     for record in sharded:
-        a, b = load_result(out / record["output"]), load_result(local_run / record["output"])
+        a, b = read_result(out / record["output"]), read_result(local_run / record["output"])
         torch.testing.assert_close(a["integrated_grads"], b["integrated_grads"], rtol=1e-5, atol=1e-7)
 
 
@@ -242,17 +236,15 @@ def test_inputs_from_globs_and_csv(dataset: Path) -> None:
     assert Path(pairs[0].path).is_file()
 
 
-def kill_part_way(command: list[str], status_glob: Path, lines: int, timeout: float = 600) -> None:
+def kill_part_way(command: list[str], status_glob: Path, lines: int, timeout: float = 600,
+                  env: dict[str, str] | None = None) -> None:
     """Start ``command`` and SIGKILL it once ``lines`` status lines exist."""
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.monotonic() + timeout
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                               env=env)
     try:
-        while time.monotonic() < deadline and process.poll() is None:
-            count = sum(len(p.read_text().splitlines()) for p in status_glob.parent.glob(status_glob.name))
-            if count >= lines:
-                break
-            time.sleep(0.05)
-        assert process.poll() is None, f"finished before it could be interrupted: {process.stderr.read()}"
+        wait_until(lambda: sum(len(p.read_text().splitlines()) for p in status_glob.parent.glob(status_glob.name))
+                   >= lines, timeout, f"{lines} status lines, to interrupt the run there", process=process,
+                   log=lambda: process.stderr.read().decode())
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(60)
@@ -308,9 +300,17 @@ def test_parquet_rows_and_precision(dataset: Path, fixtures: Path) -> None:
 # --- Ray -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ray_cluster(dataset: Path):
-    """A local Ray cluster on this machine: 2 CPUs, small object store, no dashboard, loopback."""
+def ray_environment(home: Path, temp: Path) -> dict[str, str]:
+    """This environment with Ray's state of the user kept out: HOME (~/.ray/auth_token, which
+    a local Ray run leaves behind) and Ray's temporary folder (/tmp/ray) are ``home`` and
+    ``temp``, and no RAY_AUTH_* setting comes from the caller."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_AUTH_")}
+    return {**env, "HOME": str(home), "RAY_TMPDIR": str(temp), "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def start_ray(home: Path, temp: Path) -> tuple[str, dict[str, str]]:
+    """`ray start --head` with ``home`` as HOME: 2 CPUs, small object store, no dashboard,
+    loopback. Its address, and the environment to run `igd batch` in."""
     if shutil.which("ray", path=str(BIN)) is None:
         if os.environ.get("CI"):
             pytest.fail("Ray is not installed (the test extra includes it)")
@@ -318,39 +318,117 @@ def ray_cluster(dataset: Path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    temp = short_tempdir()
+    env = ray_environment(home, temp)
     start = subprocess.run([str(BIN / "ray"), "start", "--head", "--num-cpus=2", "--object-store-memory=150000000",
                             "--include-dashboard=false", "--node-ip-address=127.0.0.1", f"--port={port}",
                             f"--temp-dir={temp}", "--disable-usage-stats"],
                            capture_output=True, text=True, timeout=300, env=env)
     assert start.returncode == 0, start.stderr
-    yield f"127.0.0.1:{port}"
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120, env=env)
-    shutil.rmtree(temp, ignore_errors=True)
+    return f"127.0.0.1:{port}", env
 
 
-def test_ray_agrees_with_local(ray_cluster: str, local_run: Path, dataset: Path, fixtures: Path) -> None:
+@contextlib.contextmanager
+def ray_cluster_in(home: Path):
+    temp = short_tempdir()
+    address, env = start_ray(home, temp)
+    try:
+        yield address, env
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120, env=env)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(dataset: Path):
+    """A local Ray cluster of its own HOME (no token there: no token auth) and temporary
+    folder (see ray_environment); yields its address and the environment for `igd batch`."""
+    home = short_tempdir()
+    try:
+        with ray_cluster_in(home) as cluster:
+            yield cluster
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_ray_agrees_with_local(ray_cluster: tuple[str, dict], local_run: Path, dataset: Path, fixtures: Path) -> None:
+    address, env = ray_cluster
     out = dataset / "out-ray"
     run = igd_batch(str(dataset / "images"), str(out), *model_args(fixtures), "-t", "cat", "-t", "3",
-                    "--backend", "ray", "--address", ray_cluster, "--workers", "2")
+                    "--backend", "ray", "--address", address, "--workers", "2", env=env)
     assert run.returncode == 0, run.stderr
     assert comparable(statuses(out)) == comparable(statuses(local_run))
     for record in statuses(out):
-        a, b = load_result(out / record["output"]), load_result(local_run / record["output"])
+        a, b = read_result(out / record["output"]), read_result(local_run / record["output"])
         torch.testing.assert_close(a["integrated_grads"], b["integrated_grads"], rtol=1e-5, atol=1e-7)
 
 
-def test_interrupted_ray_run_resumes(ray_cluster: str, dataset: Path, fixtures: Path) -> None:
+@pytest.mark.slow
+def test_interrupted_ray_run_resumes(ray_cluster: tuple[str, dict], dataset: Path, fixtures: Path) -> None:
+    address, env = ray_cluster
     out = dataset / "out-ray-resume"
     command = [IGD, "batch", str(dataset / "images"), str(out), *model_args(fixtures), "-t", "cat", "-t", "3",
-               "--backend", "ray", "--address", ray_cluster, "--workers", "2"]
-    kill_part_way(command, out / "status.jsonl", 20)
+               "--backend", "ray", "--address", address, "--workers", "2"]
+    kill_part_way(command, out / "status.jsonl", 20, env=env)
     first = outputs_of(out)
     assert 20 <= len(first) < 96
-    run = igd_batch(*command[2:], "--resume")
+    run = igd_batch(*command[2:], "--resume", env=env)
     assert run.returncode == 0, run.stderr
     check_resumed(out, first, 96)
+
+
+@pytest.mark.slow
+def test_ray_works_whatever_token_home_holds(dataset: Path, fixtures: Path) -> None:
+    """A local Ray run (ours without --address included) leaves ~/.ray/auth_token; `ray
+    start` then turns token auth on with it, and ray.init(address=...) used to connect
+    without it (InvalidAuthToken). Now: that token is sent; a token the cluster never issued
+    gets one line naming the file and the fix; a token beside a cluster without token auth
+    changes nothing."""
+    single = dataset / "ray-token"
+    single.mkdir()
+    shutil.copy(fixtures / "images" / "chelsea.png", single / "one.png")
+    server_home, other_home = short_tempdir(), short_tempdir()
+    try:
+        for home, token in ((server_home, "a" * 64), (other_home, "b" * 64)):
+            (home / ".ray").mkdir()
+            (home / ".ray" / "auth_token").write_text(token)
+
+        def run(out: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+            return igd_batch(str(single), str(dataset / out), *model_args(fixtures), "-t", "cat", "--backend", "ray",
+                             "--address", address, "--workers", "1", timeout=300, env=env)
+
+        with ray_cluster_in(server_home) as (address, env):
+            same = run("ray-token-same", env)
+            assert same.returncode == 0, same.stderr
+            assert "1 pairs: 1 done now" in same.stdout
+            stale = run("ray-token-stale", {**env, "HOME": str(other_home)})
+            assert stale.returncode == 1, stale.stderr
+            last = stale.stderr.strip().splitlines()[-1]
+            assert "Traceback" not in stale.stderr, stale.stderr
+            assert f"refused Ray's auth token ({other_home / '.ray' / 'auth_token'};" in last, stale.stderr
+            assert "RAY_AUTH_TOKEN_PATH=FILE" in last
+    finally:
+        shutil.rmtree(server_home, ignore_errors=True)
+        shutil.rmtree(other_home, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_token_in_home_changes_nothing_for_a_cluster_without_auth(ray_cluster: tuple[str, dict], dataset: Path,
+                                                                    fixtures: Path) -> None:
+    address, env = ray_cluster
+    home = short_tempdir()
+    try:
+        (home / ".ray").mkdir()
+        (home / ".ray" / "auth_token").write_text("c" * 64)
+        single = dataset / "ray-token-unused"
+        single.mkdir()
+        shutil.copy(fixtures / "images" / "chelsea.png", single / "one.png")
+        run = igd_batch(str(single), str(dataset / "out-ray-token-unused"), *model_args(fixtures), "-t", "cat",
+                        "--backend", "ray", "--address", address, "--workers", "1", timeout=300,
+                        env={**env, "HOME": str(home)})
+        assert run.returncode == 0 and "1 pairs: 1 done now" in run.stdout, run.stderr
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 # --- One run per OUT_DIR, its files and nothing else -----------------------------------------
@@ -417,12 +495,8 @@ def test_a_second_run_of_the_same_out_dir_or_shard_is_refused_at_once(dataset: P
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     lock = out / ".igd-batch.shard-1-of-2.lock"
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and first.poll() is None:
-            if lock.exists() and lock.read_text().strip() == str(first.pid):
-                break
-            time.sleep(0.05)
-        assert first.poll() is None, first.stderr.read()
+        wait_until(lambda: lock.exists() and lock.read_text().strip() == str(first.pid), 120,
+                   f"the first run's pid in {lock.name}", process=first, log=lambda: first.stderr.read().decode())
         same = igd_batch(str(dataset / "images"), str(out), *slow, "--shard", "1/2", "--resume", timeout=120)
         assert same.returncode == 1 and f"pid {first.pid}" in same.stderr and "shard 1/2" in same.stderr
         assert len(same.stderr.strip().splitlines()) == 1, same.stderr  # one line, no traceback

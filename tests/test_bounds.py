@@ -3,7 +3,6 @@ giving the same answer across restarts: each test against a real `igd serve`."""
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import os
@@ -23,8 +22,8 @@ import pytest
 import torch
 from PIL import Image
 
-from daemon import IGCTL, SLOW_MODEL_OPTIONS, Igd, short_tempdir, steps_lasting
-from reference import assert_same_result
+from daemon import IGCTL, SLOW_MODEL_OPTIONS, Igd, short_tempdir, steps_lasting, wait_until
+from reference import assert_same_result, read_result
 from wire import WireClient
 
 BUDGET_MIB = 64
@@ -115,10 +114,8 @@ def test_clients_that_never_read_large_answers_cannot_pass_the_budget(fixtures: 
             assert client.call("hello")["ok"]  # small requests still get through
         for hog in hogs:
             hog.close()
-        deadline = time.monotonic() + 60
-        while held_by_requests(igd) > 2**20:  # status's own
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_until(lambda: held_by_requests(igd) <= 2**20, 60, "the budget held by requests to be freed",  # status's own
+                   interval=0.2)
         with WireClient(str(igd.socket), timeout=300) as client:  # the budget is free again
             assert client.call("attribute", {"image": chelsea_png, "n_steps": 1024})["ok"]
 
@@ -232,10 +229,7 @@ def test_sighup_is_logged_and_ignored(fixtures: Path, chelsea_png: bytes) -> Non
     igd = Igd("-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "16")
     try:
         igd.process.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while "event=sighup_ignored" not in igd.log():
-            assert time.monotonic() < deadline and igd.process.poll() is None
-            time.sleep(0.05)
+        wait_until(lambda: "event=sighup_ignored" in igd.log(), 10, "event=sighup_ignored", process=igd.process)
         assert timed_attribute(igd, chelsea_png) > 0  # still serving
         assert igd.stop() == 0 and not igd.socket.exists()
     finally:
@@ -254,10 +248,8 @@ def test_sighup_during_start_up_is_ignored(fixtures: Path, chelsea_png: bytes) -
     # Before the fix, a hang-up while igd imported torch (its first seconds) ended it with 129.
     igd = Igd("-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "16", wait_ready=False)
     try:
-        deadline = time.monotonic() + 60
-        while not ignores(igd.process.pid, signal.SIGHUP):
-            assert igd.process.poll() is None and time.monotonic() < deadline, igd.log()
-            time.sleep(0.005)
+        wait_until(lambda: ignores(igd.process.pid, signal.SIGHUP), 60, "igd to ignore SIGHUP", process=igd.process,
+                   log=igd.log, interval=0.005)
         igd.process.send_signal(signal.SIGHUP)
         assert "event=model_loaded" not in igd.log()  # the hang-up came during start-up
         igd.notify.wait_for("READY=1", 180, igd.process)
@@ -291,7 +283,7 @@ def test_a_vanishing_blur_never_answers_nan(fixtures: Path, chelsea_png: bytes) 
                 response = client.call("attribute", {"image": chelsea_png, "n_steps": 4, "baseline": "blur",
                                                      "blur_sigma": sigma})
                 assert response["ok"], response
-                result = torch.load(io.BytesIO(gzip.decompress(response["result"]["data"])), weights_only=True)
+                result = read_result(response["result"]["data"])
                 assert torch.isfinite(result["integrated_grads"]).all() and result["convergence_delta"] == 0.0
         run = igd.igctl("attribute", str(fixtures / "images" / "chelsea.png"), "cat",
                         "--baseline", "blur", "--blur-sigma", "1e-300", "--steps", "4", "-o", "-")
@@ -356,7 +348,7 @@ def test_restarts_choose_the_same_chunk_and_give_the_same_bytes(fixtures: Path, 
                     spinner.kill()
         (first, source), (second, again) = chunks
         assert (source, again) == ("measured", "cached") and first == second >= 2
-        results = [torch.load(io.BytesIO(gzip.decompress(answer)), weights_only=True) for answer in answers]
+        results = [read_result(answer) for answer in answers]
         assert [result.pop("chunk_source") for result in results] == ["measured", "cached"]  # recorded as it was
         assert_same_result(*results)  # otherwise the same result, to the bit
         assert results[0]["max_batch"] == first  # recorded with the result

@@ -3,15 +3,13 @@ results say so and stay close to the eager reference (not exact: other kernels).
 
 from __future__ import annotations
 
-import gzip
-import io
 import re
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from daemon import Igd
+from reference import read_result
 
 
 def test_a_compiled_daemon_answers_close_to_eager_and_says_it_was_compiled(fixtures: Path, tmp_path: Path) -> None:
@@ -24,8 +22,7 @@ def test_a_compiled_daemon_answers_close_to_eager_and_says_it_was_compiled(fixtu
         logged = re.search(r"event=compiled compiler=inductor seconds=([\d.]+) ig_deviation=(\S+)", igd.log())
         assert logged, igd.log()[-2000:]
         assert "compiler=inductor" in re.search(r"event=warmed_up .*", igd.log()).group(0)
-    with gzip.open(tmp_path / "r.gzip", "rb") as f:
-        result = torch.load(io.BytesIO(f.read()), weights_only=True)
+    result = read_result(tmp_path / "r.gzip")
     assert result["compiler"] == "inductor" and result["chunk_source"] == "given"
     ours, theirs = result["integrated_grads"].numpy(), reference["integrated_grads"]
     moved = float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs))

@@ -9,8 +9,6 @@ deviations there as JSON lines.
 from __future__ import annotations
 
 import copy
-import gzip
-import io
 import json
 import os
 from pathlib import Path
@@ -23,6 +21,7 @@ from captum.attr import IntegratedGradients
 from PIL import Image
 
 from daemon import Igd
+from reference import read_result
 from igd.attribution import attribute, strict_float32
 from igd.models import lanet, load_model
 from igd.worker import Job, Worker
@@ -48,11 +47,6 @@ def record(check: str, **values: Any) -> None:
 def rel_l2(actual: torch.Tensor | np.ndarray, expected: torch.Tensor | np.ndarray) -> float:
     a, e = torch.as_tensor(actual).double().cpu(), torch.as_tensor(expected).double().cpu()
     return float((a - e).norm() / e.norm())
-
-
-def read_result(path: Path) -> dict:
-    with gzip.open(path, "rb") as fobj:
-        return torch.load(io.BytesIO(fobj.read()))
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ docs/protocol.md alone (tests/wire.py)."""
 from __future__ import annotations
 
 import concurrent.futures
-import gzip
 import io
 import os
 import shutil
@@ -22,8 +21,8 @@ import torch
 from PIL import Image
 
 from conftest import require_tool
-from daemon import IGD, SLOW_MODEL_OPTIONS, Igd, NotifyListener, short_tempdir, steps_lasting
-from reference import assert_reproduces, assert_same_result
+from daemon import IGD, SLOW_MODEL_OPTIONS, Igd, NotifyListener, short_tempdir, steps_lasting, wait_until
+from reference import assert_reproduces, assert_same_result, read_result
 from test_imaging import encoded, png_declaring
 from wire import WireClient
 
@@ -32,11 +31,6 @@ CAT = 3
 
 def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
-
-
-def predecessor_reader(data: bytes) -> dict:
-    with gzip.open(io.BytesIO(data), "rb") as fobj:
-        return torch.load(io.BytesIO(fobj.read()))
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +79,7 @@ def test_attribute_equals_the_fixture_reference(fixtures: Path, chelsea_png: byt
     assert response["ok"], response
     result = response["result"]
     assert result["format"] == "torch" and result["target"] == {"index": CAT, "name": "cat"}
-    loaded = predecessor_reader(result["data"])
+    loaded = read_result(result["data"])
     assert loaded["target_class"] == CAT
     assert_reproduces({key: value.numpy() for key, value in loaded.items() if isinstance(value, torch.Tensor)}, reference)
     assert rel_l2(loaded["output"].numpy(), reference["logits"]) < 1e-5
@@ -101,7 +95,7 @@ def test_npz_format_baselines_and_heatmap(bit_daemon: Igd, chelsea_png: bytes) -
             assert arrays["integrated_directional_grads"].shape == (8, 3, 32, 32)
             assert int(arrays["target_class"]) == 5
         black = client.call("attribute", {"image": chelsea_png, "baseline": "black", "n_steps": 8})["result"]
-        loaded = predecessor_reader(black["data"])
+        loaded = read_result(black["data"])
         assert loaded["baseline_name"] == "black" and black["baseline"] == "black"
         torch.testing.assert_close(loaded["baseline"], torch.full((1, 3, 32, 32), -1.0))  # (0 - 0.5) / 0.5
         assert black["target"]["index"] == black["prediction"]["index"]  # nil target: predicted class
@@ -144,7 +138,7 @@ def test_eight_concurrent_clients_get_their_single_results(bit_daemon: Igd, chel
     assert max(batch_sizes) > 1
     for shared, single in zip(together, alone):
         assert shared["ok"] and single["ok"]
-        a, b = predecessor_reader(shared["result"]["data"]), predecessor_reader(single["result"]["data"])
+        a, b = read_result(shared["result"]["data"]), read_result(single["result"]["data"])
         assert a["target_class"] == b["target_class"]
         for key in ("integrated_grads", "integrated_directional_grads", "output"):
             assert rel_l2(a[key].numpy(), b[key].numpy()) < 1e-5, key
@@ -234,9 +228,8 @@ def test_client_vanishing_mid_frame_and_mid_compute(bit_daemon: Igd, chelsea_png
     still_serving(bit_daemon)
     with WireClient(str(bit_daemon.socket)) as client:
         assert client.call("attribute", {"image": chelsea_png, "n_steps": 4})["ok"] is True
-    deadline = time.monotonic() + 30
-    while "disconnected with requests pending" not in bit_daemon.log() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: "disconnected with requests pending" in bit_daemon.log(), 30,
+               "the log line of the client gone with requests pending", log=bit_daemon.log, interval=0.2)
     log = bit_daemon.log()
     assert "event=client_gone reason=\"half a frame\"" in log
     assert "disconnected with requests pending" in log
@@ -296,15 +289,16 @@ def test_stale_socket_is_replaced_and_a_live_one_is_not(fixtures: Path) -> None:
         [IGD, "serve", "-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "10", "--socket", str(path)],
         stderr=subprocess.PIPE, text=True,
     )
+    def answers() -> bool:
+        try:
+            with WireClient(str(path), timeout=120) as client:
+                assert client.call("hello")["ok"]
+            return True
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                with WireClient(str(path), timeout=120) as client:
-                    assert client.call("hello")["ok"]
-                break
-            except (ConnectionRefusedError, FileNotFoundError):
-                time.sleep(0.2)
+        wait_until(answers, 120, f"an igd answering on {path}", process=stale_daemon, interval=0.2)
     finally:
         stale_daemon.send_signal(signal.SIGTERM)
         assert stale_daemon.wait(60) == 0
@@ -333,9 +327,7 @@ def test_socket_activation_and_readiness(fixtures: Path, chelsea_png: bytes) -> 
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 30
-        while not path.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(path.exists, 30, "systemd-socket-activate's socket", process=activator)
         client = WireClient(str(path), timeout=180)  # the first connection starts igd
         messages = notify.wait_for("READY=1", 180)
         ready_at = next(i for i, m in enumerate(messages) if "READY=1" in m.splitlines())
@@ -397,13 +389,12 @@ def test_a_client_that_stops_reading_is_dropped(fixtures: Path, chelsea_png: byt
         hog = WireClient(str(igd.socket))
         for _ in range(12):  # ~800 KB answers each, never read: the socket buffer fills
             hog.request("attribute", {"image": chelsea_png, "n_steps": 50})
-        deadline = time.monotonic() + 60
-        while "event=client_not_reading" not in igd.log() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: "event=client_not_reading" in igd.log(), 60, "event=client_not_reading", log=igd.log,
+                   interval=0.2)
         assert "event=client_not_reading" in igd.log()
-        with WireClient(str(igd.socket)) as client:
-            while client.call("status")["result"]["requests"]["in_flight"] > 1 and time.monotonic() < deadline:
-                time.sleep(0.2)  # the hog's pending answers are released, not held
+        with WireClient(str(igd.socket)) as client:  # the hog's pending answers are released, not held
+            wait_until(lambda: client.call("status")["result"]["requests"]["in_flight"] <= 1, 60,
+                       "no request in flight but status", interval=0.2)
             assert client.call("status")["result"]["requests"]["in_flight"] == 1
         hog.close()
 

@@ -3,8 +3,6 @@ known, and through a real daemon."""
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import torch
 from torch import nn
 
 from daemon import Igd
+from reference import read_result
 from igd import faithfulness
 from igd.attribution import attribute
 
@@ -74,8 +73,7 @@ def test_metrics_through_igctl(lanet: Igd, fixtures: Path, workdir: Path) -> Non
     assert run.returncode == 0, run.stderr.decode()
     record = json.loads(run.stdout)
     assert set(record["metrics"]) == {"insertion", "deletion"}
-    with gzip.open(workdir / "m.gzip", "rb") as f:
-        result = torch.load(io.BytesIO(f.read()), weights_only=True)
+    result = read_result(workdir / "m.gzip")
     steps = faithfulness.STEPS + 1
     assert result["insertion_curve"].shape == (steps,) and result["metric_fractions"].shape == (steps,)
     assert result["deletion_area"] == pytest.approx(record["metrics"]["deletion"])

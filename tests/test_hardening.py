@@ -3,8 +3,6 @@ lost, nobody else is hurt, nobody is let in."""
 
 from __future__ import annotations
 
-import gzip
-import io
 import os
 import shutil
 import signal
@@ -24,8 +22,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import record_hardening, require_tool
-from daemon import IGD, SLOW_MODEL_OPTIONS, Igd, short_tempdir, steps_lasting
-from reference import assert_same_result
+from daemon import IGD, SLOW_MODEL_OPTIONS, Igd, short_tempdir, steps_lasting, wait_until
+from reference import assert_same_result, read_result
 from igd import protocol
 from igd.protocol import ERROR_CODES, ProtocolError
 from test_imaging import encoded, gradient, png_chunk, png_declaring
@@ -293,7 +291,7 @@ def test_odd_but_valid_images_get_correct_results(target: Igd, name: str, fixtur
         response = client.call("attribute", {"image": VALID[name], "target": 3, "n_steps": 6})
         assert time.monotonic() - started < 60
     assert response["ok"], response
-    served = torch.load(io.BytesIO(gzip.decompress(response["result"]["data"])))
+    served = read_result(response["result"]["data"])
     model = load_model(bit_path=fixtures / "bit-tiny.pth")
     expected = attribute(model.module, model.preprocess(decode_image(VALID[name])), 3, n_steps=6)
     torch.testing.assert_close(served["integrated_grads"], expected.integrated_grads, rtol=1e-4, atol=1e-6)
@@ -347,10 +345,8 @@ def test_sigkill_then_restart_takes_over(fixtures: Path, chelsea_png: bytes) -> 
         second = subprocess.Popen([IGD, "serve", "-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "10",
                                    "--socket", str(path)], stderr=subprocess.PIPE)
         try:
-            deadline = time.monotonic() + 120
-            while first.igctl("status").returncode != 0:
-                assert time.monotonic() < deadline and second.poll() is None
-                time.sleep(0.2)
+            wait_until(lambda: first.igctl("status").returncode == 0, 120, "the second igd to answer", process=second,
+                       interval=0.2)
         finally:
             second.send_signal(signal.SIGTERM)
             assert second.wait(60) == 0

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import io
 import itertools
 import contextlib
 import json
@@ -21,9 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
-from daemon import IGCTL, IGD, SLOW_MODEL_OPTIONS, Igd, short_tempdir, steps_lasting
+from daemon import IGCTL, IGD, SLOW_MODEL_OPTIONS, Igd, short_tempdir, steps_lasting, wait_until
 from igctl.client import EXIT_TABLE
-from reference import assert_reproduces, assert_same_result
+from reference import assert_reproduces, assert_same_result, read_result
 from test_imaging import encoded
 
 PREDECESSOR_SHAPES = {
@@ -34,13 +32,8 @@ PREDECESSOR_SHAPES = {
 }
 
 
-def predecessor_reader(path: Path) -> dict:
-    with gzip.open(path, "rb") as fobj:
-        return torch.load(io.BytesIO(fobj.read()))
-
-
 def check_result(path: Path, n: int, shape: tuple[int, int, int], classes: int) -> dict:
-    result = predecessor_reader(path)
+    result = read_result(path)
     for key, expected in PREDECESSOR_SHAPES.items():
         assert tuple(result[key].shape) == expected(n, *shape), key
     assert tuple(result["output"].shape) == (1, classes)
@@ -240,7 +233,7 @@ def test_tf32_on_a_cpu_is_reported_and_changes_nothing(fixtures: Path, photos: d
         out = igd.igctl("attribute", str(photos["chelsea.png"]), "cat", "-o", str(workdir / "r.gzip"))
         assert out.returncode == 0, out.stderr
         assert "event=precision" in igd.log() and "none here" in igd.log()
-    result = predecessor_reader(workdir / "r.gzip")
+    result = read_result(workdir / "r.gzip")
     assert_reproduces({key: value.numpy() for key, value in result.items() if isinstance(value, torch.Tensor)}, reference)
 
 
@@ -296,7 +289,7 @@ def test_gzip_level_trades_size_for_speed(lanet: Igd, photos: dict[str, Path], w
         assert run.returncode == 0, run.stderr
     stored, smallest = workdir / "level0.gzip", workdir / "level9.gzip"
     assert stored.stat().st_size > smallest.stat().st_size
-    a, b = predecessor_reader(stored), predecessor_reader(smallest)
+    a, b = read_result(stored), read_result(smallest)
     assert torch.equal(a["integrated_grads"], b["integrated_grads"])
     assert lanet.igctl("attribute", str(photos["chelsea.png"]), "--gzip-level", "10").returncode == 2
 
@@ -346,9 +339,8 @@ def test_a_stop_signal_cancels_the_request_on_the_daemon(slow: Igd, photos: dict
     assert time.monotonic() - sent < 1.0
     assert "interrupted" in client.stderr.read().decode()
     assert os.listdir(workdir) == []  # no result, no temporary file
-    deadline = time.monotonic() + 10
-    while slow.log().count("event=pass_cancelled") == cancelled_before and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: slow.log().count("event=pass_cancelled") > cancelled_before, 10, "event=pass_cancelled",
+               log=slow.log, interval=0.1)
     log = slow.log()
     assert "outcome=cancelled" in log
     stopped = log.split("event=pass_cancelled")[-1].splitlines()[0]
@@ -367,10 +359,7 @@ def test_status_and_requests_during_start_up(fixtures: Path, photos: dict[str, P
     igd = Igd("-lp", str(fixtures / "lanet-tiny.pth"), "--max-batch", "10", "--classes", str(classes),
               wait_ready=False)
     try:
-        deadline = time.monotonic() + 60
-        while not igd.socket.exists():
-            assert time.monotonic() < deadline and igd.process.poll() is None, igd.log()
-            time.sleep(0.05)
+        wait_until(igd.socket.exists, 60, "igd's socket", process=igd.process, log=igd.log)
         started = time.monotonic()
         status = igd.igctl("status")
         answered_in = time.monotonic() - started
@@ -394,7 +383,7 @@ def test_status_and_requests_during_start_up(fixtures: Path, photos: dict[str, P
         assert waiting.wait(120) == 0 and b"state      ready" in waiting.stdout.read()
         assert attribute.wait(120) == 0
         assert b"waiting for igd to finish starting (loading the model" in attribute.stderr.read()
-        assert predecessor_reader(workdir / "r.gzip")["target_name"] == "cat"
+        assert read_result(workdir / "r.gzip")["target_name"] == "cat"
         assert igd.igctl("status").returncode == 0
     finally:
         if igd.process.poll() is None and not igd.notify.messages:
@@ -430,7 +419,7 @@ def test_results_go_to_files_unless_stdout_is_asked_for(lanet: Igd, photos: dict
         run = subprocess.run([IGCTL, "--socket", str(lanet.socket), "attribute", str(photos["chelsea.png"]), "cat",
                               "--steps", "4"], cwd=workdir, stdout=captured, stderr=subprocess.PIPE, timeout=120)
     assert run.returncode == 0, run.stderr
-    assert predecessor_reader(workdir / "chelsea.gzip")["target_name"] == "cat"
+    assert read_result(workdir / "chelsea.gzip")["target_name"] == "cat"
     assert (workdir / "captured").read_text().startswith(f"{photos['chelsea.png']}: ")  # text, not a result
 
 

@@ -70,6 +70,7 @@ def our_table(state: dict[str, torch.Tensor], prefix: str = "") -> list[tuple[st
     return [(prefix + k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()]
 
 
+@pytest.mark.slow  # a full-size model
 def test_full_size_bit_matches_the_original_checkpoint_layout(fixtures: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
     net = ResNetV2((3, 4, 23, 3), 3, 10)
@@ -86,6 +87,7 @@ def test_full_size_bit_matches_the_original_checkpoint_layout(fixtures: Path, tm
     assert torch.equal(loaded.module.state_dict()["head.conv.weight"], state["head.conv.weight"])
 
 
+@pytest.mark.slow  # a full-size model
 def test_full_size_lanet_matches_the_original_checkpoint_layout(fixtures: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
     net = NetworkCIFAR(128, 10, 24, auxiliary=True)
@@ -125,6 +127,7 @@ def test_default_model_recognises_the_photos(default_model, fixtures: Path, imag
         assert {name for _, name, _ in top} == expected
 
 
+@pytest.mark.slow  # a full-size model
 def test_default_model_ig_agrees_with_captum(default_model, fixtures: Path) -> None:
     x = default_model.preprocess(chelsea(fixtures))
     with torch.no_grad():

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import datetime
-import gzip
 import hashlib
-import io
 import json
 import subprocess
 import sys
@@ -17,14 +15,10 @@ import torch
 from PIL import Image
 
 from daemon import IGD, Igd
+from reference import read_result
 from igd.reader import PROVENANCE_KEYS as KEYS
 
 LANET_MEAN = [0.49139968, 0.48215827, 0.44653124]
-
-
-def torch_result(path: Path) -> dict:
-    with gzip.open(path, "rb") as f:
-        return torch.load(io.BytesIO(f.read()), weights_only=True)
 
 
 def check_provenance(result: dict, weights: Path) -> None:
@@ -49,7 +43,7 @@ def test_every_result_file_says_what_made_it(lanet: Igd, fixtures: Path, workdir
     for name, fmt in (("a.gzip", "torch"), ("a.npz", "npz")):
         run = lanet.igctl("attribute", str(image), "cat", "-o", str(workdir / name), "--steps", "6", "--format", fmt)
         assert run.returncode == 0, run.stderr.decode()
-    check_provenance(torch_result(workdir / "a.gzip"), weights)
+    check_provenance(read_result(workdir / "a.gzip"), weights)
     with np.load(workdir / "a.npz") as arrays:  # no pickles needed
         check_provenance({key: arrays[key].item() if arrays[key].ndim == 0 else arrays[key] for key in arrays.files},
                          weights)
@@ -69,7 +63,7 @@ def test_batch_results_record_the_weights_they_came_from(fixtures: Path, workdir
                           "--max-batch", "8", "-t", "cat"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     (record,) = [json.loads(line) for line in (workdir / "out" / "status.jsonl").read_text().splitlines()]
-    result = torch_result(workdir / "out" / record["output"])
+    result = read_result(workdir / "out" / record["output"])
     assert result["weights_sha256"] == hashlib.sha256(changed.read_bytes()).hexdigest()
     assert result["weights_sha256"] != hashlib.sha256((fixtures / "lanet-tiny.pth").read_bytes()).hexdigest()
     assert all(key in result for key in KEYS)
@@ -89,7 +83,7 @@ def test_the_python_client_gives_igctls_result(lanet: Igd, fixtures: Path, workd
     image = fixtures / "images" / "chelsea.png"
     run = lanet.igctl("attribute", str(image), "cat", "-o", str(workdir / "cat.gzip"), "--steps", "8")
     assert run.returncode == 0, run.stderr.decode()
-    expected = torch_result(workdir / "cat.gzip")
+    expected = read_result(workdir / "cat.gzip")
     with Client(lanet.socket) as igd:
         result = igd.attribute(image, target="cat", n_steps=8)
         assert result.target == "cat" and result.target_index == 3 and result.error_estimate is not None

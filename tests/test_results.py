@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import nets
+from reference import read_result
 from igd.attribution import attribute
 from igd.results import PREDECESSOR_KEYS, decode_torch, encode, encode_npz, encode_torch, result_dict, write_result
 
@@ -63,7 +64,7 @@ def test_file_round_trips_through_the_predecessors_reader(batch_attribution, tmp
 
 
 def test_one_image_of_a_batch_stores_only_its_own_tensors(batch_attribution) -> None:
-    from_batch = torch.load(io.BytesIO(gzip.decompress(encode_torch(result_dict(batch_attribution, 0)))))
+    from_batch = read_result(encode_torch(result_dict(batch_attribution, 0)))
     raw = io.BytesIO()
     torch.save(from_batch, raw)
     alone = attribute(nets.batchnorm_cnn(), nets.images()[:1], 1, n_steps=N_STEPS)

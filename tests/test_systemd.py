@@ -11,13 +11,13 @@ import shlex
 import shutil
 import signal
 import subprocess
-import time
+import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import require_tool
-from daemon import IGCTL, IGD, Igd, NotifyListener, short_tempdir
+from daemon import IGCTL, IGD, Igd, NotifyListener, short_tempdir, wait_until
 from reference import assert_same_result
 from wire import WireClient
 
@@ -155,9 +155,7 @@ def test_socket_activation_as_the_units_describe(root: Path, fixtures: Path) -> 
     command += [f"--setenv={k}={v}" for k, v in env.items()]
     activated = subprocess.Popen([*command, *shlex.split(exec_start)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        while not path.exists():
-            assert activated.poll() is None
-            time.sleep(0.05)
+        wait_until(path.exists, 60, "systemd-socket-activate's socket", process=activated)
         out = subprocess.run([IGCTL, "attribute", str(fixtures / "images/chelsea.png"), "cat", "-o", str(root / "r.gzip"),
                               "--steps", "8"], capture_output=True, timeout=300, env={"IGD_SOCKET": str(path), "PATH": "/usr/bin:/bin"})
         assert out.returncode == 0, out.stderr
@@ -195,14 +193,12 @@ def test_template_instance_maps_gpu_index_to_device_and_socket(root: Path, fixtu
 
 
 def test_igctl_through_a_relayed_socket(fixtures: Path, root: Path) -> None:
-    socat = require_tool("socat")
     with Igd("-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "10") as igd:
         relay_path = root / "forwarded.sock"  # stands in for `ssh -L /tmp/igd.sock:/run/igd/igd.sock`
-        relay = subprocess.Popen([socat, f"UNIX-LISTEN:{relay_path},fork", f"UNIX-CONNECT:{igd.socket}"])
+        relay = subprocess.Popen([sys.executable, str(Path(__file__).with_name("relay.py")), str(relay_path),
+                                  str(igd.socket)])
         try:
-            while not relay_path.exists():
-                assert relay.poll() is None
-                time.sleep(0.05)
+            wait_until(relay_path.exists, 30, "the relay's socket", process=relay)
             out = subprocess.run([IGCTL, "attribute", str(fixtures / "images/chelsea.jpg"), "cat", "-o", "-", "--steps", "6"],
                                  capture_output=True, timeout=300, env={"IGD_SOCKET": str(relay_path), "PATH": "/usr/bin:/bin"})
             assert out.returncode == 0, out.stderr

@@ -148,7 +148,7 @@ def test_busy_cores_are_seen_and_the_search_times_with_the_free_ones() -> None:
         spinner.wait()
 
 
-@pytest.mark.parametrize("source", ["bit", "lanet", "default"])
+@pytest.mark.parametrize("source", ["bit", "lanet", pytest.param("default", marks=pytest.mark.slow)])
 def test_a_result_does_not_depend_on_the_chunk_the_search_picks(fixtures: Path, source: str) -> None:
     """Any chunk of 2 or more gives the same bytes (the search never picks 1 where 2
     fits), so where it lands on a busy or a quiet machine changes speed, not results."""

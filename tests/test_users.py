@@ -27,7 +27,7 @@ from typing import Iterator
 import pytest
 
 from conftest import _MISSING_TOOLS, require_tool
-from daemon import IGCTL, IGD, Igd, short_tempdir
+from daemon import IGCTL, IGD, Igd, short_tempdir, wait_until
 from wire import WireClient
 
 from igctl import client as igctl_client
@@ -223,17 +223,9 @@ def root_igd(people: People) -> Iterator[Igd]:
     with Igd(*SERVE[1:], "--allow-group", people.group, "--allow-uid", people.users["mallory"].name,
              "--allow-uid", people.users["service"].name, wait_ready=False) as igd:
         igd.dir.chmod(0o755)
-        wait_for(igd.socket.exists, 120, lambda: f"igd did not create its socket:\n{igd.log()}")
+        wait_until(igd.socket.exists, 120, "igd's socket", log=igd.log)
         igd.socket.chmod(0o666)
         yield igd
-
-
-def wait_for(condition, timeout: float, why) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(why())
-        time.sleep(0.05)
 
 
 # --- mallory's relay ------------------------------------------------------------------------------
@@ -326,7 +318,7 @@ class Relay:
         def done() -> bool:
             lines = self.lines()
             return sum(" accepted " in l for l in lines) == sum(l.endswith(" closed") for l in lines) == connections
-        wait_for(done, 10, lambda: f"relay connections still open: {self.lines()}")
+        wait_until(done, 10, "the relay's connections to close", log=lambda: "\n".join(self.lines()))
         return self.lines()
 
     def close(self) -> None:
@@ -472,7 +464,7 @@ def test_igctl_accepts_socket_activated_igd(people: People) -> None:
         ["systemd-socket-activate", "-l", str(path), *(f"--setenv={k}={v}" for k, v in environment.items()),
          *people.setpriv(service), IGD, *SERVE], environment)
     try:
-        wait_for(path.exists, 30, lambda: "systemd-socket-activate made no socket")
+        wait_until(path.exists, 30, "systemd-socket-activate's socket")
         path.chmod(0o666)
         out = people.igctl(victim, "--socket", str(path), "status", timeout=120)
         assert out.returncode in (0, 5), out.stdout + out.stderr

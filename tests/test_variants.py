@@ -7,8 +7,6 @@ and single-target runs of the engine.
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import shutil
 import subprocess
@@ -22,7 +20,7 @@ from torchvision.transforms import functional as TF
 
 import nets
 from daemon import IGD, Igd
-from reference import assert_same_result
+from reference import assert_same_result, read_result
 from wire import WireClient
 from igd.adaptive import attribute_adaptive
 from igd.attribution import attribute, quadrature
@@ -186,16 +184,15 @@ def test_idgi_is_complete_on_any_rule() -> None:
 def attribute_file(igd: Igd, out: Path, image: Path, *args: str) -> dict:
     run = igd.igctl("attribute", str(image), "-o", str(out), "--steps", "12", *args)
     assert run.returncode == 0, run.stderr.decode()
-    return read_result(out)
+    return read_file(out)
 
 
-def read_result(path: Path) -> dict:
+def read_file(path: Path) -> dict:
     if path.suffix == ".npz":
         with np.load(path) as arrays:
             return {key: torch.from_numpy(arrays[key]) if arrays[key].dtype.kind == "f" else arrays[key]
                     for key in arrays.files}
-    with gzip.open(path, "rb") as f:
-        return torch.load(io.BytesIO(f.read()), weights_only=True)
+    return read_result(path)
 
 
 CIFAR = ["cat", "dog", "ship", "frog", "truck"]
@@ -230,7 +227,7 @@ def test_top_k_explains_the_most_likely_classes_in_order(lanet: Igd, fixtures: P
     assert run.returncode == 0, run.stderr.decode()
     record = json.loads(run.stdout)
     assert [t["name"] for t in record["targets"]] == [entry["name"] for entry in ranked]
-    result = read_result(workdir / "top.npz")
+    result = read_file(workdir / "top.npz")
     assert list(result["target_class"]) == [entry["index"] for entry in ranked]
     assert result["integrated_grads"].shape == (3, 1, 3, 32, 32)
     with Image.open(image) as photo, Image.open(workdir / "top.png") as heatmap:
@@ -306,7 +303,7 @@ def test_top_k_with_a_tolerance(lanet: Igd, fixtures: Path, workdir: Path) -> No
     assert run.returncode == 0, run.stderr.decode()
     record = json.loads(run.stdout)
     assert len(record["targets"]) == 2 and record["method"] == "adaptive"
-    result = read_result(workdir / "adaptive.gzip")
+    result = read_file(workdir / "adaptive.gzip")
     n = result["n_steps"]
     assert result["integrated_directional_grads"].shape == (2, n, 3, 32, 32) and result["tolerance"] == 0.05
 
@@ -318,7 +315,7 @@ def test_several_targets_on_the_wire(lanet: Igd, fixtures: Path) -> None:
                                            "baseline": ["black", "white"]})
         result = answer["result"]
         assert [t["name"] for t in result["targets"]] == ["cat", "dog"] and result["paths"] == 2
-        data = torch.load(io.BytesIO(gzip.decompress(result["data"])), weights_only=True)
+        data = read_result(result["data"])
         assert data["integrated_directional_grads"].shape == (2, 2, 6, 3, 32, 32)
         assert data["idgi"].shape == (2, 1, 3, 32, 32)
         for args, message in ((["cat", "cat"], "names a class twice"), ([], "1 to 16 classes"),
@@ -344,7 +341,7 @@ def test_igd_batch_takes_the_new_options(fixtures: Path, workdir: Path) -> None:
                           "--idgi"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     (record,) = [json.loads(line) for line in (workdir / "out" / "status.jsonl").read_text().splitlines()]
-    result = read_result(workdir / "out" / record["output"])
+    result = read_file(workdir / "out" / record["output"])
     assert result["axes"] == ["target", "path"] and len(result["target_class"]) == 2
     assert result["integrated_directional_grads"].shape == (2, 2, 6, 3, 32, 32) and "idgi" in result
     both = subprocess.run([IGD, "batch", str(images), str(workdir / "out2"), "-lp", str(fixtures / "lanet-tiny.pth"),

@@ -7,6 +7,8 @@ rows that come back to the same sink, in this process; only the sink writes file
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 from typing import Any, Callable
 
 from igd.batch.inputs import Pair
@@ -55,8 +57,64 @@ def run_ray(pairs: list[Pair], model_args: dict[str, Any], options: BatchOptions
         import ray
     except ImportError:
         raise SystemExit("the ray backend needs Ray: pip install 'igd[ray]'") from None
-    if not ray.is_initialized():
+    try:
+        _run_ray(ray, pairs, model_args, options, sink, address=address, workers=workers,
+                 gpus_per_worker=gpus_per_worker)
+    except Exception as error:
+        if not _is_auth_failure(error):
+            raise
+        raise SystemExit(_auth_advice(address)) from None
+
+
+def _connect(ray: Any, address: str | None) -> None:
+    """ray.init, sending the token that `ray start` uses. With RAY_AUTH_MODE unset, `ray
+    start` turns token auth on when ~/.ray/auth_token exists (a local Ray run, ours
+    included, writes it), but ray.init(address=...) never does: it would connect without
+    the token and be refused. So, refused and holding a token, connect again with it."""
+    try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        return
+    except Exception as error:
+        if address is None or "RAY_AUTH_MODE" in os.environ or not _is_auth_failure(error):
+            raise
+        try:
+            from ray._private.authentication.authentication_token_setup import (
+                maybe_enable_token_auth_if_token_available,
+            )
+        except ImportError:
+            raise error from None
+        ray.shutdown()
+        if not maybe_enable_token_auth_if_token_available(warn_if_disabled=False):
+            raise
+    ray.init(address=address, include_dashboard=False, log_to_driver=False)
+
+
+def _is_auth_failure(error: BaseException) -> bool:
+    """Whether Ray failed on its token (an AuthenticationError, or gRPC's InvalidAuthToken
+    wrapped in another error), anywhere in the chain of causes."""
+    while error is not None:
+        if type(error).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _auth_advice(address: str | None) -> str:
+    """One line: which token Ray sent, where it came from, and how to fix it."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        source = "the RAY_AUTH_TOKEN environment variable"
+    else:
+        source = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    where = f"the Ray cluster at {address}" if address else "the local Ray cluster"
+    return (f"{where} refused Ray's auth token ({source}; a local Ray run, `igd batch --backend ray` without "
+            "--address included, writes ~/.ray/auth_token): give the cluster's own token (RAY_AUTH_TOKEN_PATH=FILE "
+            "or RAY_AUTH_TOKEN), or remove that file if it is not the cluster's")
+
+
+def _run_ray(ray: Any, pairs: list[Pair], model_args: dict[str, Any], options: BatchOptions,
+             sink: Callable[[Rows], None], *, address: str | None, workers: int, gpus_per_worker: float) -> None:
+    if not ray.is_initialized():
+        _connect(ray, address)
     dataset = ray.data.from_items([dataclasses.asdict(pair) for pair in pairs])
     results = dataset.map_batches(
         RayAttributor,
