@@ -378,8 +378,30 @@ def test_interrupted_ray_run_resumes(ray_cluster: tuple[str, dict], dataset: Pat
 
 
 @pytest.mark.slow
+def test_a_token_in_home_changes_nothing_for_a_cluster_without_auth(ray_cluster: tuple[str, dict], dataset: Path,
+                                                                    fixtures: Path) -> None:
+    address, env = ray_cluster
+    home = short_tempdir()
+    try:
+        (home / ".ray").mkdir()
+        (home / ".ray" / "auth_token").write_text("c" * 64)
+        single = dataset / "ray-token-unused"
+        single.mkdir()
+        shutil.copy(fixtures / "images" / "chelsea.png", single / "one.png")
+        run = igd_batch(str(single), str(dataset / "out-ray-token-unused"), *model_args(fixtures), "-t", "cat",
+                        "--backend", "ray", "--address", address, "--workers", "1", timeout=300,
+                        env={**env, "HOME": str(home)})
+        assert run.returncode == 0 and "1 pairs: 1 done now" in run.stdout, run.stderr
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.slow
 def test_ray_works_whatever_token_home_holds(dataset: Path, fixtures: Path) -> None:
-    """A local Ray run (ours without --address included) leaves ~/.ray/auth_token; `ray
+    """(Its cluster's `ray stop` ends every Ray cluster on the machine, the module's shared one
+    too: it comes after every test that uses ``ray_cluster``.)
+
+    A local Ray run (ours without --address included) leaves ~/.ray/auth_token; `ray
     start` then turns token auth on with it, and ray.init(address=...) used to connect
     without it (InvalidAuthToken). Now: that token is sent; a token the cluster never issued
     gets one line naming the file and the fix; a token beside a cluster without token auth
@@ -410,25 +432,6 @@ def test_ray_works_whatever_token_home_holds(dataset: Path, fixtures: Path) -> N
     finally:
         shutil.rmtree(server_home, ignore_errors=True)
         shutil.rmtree(other_home, ignore_errors=True)
-
-
-@pytest.mark.slow
-def test_a_token_in_home_changes_nothing_for_a_cluster_without_auth(ray_cluster: tuple[str, dict], dataset: Path,
-                                                                    fixtures: Path) -> None:
-    address, env = ray_cluster
-    home = short_tempdir()
-    try:
-        (home / ".ray").mkdir()
-        (home / ".ray" / "auth_token").write_text("c" * 64)
-        single = dataset / "ray-token-unused"
-        single.mkdir()
-        shutil.copy(fixtures / "images" / "chelsea.png", single / "one.png")
-        run = igd_batch(str(single), str(dataset / "out-ray-token-unused"), *model_args(fixtures), "-t", "cat",
-                        "--backend", "ray", "--address", address, "--workers", "1", timeout=300,
-                        env={**env, "HOME": str(home)})
-        assert run.returncode == 0 and "1 pairs: 1 done now" in run.stdout, run.stderr
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
 
 
 # --- One run per OUT_DIR, its files and nothing else -----------------------------------------
