@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import struct
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,7 +41,10 @@ def read_checkpoint(path: Path) -> Any:
                 "with torch.save(model.state_dict(), path)"
             ) from None
         raise ModelError(f"{path}: not a PyTorch checkpoint") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, KeyError, ValueError) as error:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, KeyError, ValueError, IndexError, TypeError,
+            AttributeError, OverflowError, MemoryError, struct.error) as error:
+        # Garbage that happens to start like a pickle fails inside torch's weights-only
+        # unpickler in many ways (e.g. NEWOBJ on an empty stack: IndexError).
         if head.startswith(b"PK"):
             raise ModelError(f"{path}: the checkpoint is truncated or corrupt ({_first_line(error)})") from None
         raise ModelError(f"{path}: not a PyTorch checkpoint ({_first_line(error)})") from None
