@@ -1,7 +1,8 @@
 """The `igctl` command: attributions and classifications from a running igd.
 
-Imports only the standard library, click, msgpack and igd's torch-free modules
-(protocol, request, progress), so it starts in a fraction of a second (no torch, no numpy).
+Imports only the standard library, click, msgpack and igd's torch-free modules (protocol,
+request, flags, files, progress, styles), so it starts in a fraction of a second: no torch,
+and numpy and Pillow only inside `igctl show`.
 """
 
 from __future__ import annotations

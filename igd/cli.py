@@ -79,9 +79,11 @@ def compute_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--max-batch", default="auto", callback=_parse_max_batch, envvar="IGD_MAX_BATCH",
                      show_envvar=True, show_default=True,
-                     help="Path points per forward+backward pass. auto: the fastest, measured once per model, "
-                          "input size, device and thread count and kept in the cache directory ($IGD_CACHE_DIR, "
-                          "else ~/.cache/igd), so every start chooses the same; measure: measure again now."),
+                     help="Path points per forward+backward pass. auto: the fastest, measured once per model "
+                          "(its weights), input size, device, threads, memory, precision, memory format and "
+                          "compiler and kept in the cache directory ($IGD_CACHE_DIR, else systemd's "
+                          "$CACHE_DIRECTORY, else $XDG_CACHE_HOME/igd or ~/.cache/igd), so every start chooses "
+                          "the same; measure: measure again now."),
         click.option("--memory-format", type=click.Choice(["contiguous", "channels_last"]), default="contiguous",
                      envvar="IGD_MEMORY_FORMAT", show_envvar=True, show_default=True,
                      help="Weight layout. channels_last is faster for some models on some CPUs but moves IG by "
