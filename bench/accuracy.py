@@ -36,8 +36,8 @@ from report import accuracy_table  # the same tables as docs/benchmarks.md
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from reference import assemble  # noqa: E402  (the BiT and LaNet fixtures, as the tests build them)
 
-from igd.adaptive import attribute_adaptive  # noqa: E402
-from igd.attribution import attribute  # noqa: E402
+from igd.engine.adaptive import attribute_adaptive  # noqa: E402
+from igd.engine.attribution import attribute  # noqa: E402
 from igd.models import LoadedModel, load_model  # noqa: E402
 
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",

@@ -5,7 +5,7 @@
 
 For each model (full size; BiT and LaNet with random weights, loaded through igd's own
 loader as the daemon serves them), in a fresh process, the sweep times one forward+backward of a chunk of
-path points at each size up to the memory cap (igd.tuning.time_chunk, what the tuner
+path points at each size up to the memory cap (igd.tuning.search.time_chunk, what the tuner
 times): a call that builds the size's kernels, then the median of ``--repeats`` timed
 calls, as ms per point. Sizes: every one up to 16, every second up to 32 and every
 fourth above (``--every``: all of them).
@@ -34,7 +34,7 @@ from PIL import Image
 from report import chunks_table  # the same tables as docs/benchmarks.md
 
 from igd.models import LoadedModel, load_model
-from igd.tuning import memory_cap, time_chunk
+from igd.tuning.search import memory_cap, time_chunk
 
 BIN = Path(sys.executable).parent
 BUSY_LOOP = "while True: pass"

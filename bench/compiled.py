@@ -6,7 +6,7 @@
 Each model in a fresh process, loaded as igd serves it: the chunk igd's tuner picks for
 the eager model (used by both sides), then a 50-step Gauss-Legendre attribution of
 chelsea.jpg eager and compiled (median of ``--repeats`` after one run), the compile time
-(igd.tuning.compile_module: the first compiled attribution, 8 steps), the peak RSS the
+(igd.tuning.warmup.compile_module: the first compiled attribution, 8 steps), the peak RSS the
 compiled model added, and how far compiling moves IG (relative L2 against eager at 8
 steps, as the daemon logs it, and at 50). Not a test: no asserts.
 """
@@ -28,8 +28,9 @@ from models import IMAGE, describe_machine
 from PIL import Image
 from report import compiled_table  # the same tables as docs/benchmarks.md
 
-from igd.attribution import attribute
-from igd.tuning import choose_max_batch, compile_module
+from igd.engine.attribution import attribute
+from igd.tuning.search import choose_max_batch
+from igd.tuning.warmup import compile_module
 
 
 def peak_rss_mib() -> float:

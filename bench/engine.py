@@ -25,8 +25,9 @@ from models import IMAGE, build
 from PIL import Image
 from predecessor import predecessor_attribute
 
-from igd.attribution import attribute
-from igd.tuning import choose_max_batch, use_memory_format
+from igd.engine.attribution import attribute
+from igd.tuning.search import choose_max_batch
+from igd.tuning.warmup import use_memory_format
 
 
 def timed(fn) -> float:

@@ -10,7 +10,7 @@ request at a time, and peak GPU memory; then, on the pretrained EfficientNet-Lit
 TF32 moves IG from strict float32 (relative L2) and what it gains.
 
 PyTorch's own default allows TF32 for convolutions (not matmuls); the predecessor ran with
-that default. Here each mode is set explicitly for both sides (igd.attribution.strict_float32).
+that default. Here each mode is set explicitly for both sides (igd.engine.attribution.strict_float32).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from models import IMAGE, build
 from PIL import Image
 from predecessor import predecessor_attribute
 
-from igd.attribution import attribute, strict_float32
-from igd.tuning import choose_max_batch
+from igd.engine.attribution import attribute, strict_float32
+from igd.tuning.search import choose_max_batch
 
 MODES = {"float32": False, "tf32": True}  # name -> allow_tf32
 

@@ -32,7 +32,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from reference import assemble  # noqa: E402
 
-from igd.attribution import attribute
+from igd.engine.attribution import attribute
 from igd.models import load_model
 
 STEPS = 32

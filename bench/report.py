@@ -319,7 +319,7 @@ def main() -> None:
          "the baseline inside the first, written in plain torch), for every fixed rule and for adaptive quadrature "
          "(`--tolerance`, cap 1024 points); the built-in model on 8 photos bundled with scikit-image and the BiT and "
          "LaNet test fixtures on the first of them (the tables count the photos), each attributed to its predicted class from the zero baseline. "
-         "`error_estimate` is what igd reports in every result (igd/accuracy.py)."),
+         "`error_estimate` is what igd reports in every result (igd/engine/accuracy.py)."),
         ("Several targets in one pass (`bench/targets.py`)", load("targets"), targets_table,
          "k targets in one request (one forward and k backwards per chunk of path points) against k requests of one "
          "target (what captum and tools without multi-target passes do), through igd's worker with the chunk the "

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from reference import assemble  # noqa: E402  (the BiT fixture, as the tests build it)
 
 from igd import pipeline  # noqa: E402
-from igd.attribution import engine_mode  # noqa: E402
+from igd.engine.attribution import engine_mode  # noqa: E402
 from igd.models import LoadedModel, load_model  # noqa: E402
 from igd.request import parse_attribute  # noqa: E402
 from igd.worker import ComputeSettings, Worker  # noqa: E402

@@ -142,7 +142,7 @@ class Attribution:
             if self.format != "npz":
                 raise ValueError("arrays are read from the npz format; ask for format='npz' (the default here), "
                                  "or read the torch file with torch.load")
-            from igd.reader import read_npz  # numpy only now: importing igctl stays numpy-free
+            from igd.output.reader import read_npz  # numpy only now: importing igctl stays numpy-free
 
             self._arrays = read_npz(self.data)  # checked as a file from anywhere is (UnreadableResult)
         return self._arrays

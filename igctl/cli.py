@@ -35,10 +35,10 @@ from igctl.client import (
     RequestFailed,
 )
 from igd import request as spec
-from igd.files import TEMPORARIES, AtomicFile, write_atomically
+from igd.output.files import TEMPORARIES, AtomicFile, write_atomically
 from igd.flags import attribute_flags, checked_request, flag
 from igd.progress import Progress, RequestProgress
-from igd.styles import DEFAULT_OUTLIER_PERC, DEFAULT_SIGN, DEFAULT_STYLE, SIGNS, STYLES
+from igd.output.styles import DEFAULT_OUTLIER_PERC, DEFAULT_SIGN, DEFAULT_STYLE, SIGNS, STYLES
 from igd.protocol import VERSION, default_socket_path
 
 EXIT_STATUSES = "\b\nExit status:\n" + "\n".join(f"  {code:<3} {meaning}" for code, meaning in EXIT_TABLE) + "\n"
@@ -717,7 +717,7 @@ def show(results: tuple[Path, ...], as_json: bool, heatmap: Path | None, style: 
 
 
 def shown_png(picture: Any) -> bytes:
-    from igd.rendering import png
+    from igd.output.rendering import png
 
     return png(picture)
 

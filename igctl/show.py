@@ -1,6 +1,6 @@
 """`igctl show`: what a saved result file says, and its picture, without a daemon.
 
-Reads torch and npz results without torch (igd.reader) and draws them with igd.rendering,
+Reads torch and npz results without torch (igd.output.reader) and draws them with igd.output.rendering,
 the normalisation and colours igd's own heatmaps use. numpy and Pillow only.
 """
 
@@ -13,8 +13,8 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 from PIL import Image
 
-from igd.reader import PROVENANCE_KEYS, UnreadableResult, read_result
-from igd.rendering import render, side_by_side
+from igd.output.reader import PROVENANCE_KEYS, UnreadableResult, read_result
+from igd.output.rendering import render, side_by_side
 
 MAX_SHOWN_VALUES = 100_000
 """The most values (numbers, strings) one summary takes from a result (igd's show a few

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from igd import pipeline
-from igd.attribution import Attribution
+from igd.engine.attribution import Attribution
 from igd.models import LoadedModel
 from igd.request import DEFAULT_MAX_PIXELS, AttributeRequest
 from igd.worker import ComputeSettings, Job, Worker

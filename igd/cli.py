@@ -301,13 +301,13 @@ def serve(
       IGD_DEVICE=cuda:1 igd serve -lp lanet_model.pth --max-images 8
     """
     # A hang-up during the imports and loading below would otherwise end the process
-    # (129): the daemon ignores SIGHUP from here on (igd.daemon, igd.server log it).
+    # (129): the daemon ignores SIGHUP from here on (igd.serve.daemon, igd.serve.server log it).
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from igd import logs
-    from igd.access import AccessPolicy
-    from igd.daemon import ServeOptions, StartupError, serve_forever
-    from igd.memory import available_ram
-    from igd.service import Limits
+    from igd.serve.access import AccessPolicy
+    from igd.serve.daemon import ServeOptions, StartupError, serve_forever
+    from igd.engine.memory import available_ram
+    from igd.serve.service import Limits
 
     logs.configure(log_level)
     if memory_budget is not None and memory_budget < max_frame_bytes:
@@ -354,7 +354,7 @@ def install_systemd(prefix: Path, igd_executable: Path | None, dry_run: bool) ->
     import shutil
     import sys
 
-    from igd.install import NEXT_STEPS, install, plan, warnings_for
+    from igd.serve.install import NEXT_STEPS, install, plan, warnings_for
 
     if igd_executable is None:
         beside = Path(sys.executable).parent / "igd"

@@ -23,19 +23,19 @@ from PIL import Image
 import torch
 from torch import Tensor
 
-from igd import faithfulness
-from igd.accuracy import completeness_gap
-from igd.baselines import Paths, make_paths
-from igd.faithfulness import Curves
-from igd.heatmap import canvas as heatmap_canvas
-from igd.heatmap import drawing_bytes, heatmap_grid_png
+from igd.engine import faithfulness
+from igd.engine.accuracy import completeness_gap
+from igd.engine.baselines import Paths, make_paths
+from igd.engine.faithfulness import Curves
+from igd.output.heatmap import canvas as heatmap_canvas
+from igd.output.heatmap import drawing_bytes, heatmap_grid_png
 from igd.imaging import ImageError, ImageHeader, ImageTooLarge, decode_image
 from igd.imaging import probe as probe_image
 from igd.models import LoadedModel, UnknownClass
-from igd.provenance import ComputeFacts, now, provenance
+from igd.output.provenance import ComputeFacts, now, provenance
 from igd.protocol import BAD_IMAGE, BAD_REQUEST, IMAGE_TOO_LARGE, INTERNAL, OVERLOADED, SHUTTING_DOWN, UNKNOWN_TARGET
 from igd.request import TARGET, AttributeRequest, RequestError, RequestFailed, check_targets
-from igd.results import Result, combined_result_dict, encode, idgi_of, result_dict, write_result
+from igd.output.results import Result, combined_result_dict, encode, idgi_of, result_dict, write_result
 from igd.worker import (
     AttributionSlice,
     ComputeFailed,
@@ -100,8 +100,8 @@ def resolve_targets(model: LoadedModel, target: Any, top_k: int | None = None) -
 
 @dataclass(frozen=True)
 class Prepared:
-    """An image ready for the engine: its paths in the model's input space (igd.baselines),
-    and, only if a heatmap will be drawn, the photo to draw it on (igd.heatmap.canvas: at
+    """An image ready for the engine: its paths in the model's input space (igd.engine.baselines),
+    and, only if a heatmap will be drawn, the photo to draw it on (igd.output.heatmap.canvas: at
     most MAX_SIDE pixels on its longer side)."""
 
     paths: Paths
@@ -151,7 +151,7 @@ class Footprint:
 def footprint(request: AttributeRequest, model: LoadedModel, targets: int = 1,
               image: ImageHeader | None = None) -> Footprint:
     """What one attribution of ``targets`` targets on an image with header ``image`` may
-    hold at its largest (igd.ledger reserves it before anything is decoded).
+    hold at its largest (igd.serve.ledger reserves it before anything is decoded).
 
     The attribution: for each path its points and the per-step gradients of each target
     (n_steps x C x H x W float32 each), with several paths the result's copy of those
@@ -159,7 +159,7 @@ def footprint(request: AttributeRequest, model: LoadedModel, targets: int = 1,
     of the path's start and end, the few per-path tensors, and the encoded file, which is no
     larger than what it encodes (x2). The faithfulness images of one
     target at a time (and the worker's copy); IDGI's per-row work; the heatmap's drawing
-    (igd.heatmap.drawing_bytes)."""
+    (igd.output.heatmap.drawing_bytes)."""
     c, h, w = model.input_shape
     plane = c * h * w * 4
     paths, steps = request.paths, request.n_steps
@@ -194,7 +194,7 @@ class TargetFacts:
     index: int
     name: str
     convergence_delta: float  # sum(IG) - (F_t(x) - F_t(b)), both means over the paths
-    completeness_gap: float  # the delta relative to the rise (igd.accuracy.completeness_gap)
+    completeness_gap: float  # the delta relative to the rise (igd.engine.accuracy.completeness_gap)
     error_estimate: float  # the estimated relative L2 error of the mean IG
 
     def summary(self) -> dict[str, Any]:
@@ -208,7 +208,7 @@ class Answer:
     """What one attribution produced: the result file's content and the facts about it.
 
     One target on one path gives the predecessor's result dict; several targets or paths
-    the combined dict (igd.results.combined_result_dict)."""
+    the combined dict (igd.output.results.combined_result_dict)."""
 
     part: AttributionSlice
     request: AttributeRequest
@@ -216,7 +216,7 @@ class Answer:
     image: Image.Image | None  # for the heatmap
     path_names: tuple[str, ...] = ()
     inputs: Tensor | None = None  # (1, C, H, W): the image in input space
-    provenance: dict[str, Any] = field(default_factory=dict)  # igd.provenance: what made it
+    provenance: dict[str, Any] = field(default_factory=dict)  # igd.output.provenance: what made it
     curves: tuple[Curves, ...] = ()  # the faithfulness curves of each target, once measured (with_metrics)
 
     @property
@@ -406,7 +406,7 @@ def answer(part: AttributionSlice, request: AttributeRequest, model: LoadedModel
 
 
 def metric_jobs(answer: Answer) -> Iterator[Job]:
-    """The forward passes of the faithfulness curves (igd.faithfulness), one job per
+    """The forward passes of the faithfulness curves (igd.engine.faithfulness), one job per
     target, each made only when the previous one is done with (a target's images are
     2 (STEPS + 1) images; all targets at once would be 16 times that); none when the
     request asks for no metrics. The fill is the first path's start."""

@@ -19,7 +19,7 @@ from igd.protocol import BAD_REQUEST, shown
 
 METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 BASELINES = ("zero", "black", "white", "blur", "uniform")
-PATHS = ("straight", "blur")  # the straight line (IG), or Blur IG's (igd.paths)
+PATHS = ("straight", "blur")  # the straight line (IG), or Blur IG's (igd.engine.paths)
 FORMATS = ("torch", "npz")
 SUFFIXES = {"torch": ".gzip", "npz": ".npz"}  # result files
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -30,8 +30,8 @@ DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_GZIP_LEVEL = 1
 MAX_TOP = 1000
 MAX_BLUR_SIGMA = 1000.0
-ADAPTIVE = "adaptive"  # the rule of a request with a tolerance (igd.adaptive)
-ADAPTIVE_START = 17  # an adaptive request's first look along the path, in points (igd.adaptive: 2^k + 1)
+ADAPTIVE = "adaptive"  # the rule of a request with a tolerance (igd.engine.adaptive)
+ADAPTIVE_START = 17  # an adaptive request's first look along the path, in points (igd.engine.adaptive: 2^k + 1)
 MIN_TOLERANCE = 1e-4
 MAX_TARGETS = 16  # targets of one attribution (a list, or top_k)
 MAX_PATHS = 64  # baselines x samples of one attribution
@@ -201,7 +201,7 @@ class AttributeRequest:
     noise: float = _default(NOISE)
     path: str = _default(PATH)
     idgi: bool = _default(IDGI)
-    metrics: tuple[str, ...] = _default(METRICS)  # of igd.faithfulness.METRICS
+    metrics: tuple[str, ...] = _default(METRICS)  # of igd.engine.faithfulness.METRICS
     top_k: int | None = _default(TOP_K)
     seed: int = _default(SEED)
     blur_sigma: float | None = _default(BLUR_SIGMA)

@@ -23,15 +23,16 @@ from typing import Any, Callable, Protocol, TypeVar
 import torch
 from torch import Tensor
 
-from igd.adaptive import attribute_adaptive
-from igd.attribution import Attribution, attribute, strict_float32
-from igd.paths import STRAIGHT, Curve
-from igd.provenance import ComputeFacts
+from igd.engine.adaptive import attribute_adaptive
+from igd.engine.attribution import Attribution, attribute, strict_float32
+from igd.engine.paths import STRAIGHT, Curve
+from igd.output.provenance import ComputeFacts
 from igd.request import target_count
 from igd.logs import log
-from igd.memory import memory_budget, release_free_memory, resident_growth
+from igd.engine.memory import memory_budget, release_free_memory, resident_growth
 from igd.models import LoadedModel
-from igd.tuning import WarmUp, saved_bytes_per_point, warm_up
+from igd.tuning.search import saved_bytes_per_point
+from igd.tuning.warmup import WarmUp, warm_up
 
 
 T = TypeVar("T")
@@ -82,8 +83,8 @@ class ComputeSettings:
 
     max_batch: int | None = None  # path points per forward pass; None: measured at warm-up (or cached)
     remeasure: bool = False  # with max_batch None: measure even if a measurement is cached
-    memory_format: str = "contiguous"  # or channels_last (igd.tuning.MEMORY_FORMATS)
-    precision: str = "float32"  # or tf32 (igd.tuning.PRECISIONS)
+    memory_format: str = "contiguous"  # or channels_last (igd.tuning.warmup.MEMORY_FORMATS)
+    precision: str = "float32"  # or tf32 (igd.tuning.warmup.PRECISIONS)
     compile: bool = False  # torch.compile (inductor) the model at warm-up
     max_images: int = 32  # most jobs batched into one pass
     queue_size: int = 64  # jobs waiting before submit() raises QueueFull
@@ -103,7 +104,7 @@ class Job:
     target: int | tuple[int, ...] | None = None  # None: the predicted class (or the top_k)
     n_steps: int = 50  # with a tolerance: the cap
     method: str = "gausslegendre"
-    tolerance: float | None = None  # adaptive steps to this estimated error (igd.adaptive)
+    tolerance: float | None = None  # adaptive steps to this estimated error (igd.engine.adaptive)
     listener: JobListener | None = None
     top_k: int | None = None  # with no target: the k most likely classes
     curve: Curve = STRAIGHT
@@ -185,7 +186,7 @@ class Worker:
     def warmed_up(cls, model: LoadedModel, settings: ComputeSettings,
                   report: Callable[[str], None] = lambda step: None) -> Worker:
         """A started worker for ``model``, after the warm-up every entry point shares
-        (memory format, chunk size, a first attribution; see igd.tuning.warm_up)."""
+        (memory format, chunk size, a first attribution; see igd.tuning.warmup.warm_up)."""
         found = warm_up(model, settings.max_batch, settings.memory_format, settings.precision, report,
                         remeasure=settings.remeasure, compile=settings.compile)
         if found.compiled is not None:
@@ -209,7 +210,7 @@ class Worker:
         allow_tf32: bool = False,
     ) -> None:
         self.model = model
-        self.allow_tf32 = allow_tf32  # CUDA may use TF32 (see igd.tuning.PRECISIONS)
+        self.allow_tf32 = allow_tf32  # CUDA may use TF32 (see igd.tuning.warmup.PRECISIONS)
         self.max_batch = max_batch  # path points per forward pass
         self.max_images = max_images
         self.max_pass_bytes = max_pass_bytes  # a pass's path points and gradients, all images

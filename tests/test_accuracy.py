@@ -15,9 +15,9 @@ import torch
 import nets
 from daemon import IGD, Igd, short_tempdir
 from reference import read_result
-from igd import accuracy
-from igd.adaptive import START_POINTS, attribute_adaptive
-from igd.attribution import attribute, quadrature
+from igd.engine import accuracy
+from igd.engine.adaptive import START_POINTS, attribute_adaptive
+from igd.engine.attribution import attribute, quadrature
 from wire import WireClient
 
 REFERENCE_POINTS = 8192

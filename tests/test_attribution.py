@@ -11,7 +11,7 @@ from captum.attr import IntegratedGradients
 from captum.attr._utils.approximation_methods import approximation_parameters
 
 import nets
-from igd.attribution import METHODS, attribute, quadrature
+from igd.engine.attribution import METHODS, attribute, quadrature
 
 TARGETS = [0, 3, 4]
 NETS = {"batchnorm": nets.batchnorm_cnn, "groupnorm": nets.groupnorm_cnn}
@@ -262,7 +262,7 @@ def test_gauss_legendre_weights_sum_to_one_and_trapezoid_is_biased() -> None:
     [(50, None, 50), (50, 64, 50), (50, 32, 25), (50, 7, 7), (50, 10, 10), (150, 64, 50), (3, 1, 1)],
 )
 def test_chunks_are_balanced(total: int, max_batch: int | None, expected: int) -> None:
-    from igd.attribution import balanced_chunk
+    from igd.engine.attribution import balanced_chunk
 
     assert balanced_chunk(total, max_batch) == expected
 
@@ -287,7 +287,7 @@ def test_end_logits_ride_along_with_the_first_chunk(max_batch: int, calls: int) 
 def test_weighted_sum_in_blocks_is_exact(shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch) -> None:
     """Large products are summed a block of features at a time (no second copy of the
     gradients); the result must be the whole product's, to the bit."""
-    from igd import attribution
+    from igd.engine import attribution
 
     monkeypatch.setattr(attribution, "_WHOLE_PRODUCT_BYTES", 0)  # every size takes the blocked path
     generator = torch.Generator().manual_seed(5)

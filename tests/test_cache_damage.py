@@ -16,7 +16,8 @@ from typing import Callable, Iterator
 import pytest
 
 from daemon import Igd, short_tempdir
-from igd.tuning import ChunkCache, ChunkChoice
+from igd.tuning.cache import ChunkCache
+from igd.tuning.search import ChunkChoice
 
 KEY = "model|3x32x32|cpu|threads=2"
 OTHER = "another model|3x32x32|cpu|threads=2"

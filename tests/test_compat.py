@@ -1,4 +1,4 @@
-"""igd.compat against the engine (same tensors, the old package's layout) and captum."""
+"""igd.engine.compat against the engine (same tensors, the old package's layout) and captum."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 from captum.attr import LayerIntegratedGradients
 
 import nets
-from igd.attribution import attribute
-from igd.compat import IntermediateGradients, LayerIntermediateGradients
+from igd.engine.attribution import attribute
+from igd.engine.compat import IntermediateGradients, LayerIntermediateGradients
 
 TARGETS = [1, 0, 4]
 

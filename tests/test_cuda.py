@@ -22,7 +22,7 @@ from PIL import Image
 
 from daemon import Igd
 from reference import read_result
-from igd.attribution import attribute, strict_float32
+from igd.engine.attribution import attribute, strict_float32
 from igd.models import lanet, load_model
 from igd.worker import Job, Worker
 

@@ -12,8 +12,8 @@ from torch import nn
 
 from daemon import Igd
 from reference import read_result
-from igd import faithfulness
-from igd.attribution import attribute
+from igd.engine import faithfulness
+from igd.engine.attribution import attribute
 
 
 def linear_model() -> nn.Module:

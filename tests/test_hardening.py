@@ -282,7 +282,7 @@ def test_hostile_images_get_their_code_quickly(target: Igd, name: str) -> None:
 
 @pytest.mark.parametrize("name", list(VALID))
 def test_odd_but_valid_images_get_correct_results(target: Igd, name: str, fixtures: Path) -> None:
-    from igd.attribution import attribute
+    from igd.engine.attribution import attribute
     from igd.imaging import decode_image
     from igd.models import load_model
 

@@ -206,7 +206,7 @@ def _large(mode: str) -> Image.Image:
                                              ("CMYK", "JPEG", False)])
 def test_decoding_takes_no_more_memory_than_the_header_predicts(mode: str, fmt: str, exif: bool,
                                                                  tmp_path: Path) -> None:
-    # The daemon reserves header.decoding_bytes() of its memory budget before decoding (igd.ledger).
+    # The daemon reserves header.decoding_bytes() of its memory budget before decoding (igd.serve.ledger).
     image = _large(mode)
     params: dict[str, object] = {}
     if exif:

@@ -14,11 +14,11 @@ import torch
 from captum.attr import IntegratedGradients
 from PIL import Image
 
-from igd.attribution import attribute
+from igd.engine.attribution import attribute
 from igd.models import CIFAR10_CLASSES, ModelError, UnknownClass, load_model, resolve_device
 from igd.models.bit import ResNetV2
 from igd.models.lanet import NetworkCIFAR
-from igd.results import result_dict
+from igd.output.results import result_dict
 from reference import assert_reproduces
 
 CAT = 3

@@ -43,7 +43,7 @@ def params(command: click.Command) -> dict[str, click.Parameter]:
 
 
 def hello(limits: Any = None) -> dict[str, Any]:
-    from igd.service import Limits, Service
+    from igd.serve.service import Limits, Service
 
     service = Service(limits or Limits(), max_pending=1)
     return asyncio.run(service.hello({}, {}))["capabilities"]
@@ -91,7 +91,7 @@ def test_the_commands_flags_are_the_tables() -> None:
 
 
 def test_the_adaptive_start_is_request_pys() -> None:
-    from igd import adaptive
+    from igd.engine import adaptive
 
     assert adaptive.START_POINTS == spec.ADAPTIVE_START
     assert adaptive.FIRST_PANELS & (adaptive.FIRST_PANELS - 1) == 0  # a power of two: the nodes' grid
@@ -101,7 +101,7 @@ def test_the_adaptive_start_is_request_pys() -> None:
 
 
 def test_one_list_of_ops() -> None:
-    from igd.service import Service
+    from igd.serve.service import Service
 
     assert protocol.OPS == ("hello", "status", "classify", "attribute")
     assert set(protocol.COMPUTE_OPS) < set(protocol.OPS)

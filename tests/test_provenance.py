@@ -16,7 +16,7 @@ from PIL import Image
 
 from daemon import IGD, Igd
 from reference import read_result
-from igd.reader import PROVENANCE_KEYS as KEYS
+from igd.output.reader import PROVENANCE_KEYS as KEYS
 
 LANET_MEAN = [0.49139968, 0.48215827, 0.44653124]
 

@@ -1,4 +1,4 @@
-"""igd.reader trusts nothing: hostile result files, made here byte by byte, are refused
+"""igd.output.reader trusts nothing: hostile result files, made here byte by byte, are refused
 with one line (``not an igd result (why)``), never read past a buffer, never inflated
 without bound, never executed; genuine files still read exactly as torch.load reads them.
 Plus a fuzzer over mutated and generated torch and npz results."""
@@ -29,9 +29,9 @@ from conftest import READER_OUTCOME, record_hardening
 from daemon import IGCTL
 import reference  # read_result there is the plain gunzip + torch.load these are checked against
 from igctl.show import describe, summary
-from igd import reader
-from igd.reader import MAX_RESULT_BYTES, UnreadableResult, read_result
-from igd.results import encode
+from igd.output import reader
+from igd.output.reader import MAX_RESULT_BYTES, UnreadableResult, read_result
+from igd.output.results import encode
 
 # pickletools' scan decodes protocol-0 strings (refused after) with codecs.escape_decode.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid escape sequence:DeprecationWarning")

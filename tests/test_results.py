@@ -12,8 +12,8 @@ import torch
 
 import nets
 from reference import read_result
-from igd.attribution import attribute
-from igd.results import PREDECESSOR_KEYS, decode_torch, encode, encode_npz, encode_torch, result_dict, write_result
+from igd.engine.attribution import attribute
+from igd.output.results import PREDECESSOR_KEYS, decode_torch, encode, encode_npz, encode_torch, result_dict, write_result
 
 N_STEPS = 12
 

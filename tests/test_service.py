@@ -12,10 +12,11 @@ import pytest
 from PIL import Image
 
 import nets
-from igd import faithfulness, imaging, pipeline
-from igd.ledger import Reservation
+from igd import imaging, pipeline
+from igd.engine import faithfulness
+from igd.serve.ledger import Reservation
 from igd.request import RequestFailed
-from igd.service import Limits, Service
+from igd.serve.service import Limits, Service
 from igd.worker import Worker
 from test_worker import loaded
 

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from daemon import IGCTL, Igd
-from igd.rendering import normalize, render
-from igd.styles import SIGNS, STYLES
+from igd.output.rendering import normalize, render
+from igd.output.styles import SIGNS, STYLES
 
 
 def plain_normalize(attribution: np.ndarray, sign: str, outlier_perc: float) -> np.ndarray:

@@ -15,10 +15,11 @@ import torch
 from PIL import Image
 
 import nets
-from igd.attribution import attribute
+from igd.engine.attribution import attribute
 from igd.models import load_model
-from igd.tuning import (ChunkCache, ChunkChoice, busy_cores_elsewhere, choose_max_batch, saved_bytes_per_point,
-                        search_chunk, use_memory_format)
+from igd.tuning.cache import ChunkCache
+from igd.tuning.search import ChunkChoice, busy_cores_elsewhere, choose_max_batch, saved_bytes_per_point, search_chunk
+from igd.tuning.warmup import use_memory_format
 
 # ms per point of forward+backward at each chunk size, measured on this project's 2-core
 # CPU (bench/chunks.py sweeps; sizes between two measured ones are interpolated).

@@ -22,10 +22,10 @@ import nets
 from daemon import IGD, Igd
 from reference import assert_same_result, read_result
 from wire import WireClient
-from igd.adaptive import attribute_adaptive
-from igd.attribution import attribute, quadrature
-from igd.idgi import idgi
-from igd.paths import BlurPath, blur_kernel_size
+from igd.engine.adaptive import attribute_adaptive
+from igd.engine.attribution import attribute, quadrature
+from igd.engine.idgi import idgi
+from igd.engine.paths import BlurPath, blur_kernel_size
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import nets
-from igd.attribution import attribute
+from igd.engine.attribution import attribute
 from igd.models import Preprocessing
 from igd.models.registry import LoadedModel
 from igd.worker import ComputeFailed, Job, PassCancelled, QueueFull, Worker, WorkerClosed

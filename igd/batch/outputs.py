@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable
 
 from igd.batch.inputs import InputError, Pair
-from igd.files import temporary_target, write_atomically
+from igd.output.files import temporary_target, write_atomically
 from igd.protocol import BAD_REQUEST, INTERNAL
 
 # The fields of a status line, whichever backend, shard or batch produced it: the pair, its
@@ -226,7 +226,7 @@ def drop_incomplete_parquet(out_dir: Path, done: dict[str, dict[str, Any]], pref
 
 def remove_stale_temporaries(out_dir: Path, ours: Callable[[str], bool] | None = None) -> int:
     """Remove the temporaries of igd's atomic writes (``.<name>.<8 characters>.part``,
-    see igd.files.AtomicFile) that a run killed while writing left anywhere in OUT_DIR,
+    see igd.output.files.AtomicFile) that a run killed while writing left anywhere in OUT_DIR,
     and return how many. Only regular files of that pattern; symbolic links are neither
     followed nor removed. ``ours`` says which results (paths relative to OUT_DIR) belong
     to this run, where other runs (other shards) may be writing theirs right now; None:

@@ -17,11 +17,11 @@ import numpy as np
 
 from igd import pipeline
 from igd.batch.inputs import PREDICTED, Pair
-from igd.files import UnreadableInput, read_regular_file
+from igd.output.files import UnreadableInput, read_regular_file
 from igd.models import load_model
 from igd.protocol import BAD_IMAGE, DEFAULT_MAX_FRAME_BYTES
 from igd.request import DEFAULT_MAX_PIXELS, AttributeRequest, RequestFailed
-from igd.provenance import now
+from igd.output.provenance import now
 from igd.worker import ComputeSettings, Worker, WorkerError
 
 FORMATS = ("torch", "npz", "parquet")

@@ -21,7 +21,7 @@ from torch import Tensor
 from torchvision.transforms import functional as TF
 
 from igd.models import Preprocessing
-from igd.paths import STRAIGHT, BlurPath, Curve, default_blur_path_sigma
+from igd.engine.paths import STRAIGHT, BlurPath, Curve, default_blur_path_sigma
 from igd.request import BASELINES, AttributeRequest
 
 DEFAULT_BASELINE = BASELINES[0]  # zero

@@ -14,7 +14,7 @@ Several targets cost one forward per path point: every logit is computed there a
 and each target adds one backward through the retained graph (measured on CPU faster than
 batching the k vector-Jacobian products with ``is_grads_batched``; docs/benchmarks.md).
 An attribution's *rows* are (image, target) pairs, image-major: row ``i * T + t``.
-Other paths than the straight line (Blur IG) come in as a :class:`~igd.paths.Curve`.
+Other paths than the straight line (Blur IG) come in as a :class:`~igd.engine.paths.Curve`.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from igd import accuracy
-from igd.paths import STRAIGHT, Curve
+from igd.engine import accuracy
+from igd.engine.paths import STRAIGHT, Curve
 from igd.request import METHODS  # the rules' names belong to the request vocabulary
 
 DEFAULT_METHOD = METHODS[0]  # gausslegendre
@@ -65,12 +65,12 @@ class Attribution:
     inputs: Tensor  # (R, *F)
     baselines: Tensor  # (R, *F): the paths' starts
     targets: Tensor  # (R,) int64
-    method: str  # a rule of METHODS, or "adaptive" (igd.adaptive)
+    method: str  # a rule of METHODS, or "adaptive" (igd.engine.adaptive)
     path_logits: Tensor  # (R, n): the target logit F_t at every path point
-    error_estimate: Tensor  # (R,) float64: the estimated relative L2 error of IG (igd.accuracy)
+    error_estimate: Tensor  # (R,) float64: the estimated relative L2 error of IG (igd.engine.accuracy)
     tolerance: float | None = None  # adaptive: the error asked for (then one image: R == T)
     tolerance_met: bool | None = None  # adaptive: whether error_estimate <= tolerance
-    curve: Curve = STRAIGHT  # the path: the straight line, or Blur IG's (igd.paths)
+    curve: Curve = STRAIGHT  # the path: the straight line, or Blur IG's (igd.engine.paths)
 
     @property
     def n_steps(self) -> int:
@@ -172,7 +172,7 @@ def attribute(
             tf32`` measures and logs how far it moves IG on its model.
         on_chunk: called after each forward+backward chunk with (points done, points
             in all); an exception it raises abandons the pass and propagates.
-        curve: the path (igd.paths): the straight line, or Blur IG's.
+        curve: the path (igd.engine.paths): the straight line, or Blur IG's.
     """
     return attribute_points(
         lambda points, _image_index: forward(points),
@@ -256,7 +256,7 @@ def attribute_points(
 
 def _integrate(path: Path, alphas: Tensor, weights: Tensor, directional: Tensor) -> tuple[Tensor, Tensor]:
     """IG of every row, ``sum_k w_k g_k * gamma'(a_k)`` (R, *F), and its estimated relative
-    error (R,) float64 (igd.accuracy: the jumps of the integrand between neighbouring nodes),
+    error (R,) float64 (igd.engine.accuracy: the jumps of the integrand between neighbouring nodes),
     from the per-step gradients (R, n, *F). On the straight line gamma' is x - b at every
     node and IG is ``(x - b) * sum_k w_k g_k``, captum's arithmetic; on another curve the
     derivatives (n, *F) are made once per image and serve all its targets."""

@@ -2,7 +2,7 @@
 
 Every image starts from the trapezoid rule on 17 evenly spaced nodes (0 and 1 among
 them) and is refined in rounds. Each round bisects the quarter of its panels with the
-largest estimated error (igd.accuracy: ``h/2 |J| / sqrt(3)`` per panel, J the jump of
+largest estimated error (igd.engine.accuracy: ``h/2 |J| / sqrt(3)`` per panel, J the jump of
 ``(x - b) * g`` across it), reusing every gradient already computed, until the estimated
 relative L2 error of IG is at most the tolerance or the image has used its cap of
 points. Greedy bisection equalises the panels' errors, which is the optimal placement for
@@ -28,8 +28,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from igd import accuracy
-from igd.attribution import (
+from igd.engine import accuracy
+from igd.engine.attribution import (
     Attribution, ChunkCallback, Path, PointForward, Target, check_max_batch, engine_mode, weighted_sum,
 )
 from igd.request import ADAPTIVE_START

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from numpy.lib import format as npy_format
 
-from igd.files import UnreadableInput, read_regular_file
+from igd.output.files import UnreadableInput, read_regular_file
 
 MAX_RESULT_BYTES = 2 << 30
 """2 GiB: the most bytes of a torch result's archive once un-gzipped, of an npz file, and
@@ -108,7 +108,7 @@ _FAILURES = (pickle.UnpicklingError, zipfile.BadZipFile, zlib.error, struct.erro
              ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError, RuntimeError,
              MemoryError, OverflowError)
 
-# The provenance keys of every result file igd writes (igd.provenance makes them; README's
+# The provenance keys of every result file igd writes (igd.output.provenance makes them; README's
 # key table lists them); and blur_sigma where a blur was used.
 PROVENANCE_KEYS = ("weights_sha256", "model_family", "model_description", "classes_source", "input_size", "resize",
                    "resize_to", "mean", "std", "seed", "precision", "memory_format", "compiler", "chunk_source",

@@ -4,11 +4,11 @@ That package pinned 2020 captum internals and no longer installs; its users swit
 one changed import::
 
     # from intermediate_gradients.intermediate_gradients import IntermediateGradients
-    from igd.compat import IntermediateGradients
+    from igd.engine.compat import IntermediateGradients
 
 Return values keep the package's layout: path points step-major, i.e. row
 ``k * B + i`` holds step k of image i, so grads are (n_steps * B, *F) and step sizes
-(n_steps, 1). Both classes run on :func:`igd.attribution.attribute_points`: one pass,
+(n_steps, 1). Both classes run on :func:`igd.engine.attribution.attribute_points`: one pass,
 eval mode, frozen parameters (of ``forward_func`` if it is a module, and of any module
 passed in ``additional_forward_args``).
 """
@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from igd.attribution import (
+from igd.engine.attribution import (
     DEFAULT_METHOD,
     Attribution,
     Target,

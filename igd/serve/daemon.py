@@ -18,15 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from igd import pipeline, systemd
-from igd.access import AccessPolicy
+from igd import pipeline
+from igd.serve import systemd
+from igd.serve.access import AccessPolicy
 from igd.logs import log
 from igd.models import ModelError, load_model
 from igd.protocol import default_socket_path
 from igd.request import AttributeRequest
-from igd.server import Server
-from igd.service import Limits, Service
-from igd.socket_file import OwnedPath, SocketUnusable, bind_socket
+from igd.serve.server import Server
+from igd.serve.service import Limits, Service
+from igd.serve.socket_file import OwnedPath, SocketUnusable, bind_socket
 from igd.worker import ComputeSettings, Worker
 
 

@@ -18,7 +18,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from igd.styles import DEFAULT_OUTLIER_PERC, DEFAULT_SIGN, DEFAULT_STYLE, SIGNS, STYLES
+from igd.output.styles import DEFAULT_OUTLIER_PERC, DEFAULT_SIGN, DEFAULT_STYLE, SIGNS, STYLES
 
 BLEND = 0.5  # the heat map's weight over the grey image
 

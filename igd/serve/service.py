@@ -25,7 +25,7 @@ from typing import Any, Callable, Protocol, TypeVar
 import torch
 
 from igd import __version__, pipeline
-from igd.ledger import Ledger, Overbudget, Reservation, TooLarge
+from igd.serve.ledger import Ledger, Overbudget, Reservation, TooLarge
 from igd.models import LoadedModel
 from igd.protocol import (
     BAD_REQUEST,
@@ -58,7 +58,7 @@ from igd.request import (
     parse_attribute,
     target_count,
 )
-from igd.provenance import now
+from igd.output.provenance import now
 from igd.worker import Job, Worker, WorkerError
 
 T = TypeVar("T")
@@ -105,7 +105,7 @@ class Limits:
     request_timeout: float = 600.0
     idle_timeout: float = 300.0
     max_outstanding: int = 16  # requests of one connection between arrival and written answer
-    memory_budget: int = 4 << 30  # bytes all requests together may hold (igd.ledger)
+    memory_budget: int = 4 << 30  # bytes all requests together may hold (igd.serve.ledger)
 
 
 class Service:

@@ -16,8 +16,9 @@ import socket
 import time
 from typing import Any, Awaitable, Callable
 
-from igd import protocol, systemd
-from igd.access import AccessPolicy, peer_of
+from igd import protocol
+from igd.serve import systemd
+from igd.serve.access import AccessPolicy, peer_of
 from igd.logs import log
 from igd.protocol import (
     BAD_REQUEST,
@@ -29,9 +30,9 @@ from igd.protocol import (
     ProtocolError,
 )
 from igd.request import RequestFailed
-from igd.service import Service
-from igd.ledger import Ledger, Reservation
-from igd.socket_file import LISTEN_BACKLOG, OwnedPath
+from igd.serve.service import Service
+from igd.serve.ledger import Ledger, Reservation
+from igd.serve.socket_file import LISTEN_BACKLOG, OwnedPath
 
 # Bodies larger than this are decoded off the event loop.
 _INLINE_BYTES = 1 << 20

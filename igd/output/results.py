@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from igd.attribution import Attribution
-from igd.idgi import idgi
-from igd.paths import STRAIGHT, BlurPath
+from igd.engine.attribution import Attribution
+from igd.engine.idgi import idgi
+from igd.engine.paths import STRAIGHT, BlurPath
 from igd.request import DEFAULT_GZIP_LEVEL, FORMATS
 
 
@@ -174,7 +174,7 @@ def combined_result_dict(
 
 
 def idgi_of(attribution: Attribution, rows: list[list[int]]) -> Tensor:
-    """(T, 1, *F): IDGI (igd.idgi) of each target, the mean over its paths ``rows[t]``."""
+    """(T, 1, *F): IDGI (igd.engine.idgi) of each target, the mean over its paths ``rows[t]``."""
     answers = []
     for row_set in rows:
         each = [idgi(attribution.directional_grads[r], attribution.alphas, attribution.path_logits[r],

@@ -1,4 +1,4 @@
-"""The vocabulary of attribution pictures (igd.rendering), importable without numpy or
+"""The vocabulary of attribution pictures (igd.output.rendering), importable without numpy or
 torch, so that igctl can offer it as choices."""
 
 STYLES = ("heat_map", "blended_heat_map", "masked_image", "alpha_scaling")

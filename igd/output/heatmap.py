@@ -1,5 +1,5 @@
 """A heatmap of |IG| over the image the user sent, as PNG bytes: one, or one per target side by
-side. Normalisation and colours are igd.rendering's (as `igctl show` draws them).
+side. Normalisation and colours are igd.output.rendering's (as `igctl show` draws them).
 
 The photo is drawn at most MAX_SIDE pixels on its longer side (a 49 Mpx photo would
 otherwise take gigabytes per panel to draw; the attribution itself is a few hundred pixels)."""
@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, ImageEnhance
 from torch import Tensor
 
 from igd.models import Preprocessing
-from igd.rendering import DEFAULT_OUTLIER_PERC, colorize, normalize, png, side_by_side
+from igd.output.rendering import DEFAULT_OUTLIER_PERC, colorize, normalize, png, side_by_side
 
 
 MAX_SIDE = 1024
@@ -57,7 +57,7 @@ def heatmap_grid_png(panels: list[Tensor], image: Image.Image, preprocessing: Pr
 
 
 def _overlay(integrated_grads: Tensor, image: Image.Image, preprocessing: Preprocessing) -> Image.Image:
-    """igd.rendering's absolute-value heat map of IG, over the region of ``image`` the model
+    """igd.output.rendering's absolute-value heat map of IG, over the region of ``image`` the model
     saw, opaque where the attribution is (the image dimmed, so the overlay stands out)."""
     attribution = integrated_grads.detach().float().cpu().numpy().reshape(-1, *integrated_grads.shape[-2:])
     level = normalize(attribution, "absolute_value", DEFAULT_OUTLIER_PERC)
