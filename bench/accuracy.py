@@ -144,7 +144,7 @@ def measure(loaded: LoadedModel, label: str, photo: Path, panels: int) -> tuple[
             (result,) = attribute_adaptive(lambda p, _i: model(p), x, target, tolerance=value,
                                            max_steps=ADAPTIVE_CAP, max_batch=CHUNK, modules=[model])
         else:
-            result = attribute(model, x, target, n_steps=int(value), method=method, max_batch=CHUNK)
+            result = attribute(model, x, target, n_steps=int(value), rule=method, max_batch=CHUNK)
         seconds = time.perf_counter() - start
         ig = result.integrated_grads[0].double()
         rise = float(result.logits[0, target] - result.baseline_logits[0, target])

@@ -37,7 +37,7 @@ from igd import pipeline  # noqa: E402
 from igd.engine.attribution import engine_mode  # noqa: E402
 from igd.models import LoadedModel, load_model  # noqa: E402
 from igd.request import parse_attribute  # noqa: E402
-from igd.worker import ComputeSettings, Worker  # noqa: E402
+from igd.worker import Classify, ComputeSettings, Worker  # noqa: E402
 
 IMAGE = Path(__file__).resolve().parents[1] / "igd" / "data" / "chelsea.jpg"
 MODELS = {"effnet": "EfficientNet-Lite0 (pretrained), 224x224", "bit": "BiT fixture (bit-tiny), 32x32"}
@@ -53,7 +53,7 @@ def child(name: str, k: int, way: str, steps: int, repeats: int, fixtures: Path)
     worker = Worker.warmed_up(model, ComputeSettings())
     request = parse_attribute({"n_steps": steps})
     prepared = pipeline.prepare(Image.open(IMAGE).convert("RGB"), request, model)
-    ranked = model.top_classes(worker.submit(pipeline.Job("classify", prepared.inputs)).result(), k)
+    ranked = model.top_classes(worker.submit(Classify(inputs=prepared.inputs)).result(), k)
     targets = tuple(index for index, _name, _p in ranked)
 
     def run() -> float:

@@ -9,7 +9,7 @@ from igd import pipeline
 from igd.engine.attribution import Attribution
 from igd.models import LoadedModel
 from igd.request import DEFAULT_MAX_PIXELS, AttributeRequest
-from igd.worker import ComputeSettings, Job, Worker
+from igd.worker import Classify, ComputeSettings, Worker
 
 
 def run_check(model: LoadedModel, data: bytes, label: str, request: AttributeRequest,
@@ -24,7 +24,7 @@ def run_check(model: LoadedModel, data: bytes, label: str, request: AttributeReq
         image = pipeline.decode(data, DEFAULT_MAX_PIXELS)
         prepared = pipeline.prepare(image, request, model)
         started = time.perf_counter()
-        logits = worker.submit(Job("classify", prepared.inputs)).result()
+        logits = worker.submit(Classify(inputs=prepared.inputs)).result()
         classify_s = time.perf_counter() - started
         top = model.top_classes(logits, 5)
         started = time.perf_counter()
@@ -61,7 +61,7 @@ def run_check(model: LoadedModel, data: bytes, label: str, request: AttributeReq
         ("classes", _class_list(model.class_names)),
         ("image", f"{label} ({image.width}x{image.height})"),
         ("top-5", "; ".join(f"{name} ({index}) {p:.3f}" for index, name, p in top)),
-        ("attribution", f"target {answer.target_name!r}, {attribution.n_steps} {attribution.method} steps, "
+        ("attribution", f"target {answer.target_name!r}, {attribution.n_steps} {attribution.rule} steps, "
                         f"{request.baseline} baseline, {chunk}"),
         ("chunk search", search),
         ("accuracy", f"estimated error {answer.error_estimate:.1%}{_tolerance(attribution)}, completeness gap "

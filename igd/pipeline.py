@@ -39,7 +39,8 @@ from igd.output.results import Result, combined_result_dict, encode, idgi_of, re
 from igd.worker import (
     AttributionSlice,
     ComputeFailed,
-    Job,
+    Attribute,
+    Forward,
     JobListener,
     PassCancelled,
     QueueFull,
@@ -180,11 +181,11 @@ def footprint(request: AttributeRequest, model: LoadedModel, targets: int = 1,
 
 
 def job(prepared: Prepared, targets: Targets, request: AttributeRequest,
-        listener: JobListener | None = None) -> Job:
+        listener: JobListener | None = None) -> Attribute:
     paths = prepared.paths
-    return Job("attribute", paths.ends, paths.starts, targets, request.n_steps, request.method,
-               tolerance=request.tolerance, listener=listener, top_k=request.top_k, curve=paths.curve,
-               clean=paths.inputs if request.noise else None)
+    return Attribute(inputs=paths.ends, baseline=paths.starts, target=targets, n_steps=request.n_steps,
+                     rule=request.method, tolerance=request.tolerance, listener=listener, top_k=request.top_k,
+                     curve=paths.curve, clean=paths.inputs if request.noise else None)
 
 
 @dataclass(frozen=True)
@@ -375,7 +376,7 @@ class Answer:
             "error_estimate": finite_or_none(first.error_estimate),
             "baseline": self.request.baseline,
             "n_steps": attribution.n_steps,
-            "method": attribution.method,
+            "method": attribution.rule,
         }
         if self.curves:
             summary["metrics"] = self.metric_areas()
@@ -405,7 +406,7 @@ def answer(part: AttributionSlice, request: AttributeRequest, model: LoadedModel
     return Answer(part, request, model, prepared.image, prepared.paths.names, prepared.inputs, facts)
 
 
-def metric_jobs(answer: Answer) -> Iterator[Job]:
+def metric_jobs(answer: Answer) -> Iterator[Forward]:
     """The forward passes of the faithfulness curves (igd.engine.faithfulness), one job per
     target, each made only when the previous one is done with (a target's images are
     2 (STEPS + 1) images; all targets at once would be 16 times that); none when the
@@ -415,7 +416,7 @@ def metric_jobs(answer: Answer) -> Iterator[Job]:
     assert answer.inputs is not None
     fill = answer.part.attribution.baselines[answer.part.row()]
     for ig in answer.mean_attributions():
-        yield Job("forward", faithfulness.perturbed(answer.inputs[0], fill, ig))
+        yield Forward(inputs=faithfulness.perturbed(answer.inputs[0], fill, ig))
 
 
 def with_metrics(answer: Answer, logits: list[Tensor]) -> Answer:

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from igd.protocol import BAD_REQUEST, shown
 
-METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
+RULES = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 BASELINES = ("zero", "black", "white", "blur", "uniform")
 PATHS = ("straight", "blur")  # the straight line (IG), or Blur IG's (igd.engine.paths)
 FORMATS = ("torch", "npz")
@@ -129,7 +129,7 @@ class RequestError(ValueError):
 
 STEPS = Option("n_steps", "--steps", int, DEFAULT_STEPS, "Path points (gradient evaluations) per image.",
                low=1, high=MAX_STEPS)
-METHOD = Option("method", "--method", str, METHODS[0], "Quadrature rule, as captum's.", choices=METHODS)
+METHOD = Option("method", "--method", str, RULES[0], "Quadrature rule, as captum's.", choices=RULES)
 BASELINE = Option("baseline", "--baseline", str, BASELINES[0],
                   "zero: zeros in the model's input space (the predecessor's); black, white, blur, uniform: "
                   "made in pixel space and normalised like the image. Several, comma-separated (black,white): "

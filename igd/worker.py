@@ -1,7 +1,7 @@
 """The single compute thread: it alone owns the model and the device.
 
 Requests wait in one bounded queue. Each pass takes the oldest job and every queued job
-it can share a pass with (:meth:`Job.batch_key`: the same op, and for attributions the
+it can share a pass with (:meth:`Job.batch_key`: the same kind of job, and for attributions the
 same n_steps, rule, number of targets and path; adaptive ones the same number of
 targets, whatever their tolerances and caps, which are per image like baselines), up to
 ``max_images`` and ``max_pass_bytes`` of results. Jobs that arrive while a
@@ -90,25 +90,16 @@ class ComputeSettings:
     queue_size: int = 64  # jobs waiting before submit() raises QueueFull
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class Job:
-    """One image's work, on the CPU in input space: ``inputs`` (P, C, H, W) the ends of its
-    P paths (classify: the image, P = 1), ``baseline`` their starts.
+    """One request's work for the compute thread, on the CPU in input space; a kind of job
+    (:class:`Classify`, :class:`Forward`, :class:`Attribute`) says what a pass of it does.
 
     ``cancel()`` (from any thread) withdraws it: a queued job is never run, and a pass
     whose jobs are all cancelled stops at its next chunk."""
 
-    op: str  # "attribute" | "classify" (logits (K,) of one image) | "forward" (logits (N, K) of N images)
     inputs: Tensor
-    baseline: Tensor | None = None
-    target: int | tuple[int, ...] | None = None  # None: the predicted class (or the top_k)
-    n_steps: int = 50  # with a tolerance: the cap
-    method: str = "gausslegendre"
-    tolerance: float | None = None  # adaptive steps to this estimated error (igd.engine.adaptive)
     listener: JobListener | None = None
-    top_k: int | None = None  # with no target: the k most likely classes
-    curve: Curve = STRAIGHT
-    clean: Tensor | None = None  # (1, C, H, W): the image, when the paths end elsewhere (noise)
     future: concurrent.futures.Future[Any] = field(default_factory=concurrent.futures.Future)
     batch_size: int = 0  # set by the worker: images in the pass that served this job
     queued_s: float = 0.0
@@ -123,6 +114,39 @@ class Job:
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
+
+    def batch_key(self) -> tuple[Any, ...]:
+        """Jobs with equal keys may share a pass."""
+        return (type(self),)
+
+    def result_bytes(self) -> int:
+        """Memory a pass holds for this job."""
+        return self.inputs.numel() * self.inputs.element_size()
+
+
+@dataclass(eq=False, kw_only=True)
+class Classify(Job):
+    """The logits (K,) of one image ``inputs`` (1, C, H, W)."""
+
+
+@dataclass(eq=False, kw_only=True)
+class Forward(Job):
+    """The logits (N, K) of N images ``inputs`` (N, C, H, W), without gradients."""
+
+
+@dataclass(eq=False, kw_only=True)
+class Attribute(Job):
+    """One image's attribution: ``inputs`` (P, C, H, W) the ends of its P paths,
+    ``baseline`` their starts; answered by an :class:`AttributionSlice`."""
+
+    baseline: Tensor
+    target: int | tuple[int, ...] | None = None  # None: the predicted class (or the top_k)
+    n_steps: int = 50  # with a tolerance: the cap
+    rule: str = "gausslegendre"
+    tolerance: float | None = None  # adaptive steps to this estimated error (igd.engine.adaptive)
+    top_k: int | None = None  # with no target: the k most likely classes
+    curve: Curve = STRAIGHT
+    clean: Tensor | None = None  # (1, C, H, W): the image, when the paths end elsewhere (noise)
 
     def report(self, fraction: float) -> None:
         """Tell the listener that ``fraction`` of the job's pass is done (rate-limited)."""
@@ -147,16 +171,12 @@ class Job:
         return logits.topk(self.width).indices.tolist() if self.top_k else [int(logits.argmax())]
 
     def batch_key(self) -> tuple[Any, ...]:
-        if self.op != "attribute":
-            return (self.op,)
         if self.tolerance is not None:
-            return (self.op, "adaptive", self.width)
-        return (self.op, self.n_steps, self.method, self.width, self.curve)
+            return (Attribute, "adaptive", self.width)
+        return (Attribute, self.n_steps, self.rule, self.width, self.curve)
 
     def result_bytes(self) -> int:
-        """Memory a pass holds for this image: its path points and their gradients."""
-        if self.op != "attribute":
-            return self.inputs.numel() * self.inputs.element_size()
+        """Its path points and their gradients."""
         return (self.width + 1) * self.n_steps * self.inputs.numel() * self.inputs.element_size()
 
 
@@ -240,7 +260,7 @@ class Worker:
         if self.model.device.type != "cpu":
             return 0
         sample = torch.zeros(1, *self.model.input_shape)
-        job = Job("attribute", sample, torch.zeros_like(sample), 0, max(self.max_batch, 2), "gausslegendre")
+        job = Attribute(inputs=sample, baseline=torch.zeros_like(sample), target=0, n_steps=max(self.max_batch, 2))
         grown = resident_growth(lambda: self.submit(job).result())
         if grown is None:  # no /proc to measure with: autograd's saved tensors, and as much again
             grown = 2 * self.max_batch * saved_bytes_per_point(self.model.module, sample)
@@ -410,7 +430,7 @@ class Worker:
             self._cancelled([job], cancelled)
             return
         except Exception as error:  # noqa: BLE001
-            log("compute_failed", level=40, exc_info=True, op=job.op, error=type(error).__name__)
+            log("compute_failed", level=40, exc_info=True, job=type(job).__name__, error=type(error).__name__)
             job.future.set_exception(_internal(error))
             return
         elapsed = time.perf_counter() - started
@@ -429,16 +449,22 @@ class Worker:
     def _compute(self, jobs: list[Job]) -> list[Any]:
         device = self.model.device
         inputs = (jobs[0].inputs if len(jobs) == 1 else torch.cat([job.inputs for job in jobs])).to(device)
-        if jobs[0].op in ("classify", "forward"):
+        if isinstance(jobs[0], Classify):
             logits = self._logits(inputs)
-            if jobs[0].op == "classify":
-                return [logits[i] for i in range(len(jobs))]
+            return [logits[i] for i in range(len(jobs))]
+        if isinstance(jobs[0], Forward):
+            logits = self._logits(inputs)
             bounds = torch.tensor([0, *(len(job.inputs) for job in jobs)]).cumsum(0).tolist()
             return [logits[start:stop] for start, stop in zip(bounds, bounds[1:])]
+        return self._attributions(inputs, jobs)  # type: ignore[arg-type]
+
+    def _attributions(self, inputs: Tensor, jobs: list[Attribute]) -> list[AttributionSlice | ComputeFailed]:
+        """One pass over the paths of every job: ``inputs`` (sum of P, C, H, W) on the device."""
+        device = self.model.device
         job_logits = self._image_logits(jobs)
         job_targets = [job.targets(logits) for job, logits in zip(jobs, job_logits)]
         targets = [ts for job, ts in zip(jobs, job_targets) for _ in range(len(job.inputs))]  # (paths, T)
-        baselines = torch.cat([job.baseline for job in jobs]).to(device)  # type: ignore[misc]
+        baselines = torch.cat([job.baseline for job in jobs]).to(device)
         if jobs[0].tolerance is not None:  # one straight path each (igd.request)
             answers, chunk = self._attribute(lambda max_batch: attribute_adaptive(
                 lambda points, _index: self.model.module(points), inputs, job_targets, baselines=baselines,
@@ -452,7 +478,7 @@ class Worker:
                     for job, answer in zip(jobs, answers)]
         result, chunk = self._attribute(lambda max_batch: attribute(
             self.model.module, inputs, targets, baselines=baselines, n_steps=jobs[0].n_steps,
-            method=jobs[0].method, max_batch=max_batch, allow_tf32=self.allow_tf32, on_chunk=_watch(jobs),
+            rule=jobs[0].rule, max_batch=max_batch, allow_tf32=self.allow_tf32, on_chunk=_watch(jobs),
             curve=jobs[0].curve,
         ), len(jobs))
         cpu = _to_cpu(result)
@@ -467,7 +493,7 @@ class Worker:
             row += rows
         return parts
 
-    def _image_logits(self, jobs: list[Job]) -> list[Tensor | None]:
+    def _image_logits(self, jobs: list[Attribute]) -> list[Tensor | None]:
         """The logits (K,) at each job's image, for the jobs that need them: to find their
         targets, or because their paths do not end at the image (noise). One forward for all."""
         wanted = [i for i, job in enumerate(jobs) if job.target is None or job.clean is not None]
@@ -534,7 +560,7 @@ def _settle(job: Job, result: Any) -> None:
         job.future.set_result(result)
 
 
-def _watch(jobs: list[Job]) -> Callable[[int, int], None]:
+def _watch(jobs: list[Attribute]) -> Callable[[int, int], None]:
     """The engine's per-chunk callback for a pass over ``jobs``: reports progress, and
     stops the pass (PassCancelled) once nobody wants any of its results."""
 

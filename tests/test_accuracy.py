@@ -60,7 +60,7 @@ def reference(relu_net: tuple) -> torch.Tensor:
 def test_the_estimate_tracks_the_true_error(relu_net: tuple, reference: torch.Tensor, method: str,
                                             n_steps: int) -> None:
     model, x, target = relu_net
-    result = attribute(model, x, target, n_steps=n_steps, method=method)
+    result = attribute(model, x, target, n_steps=n_steps, rule=method)
     true = relative_error(result.integrated_grads[0], reference)
     estimate = float(result.error_estimate[0])
     assert true / 3 <= estimate <= 3 * true, (true, estimate)
@@ -82,7 +82,7 @@ def test_a_tolerance_is_met_with_the_true_error_near_it(relu_net: tuple, referen
         true = relative_error(result.integrated_grads[0], reference)
         assert result.tolerance_met and float(result.error_estimate[0]) <= tolerance
         assert true <= 1.5 * tolerance, (tolerance, true, result.n_steps)
-        assert START_POINTS < result.n_steps < 1024 and result.method == "adaptive"
+        assert START_POINTS < result.n_steps < 1024 and result.rule == "adaptive"
 
 
 def test_adaptive_answers_follow_the_documented_formula(relu_net: tuple) -> None:

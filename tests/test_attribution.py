@@ -11,13 +11,13 @@ from captum.attr import IntegratedGradients
 from captum.attr._utils.approximation_methods import approximation_parameters
 
 import nets
-from igd.engine.attribution import METHODS, attribute, quadrature
+from igd.engine.attribution import RULES, attribute, quadrature
 
 TARGETS = [0, 3, 4]
 NETS = {"batchnorm": nets.batchnorm_cnn, "groupnorm": nets.groupnorm_cnn}
 CASES = [
     (method, n)
-    for method, n in itertools.product(METHODS, (1, 2, 17, 50))
+    for method, n in itertools.product(RULES, (1, 2, 17, 50))
     if n > 1 or method == "gausslegendre"
 ]
 
@@ -38,7 +38,7 @@ def test_integrated_grads_equal_captum(net_name: str, method: str, n_steps: int)
     net = NETS[net_name]().eval()
     x = nets.images()
     baselines = torch.full_like(x, 0.25)
-    ours = attribute(net, x, TARGETS, baselines=baselines, n_steps=n_steps, method=method)
+    ours = attribute(net, x, TARGETS, baselines=baselines, n_steps=n_steps, rule=method)
     theirs = IntegratedGradients(net).attribute(
         x, baselines=baselines, target=TARGETS, n_steps=n_steps, method=method
     )
@@ -46,12 +46,12 @@ def test_integrated_grads_equal_captum(net_name: str, method: str, n_steps: int)
     assert rel_l2(ours.integrated_grads, theirs) < 1e-5
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", RULES)
 def test_directional_grads_rebuild_integrated_grads(method: str) -> None:
     net = nets.groupnorm_cnn()
     x = nets.images()
     baselines = torch.randn_like(x) * 0.1
-    result = attribute(net, x, TARGETS, baselines=baselines, n_steps=9, method=method)
+    result = attribute(net, x, TARGETS, baselines=baselines, n_steps=9, rule=method)
     n = result.n_steps
     assert result.directional_grads.shape == (3, n, 3, 16, 16)
     weights = result.step_sizes.view(1, n, 1, 1, 1)
@@ -99,7 +99,7 @@ def test_completeness_on_a_smooth_model() -> None:
 def test_convergence_delta_is_sum_minus_rise() -> None:
     net = nets.batchnorm_cnn()
     x = nets.images()
-    result = attribute(net, x, TARGETS, n_steps=3, method="riemann_left")
+    result = attribute(net, x, TARGETS, n_steps=3, rule="riemann_left")
     rows = torch.arange(3)
     rise = result.logits[rows, TARGETS] - result.baseline_logits[rows, TARGETS]
     expected = result.integrated_grads.flatten(1).sum(1) - rise
@@ -211,9 +211,9 @@ def test_tf32_switches_are_set_then_restored(allow_tf32: bool, expected: str) ->
     "kwargs,message",
     [
         ({"n_steps": 0}, "n_steps must be >= 1"),
-        ({"n_steps": 1, "method": "riemann_left"}, "n_steps must be >= 2"),
+        ({"n_steps": 1, "rule": "riemann_left"}, "n_steps must be >= 2"),
         ({"n_steps": 2.5}, "n_steps must be an int"),
-        ({"method": "simpson"}, "unknown method 'simpson'"),
+        ({"rule": "simpson"}, "unknown rule 'simpson'"),
         ({"target": 5}, "target 5 is out of range"),
         ({"target": -1}, "target -1 is out of range"),
         ({"target": [0, 1]}, "one int or 3 ints"),

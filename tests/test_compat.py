@@ -25,7 +25,7 @@ def test_intermediate_gradients_match_the_engine_in_package_layout() -> None:
         x, None, TARGETS, (net,), 10, "riemann_middle"
     )
     assert net.training and all(p.requires_grad for p in net.parameters())
-    expected = attribute(net, x, TARGETS, n_steps=10, method="riemann_middle")
+    expected = attribute(net, x, TARGETS, n_steps=10, rule="riemann_middle")
     assert grads.shape == (10 * 3, 3, 16, 16)
     assert step_sizes.shape == (10, 1)
     assert intermediates.shape == (10 * 3, 3, 16, 16)

@@ -24,7 +24,7 @@ from daemon import Igd
 from reference import read_result
 from igd.engine.attribution import attribute, strict_float32
 from igd.models import lanet, load_model
-from igd.worker import Job, Worker
+from igd.worker import Attribute, Worker
 
 pytestmark = pytest.mark.cuda
 DEVICE = os.environ.get("IGD_TEST_DEVICE", "cuda")
@@ -226,7 +226,7 @@ def test_out_of_memory_retries_with_smaller_chunks(chelsea: Path) -> None:
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(device).total_memory
     worker = Worker(model, max_batch=50)
-    jobs = [Job("attribute", x.cpu(), torch.zeros_like(x.cpu()), TIGER_CAT, 50) for _ in range(2)]
+    jobs = [Attribute(inputs=x.cpu(), baseline=torch.zeros_like(x.cpu()), target=TIGER_CAT, n_steps=50) for _ in range(2)]
     torch.cuda.set_per_process_memory_fraction(allowed / total, device)
     try:
         for job in jobs:

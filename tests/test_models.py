@@ -41,7 +41,7 @@ def test_fixture_checkpoints_reproduce_the_original_code(fixtures: Path, family:
     with torch.no_grad():
         logits = model.module(x).numpy()
     assert rel_l2(logits, reference["logits"]) < 1e-5
-    result = attribute(model.module, x, CAT, n_steps=50, method="gausslegendre")
+    result = attribute(model.module, x, CAT, n_steps=50, rule="gausslegendre")
     assert_reproduces(result_dict(result), reference)
     assert model.class_names == CIFAR10_CLASSES
     assert model.input_shape == (3, 32, 32)

@@ -111,7 +111,7 @@ def test_one_list_of_ops() -> None:
 def test_hello_tells_the_tables_choices_limits_and_defaults() -> None:
     capabilities = hello()
     assert capabilities["ops"] == list(protocol.OPS)
-    assert capabilities["methods"] == list(spec.METHODS) and capabilities["baselines"] == list(spec.BASELINES)
+    assert capabilities["methods"] == list(spec.RULES) and capabilities["baselines"] == list(spec.BASELINES)
     assert capabilities["formats"] == ["torch", "npz"] and capabilities["paths"] == ["straight", "blur"]
     assert capabilities["limits"]["max_targets"] == 16 and capabilities["limits"]["max_paths"] == 64
     assert capabilities["defaults"]["attribute"] == {o.name: o.default for o in spec.ATTRIBUTE_OPTIONS}

@@ -161,7 +161,7 @@ def test_idgi_matches_the_papers_formula() -> None:
     rounding (in float32 the two agree to 3e-5: the rise is small next to the logits)."""
     net = nets.smooth_cnn().eval().double()
     image, baseline = nets.images(1, seed=4).double(), torch.zeros(1, 3, 16, 16, dtype=torch.float64)
-    result = attribute(net, image, 3, baselines=baseline, n_steps=20, method="riemann_left")
+    result = attribute(net, image, 3, baselines=baseline, n_steps=20, rule="riemann_left")
     ours = idgi(result.directional_grads[0], result.alphas, result.path_logits[0],
                 float(result.baseline_logits[0, 3]), float(result.logits[0, 3]))
     assert relative(ours, plain_idgi(net, image, baseline, 3, 20)) <= 1e-9

@@ -17,7 +17,7 @@ import nets
 from igd.engine.attribution import attribute
 from igd.models import Preprocessing
 from igd.models.registry import LoadedModel
-from igd.worker import ComputeFailed, Job, PassCancelled, QueueFull, Worker, WorkerClosed
+from igd.worker import Attribute, ComputeFailed, PassCancelled, QueueFull, Worker, WorkerClosed
 
 
 class Fragile(nn.Module):
@@ -45,8 +45,8 @@ def loaded(module: nn.Module) -> LoadedModel:
     )
 
 
-def job(x: torch.Tensor, target: int | None, n_steps: int = 6) -> Job:
-    return Job("attribute", x.unsqueeze(0), torch.zeros_like(x).unsqueeze(0), target, n_steps)
+def job(x: torch.Tensor, target: int | None, n_steps: int = 6) -> Attribute:
+    return Attribute(inputs=x.unsqueeze(0), baseline=torch.zeros_like(x).unsqueeze(0), target=target, n_steps=n_steps)
 
 
 def test_out_of_memory_retries_with_smaller_chunks() -> None:

@@ -32,9 +32,8 @@ from igd.engine import accuracy
 from igd.engine.attribution import (
     Attribution, ChunkCallback, Path, PointForward, Target, check_max_batch, engine_mode, weighted_sum,
 )
-from igd.request import ADAPTIVE_START
+from igd.request import ADAPTIVE, ADAPTIVE_START
 
-METHOD = "adaptive"
 START_POINTS = ADAPTIVE_START  # the first look, and the fewest points an adaptive request may be capped at
 FIRST_PANELS = START_POINTS - 1  # a power of two: the nodes lie on the grid below
 SPLIT_FRACTION = 0.25  # of an image's panels, bisected per round
@@ -177,7 +176,7 @@ def _answer(path: Path, image: _Image, store: Tensor, logits: Tensor) -> Attribu
         inputs=path.rows(path.inputs[one]),
         baselines=path.rows(path.baselines[one]),
         targets=path.targets[i],
-        method=METHOD,
+        rule=ADAPTIVE,
         path_logits=logits[rows].to(dtype).transpose(0, 1).contiguous(),
         error_estimate=torch.tensor(image.estimates, dtype=torch.float64).view(width),
         tolerance=image.tolerance,

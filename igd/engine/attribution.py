@@ -30,9 +30,9 @@ from torch import Tensor, nn
 
 from igd.engine import accuracy
 from igd.engine.paths import STRAIGHT, Curve
-from igd.request import METHODS  # the rules' names belong to the request vocabulary
+from igd.request import RULES  # the rules' names belong to the request vocabulary
 
-DEFAULT_METHOD = METHODS[0]  # gausslegendre
+DEFAULT_RULE = RULES[0]  # gausslegendre
 
 # One int for all images, one per image, or (B, T): T targets per image.
 Target = Union[int, Sequence[int], Sequence[Sequence[int]], Tensor]
@@ -65,7 +65,7 @@ class Attribution:
     inputs: Tensor  # (R, *F)
     baselines: Tensor  # (R, *F): the paths' starts
     targets: Tensor  # (R,) int64
-    method: str  # a rule of METHODS, or "adaptive" (igd.engine.adaptive)
+    rule: str  # the quadrature rule: one of RULES, or "adaptive" (igd.engine.adaptive)
     path_logits: Tensor  # (R, n): the target logit F_t at every path point
     error_estimate: Tensor  # (R,) float64: the estimated relative L2 error of IG (igd.engine.accuracy)
     tolerance: float | None = None  # adaptive: the error asked for (then one image: R == T)
@@ -96,36 +96,36 @@ class Attribution:
         return self.curve.points(self.inputs[one], self.baselines[one], self.alphas[alphas])[0]
 
 
-def quadrature(method: str, n_steps: int) -> tuple[list[float], list[float]]:
+def quadrature(rule: str, n_steps: int) -> tuple[list[float], list[float]]:
     """Nodes ``a_k`` in [0, 1] and weights ``w_k`` of a quadrature rule, as captum has them.
 
     Riemann rules use ``w_k = 1/n`` (the trapezoid halves the first and last, so its
     weights sum to (n-1)/n: captum's bias, kept for agreement). Gauss-Legendre maps
     numpy's ``leggauss(n)`` from [-1, 1] to [0, 1].
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
     if isinstance(n_steps, bool) or not isinstance(n_steps, int):
         raise ValueError(f"n_steps must be an int, got {type(n_steps).__name__}")
-    if method == "gausslegendre":
+    if rule == "gausslegendre":
         if n_steps < 1:
             raise ValueError(f"n_steps must be >= 1 for gausslegendre, got {n_steps}")
         nodes, weights = _gauss_legendre(n_steps)
         return list(nodes), list(weights)
     if n_steps < 2:
-        raise ValueError(f"n_steps must be >= 2 for {method}, got {n_steps}")
+        raise ValueError(f"n_steps must be >= 2 for {rule}, got {n_steps}")
     n = n_steps
     start, end = {
         "riemann_left": (0.0, 1 - 1 / n),
         "riemann_right": (1 / n, 1.0),
         "riemann_middle": (1 / (2 * n), 1 - 1 / (2 * n)),
         "riemann_trapezoid": (0.0, 1.0),
-    }[method]
+    }[rule]
     # captum builds Riemann nodes with a float32 linspace; doing the same keeps them
     # identical to the last bit.
     alphas = torch.linspace(start, end, n).tolist()
     weights = [1 / n] * n
-    if method == "riemann_trapezoid":
+    if rule == "riemann_trapezoid":
         weights[0] /= 2
         weights[-1] /= 2
     return alphas, weights
@@ -146,7 +146,7 @@ def attribute(
     *,
     baselines: Tensor | float | None = None,
     n_steps: int = 50,
-    method: str = DEFAULT_METHOD,
+    rule: str = DEFAULT_RULE,
     max_batch: int | None = None,
     allow_tf32: bool = False,
     on_chunk: ChunkCallback | None = None,
@@ -164,7 +164,7 @@ def attribute(
         baselines: None (zeros in input space) or a tensor broadcastable to ``inputs``:
             the paths' starts (for Blur IG, ``curve.start(inputs)``).
         n_steps: number of path points per image.
-        method: one of :data:`METHODS`.
+        rule: the quadrature rule, one of :data:`RULES` (captum calls it ``method``).
         max_batch: at most this many path points per forward+backward (a memory and
             speed knob; results equal the unchunked run). None: all B x n at once.
         allow_tf32: let CUDA use TF32 for float32 matmuls and convolutions. Off by
@@ -180,7 +180,7 @@ def attribute(
         target,
         baselines=baselines,
         n_steps=n_steps,
-        method=method,
+        rule=rule,
         max_batch=max_batch,
         allow_tf32=allow_tf32,
         modules=_modules_of(forward),
@@ -196,7 +196,7 @@ def attribute_points(
     *,
     baselines: Tensor | float | None = None,
     n_steps: int = 50,
-    method: str = DEFAULT_METHOD,
+    rule: str = DEFAULT_RULE,
     max_batch: int | None = None,
     allow_tf32: bool = False,
     modules: Iterable[nn.Module] = (),
@@ -210,7 +210,7 @@ def attribute_points(
     """
     if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or inputs.dim() < 2:
         raise ValueError("inputs must be a floating point tensor of shape (B, ...)")
-    alphas_list, weights_list = quadrature(method, n_steps)
+    alphas_list, weights_list = quadrature(rule, n_steps)
     check_max_batch(max_batch)
     batch, device, dtype = inputs.shape[0], inputs.device, inputs.dtype
     chunk = balanced_chunk(batch * n_steps, max_batch)
@@ -247,7 +247,7 @@ def attribute_points(
         inputs=path.rows(path.inputs),
         baselines=path.rows(path.baselines),
         targets=path.targets.reshape(-1),
-        method=method,
+        rule=rule,
         path_logits=path_logits.view(rows, n_steps),
         error_estimate=estimates,
         curve=curve,

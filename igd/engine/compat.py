@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from igd.engine.attribution import (
-    DEFAULT_METHOD,
+    DEFAULT_RULE,
     Attribution,
     Target,
     attribute_points,
@@ -46,7 +46,7 @@ class IntermediateGradients:
         target: Target | None = None,
         additional_forward_args: Any = None,
         n_steps: int = 50,
-        method: str = DEFAULT_METHOD,
+        method: str = DEFAULT_RULE,
         max_batch: int | None = None,
     ) -> Gradients:
         """Returns ``(grads, step_sizes, intermediates)``.
@@ -66,7 +66,7 @@ class IntermediateGradients:
             _required(target),
             baselines=baselines,
             n_steps=n_steps,
-            method=method,
+            rule=method,
             max_batch=max_batch,
             modules=_modules_in(self.forward_func, args),
         )
@@ -92,7 +92,7 @@ class LayerIntermediateGradients:
         additional_forward_args: Any = None,
         target: Target | None = None,
         n_steps: int = 50,
-        method: str = DEFAULT_METHOD,
+        method: str = DEFAULT_RULE,
         attribute_to_layer_input: bool = False,
         max_batch: int | None = None,
     ) -> Gradients:
@@ -121,7 +121,7 @@ class LayerIntermediateGradients:
             _required(target),
             baselines=layer_baselines,
             n_steps=n_steps,
-            method=method,
+            rule=method,
             max_batch=max_batch,
             modules=modules,
         )

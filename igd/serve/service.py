@@ -59,7 +59,7 @@ from igd.request import (
     target_count,
 )
 from igd.output.provenance import now
-from igd.worker import Job, Worker, WorkerError
+from igd.worker import Classify, Job, Worker, WorkerError
 
 T = TypeVar("T")
 
@@ -259,7 +259,7 @@ class Service:
         self._reserve(reservation, pipeline.Footprint(image=header.decoding_bytes()))
         inputs = await self._decoded(data, notes, model.preprocessing)
         del data
-        logits = await self._compute(Job("classify", inputs), notes)
+        logits = await self._compute(Classify(inputs=inputs), notes)
         return {
             "top": [
                 {"index": index, "name": name, "probability": p}
