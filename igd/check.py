@@ -3,40 +3,42 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import time
+from typing import Any
 
-from igd import pipeline
 from igd.engine.attribution import Attribution
 from igd.models import LoadedModel
+from igd.pipeline import Pipeline
 from igd.request import DEFAULT_MAX_PIXELS, AttributeRequest
-from igd.worker import Classify, ComputeSettings, Worker
+from igd.worker import ComputeSettings, Worker
 
 
 def run_check(model: LoadedModel, data: bytes, label: str, request: AttributeRequest,
               compute: ComputeSettings) -> list[tuple[str, str]]:
     """Warm up, classify the image in ``data`` (called ``label``), attribute it to its
-    most likely class. Raises RequestFailed (a bad image) or the worker's errors; the
+    most likely class. Raises RequestFailed (a bad image, or the worker's failure); the
     worker is stopped either way."""
     started = time.perf_counter()
     worker = Worker.warmed_up(model, compute)
     warm_s = time.perf_counter() - started
-    try:
-        image = pipeline.decode(data, DEFAULT_MAX_PIXELS)
-        prepared = pipeline.prepare(image, request, model)
-        started = time.perf_counter()
-        logits = worker.submit(Classify(inputs=prepared.inputs)).result()
-        classify_s = time.perf_counter() - started
-        top = model.top_classes(logits, 5)
-        started = time.perf_counter()
-        targets = None if request.top_k else top[0][0]  # --top-k: the model's most likely classes
-        part = worker.submit(pipeline.job(prepared, targets, request)).result()
-        attribute_s = time.perf_counter() - started
-    finally:
-        worker.close()
-        worker.join()
-    answer = pipeline.answer(part, request, model, prepared, worker.compute_facts)
-    attribution = part.attribution
-    delta = answer.convergence_delta
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pipeline = Pipeline(model, worker, pool, DEFAULT_MAX_PIXELS)
+        try:
+            started = time.perf_counter()
+            notes: dict[str, Any] = {}
+            top = asyncio.run(pipeline.classify(data, 5, notes=notes))
+            classify_s = time.perf_counter() - started
+            started = time.perf_counter()
+            targets = None if request.top_k else top[0][0]  # --top-k: the model's most likely classes
+            answer = asyncio.run(pipeline.attribute(data, request, targets))
+            attribute_s = time.perf_counter() - started
+        finally:
+            worker.close()
+            worker.join()
+    attribution, first = answer.attribution, answer.targets[0]
+    delta = first.convergence_delta
     found = worker.warm_up
     assert found is not None
     c, h, w = model.input_shape
@@ -59,13 +61,13 @@ def run_check(model: LoadedModel, data: bytes, label: str, request: AttributeReq
         ("input", f"{c}x{h}x{w} ({model.preprocessing.describe()})"),
         ("device", device),
         ("classes", _class_list(model.class_names)),
-        ("image", f"{label} ({image.width}x{image.height})"),
+        ("image", f"{label} ({notes['image']})"),
         ("top-5", "; ".join(f"{name} ({index}) {p:.3f}" for index, name, p in top)),
-        ("attribution", f"target {answer.target_name!r}, {attribution.n_steps} {attribution.rule} steps, "
+        ("attribution", f"target {first.name!r}, {attribution.n_steps} {attribution.rule} steps, "
                         f"{request.baseline} baseline, {chunk}"),
         ("chunk search", search),
-        ("accuracy", f"estimated error {answer.error_estimate:.1%}{_tolerance(attribution)}, completeness gap "
-                     f"{answer.completeness_gap:+.1%} (delta {delta:+.4g} = sum(IG) - (F(x) - F(b)))"),
+        ("accuracy", f"estimated error {first.error_estimate:.1%}{_tolerance(attribution)}, completeness gap "
+                     f"{first.completeness_gap:+.1%} (delta {delta:+.4g} = sum(IG) - (F(x) - F(b)))"),
         ("timings", f"warm-up {warm_s:.2f} s, classify {classify_s * 1000:.0f} ms, attribute {attribute_s:.2f} s"),
     ]
 

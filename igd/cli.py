@@ -24,7 +24,6 @@ PROCESS_STARTED = time.monotonic()  # igd's uptime counts from here
 SAMPLE_IMAGE = "chelsea.jpg"
 _FILE = click.Path(path_type=Path, dir_okay=False)
 MODEL_ARGS = ("bit_path", "lanet_path", "model", "weights", "classes_file", "index_names", "device")
-BATCH_FORMATS = (*spec.FORMATS, "parquet")
 
 
 def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -128,8 +127,7 @@ def _parse_max_batch(_ctx: click.Context, _param: click.Parameter, value: str) -
 
 
 def _parse_shard(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[int, int] | None:
-    """--shard I/N with 1 <= I <= N, checked with the other flags (before torch). The same
-    messages, and exit status 1, as igd.batch.inputs.parse_shard, which imports torch with igd.batch."""
+    """--shard I/N with 1 <= I <= N, checked with the other flags (before torch); exit status 1."""
     if not value:
         return None
     try:
@@ -381,7 +379,7 @@ def install_systemd(prefix: Path, igd_executable: Path | None, dry_run: bool) ->
               help="Class name or index to attribute every image to; repeatable [default: the predicted class]. "
                    "Manifest rows may name their own.")
 @attribute_flags
-@flag(spec.FORMAT, choices=BATCH_FORMATS,
+@flag(spec.FORMAT, choices=spec.BATCH_FORMATS,
       help="torch: one gzip'd result file per image and target, as igctl writes; npz: the same for numpy; "
            "parquet: rows in shards of 256.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
@@ -414,8 +412,8 @@ def batch(source: str, out_dir: Path, targets: tuple[str, ...], dtype: str, with
     """
     model_args = {name: args.pop(name) for name in MODEL_ARGS}
     fmt = args.pop("format") or spec.FORMAT.default
-    if fmt not in BATCH_FORMATS:
-        raise click.UsageError(f"--format must be one of {', '.join(BATCH_FORMATS)}, got {fmt!r}")
+    if fmt not in spec.BATCH_FORMATS:
+        raise click.UsageError(f"--format must be one of {', '.join(spec.BATCH_FORMATS)}, got {fmt!r}")
     request = checked_request({**args, "format": fmt if fmt != "parquet" else spec.FORMAT.default})
     if request.top_k is not None and targets:
         raise click.UsageError("give --top-k or --target, not both: --top-k picks each image's most likely classes")

@@ -1,52 +1,168 @@
-"""The steps of a request's path, which the daemon, `igd batch` and `igd check` each take in turn.
+"""The one path of an attribution, which the daemon, `igd batch` and `igd check` all take.
 
-    bytes --decode--> image --prepare--> engine inputs --job--> Worker --answer--> result
+    bytes --probe--> header --reserve--> --decode, prepare--> paths --Attribute job--> Worker
+          --> AttributionSlice --answer--> Answer (--Forward jobs--> faithfulness curves)
 
-An :class:`~igd.request.AttributeRequest` (validated by igd.request wherever it came from)
-and a decoded image become a :class:`~igd.worker.Job`; the worker's result becomes an
-:class:`Answer`: the result dict, the bytes of its file, a heatmap, and the facts every
-entry point reports. Each step raises :class:`~igd.request.RequestFailed` in the stable
-error vocabulary; entry points keep only what is theirs (the socket, the dataset, the
+:class:`Pipeline` holds what every step needs (the model, the compute worker, a thread
+pool for the work that must not run where requests are read) and turns (image bytes,
+request) into an :class:`~igd.output.answer.Answer` in one call, or a classification.
+An :class:`~igd.request.AttributeRequest` comes validated by igd.request, wherever it
+came from. Each step raises :class:`~igd.request.RequestFailed` in the stable error
+vocabulary; entry points keep only what is theirs (the socket, the dataset, the
 self-test) and turn failures into wire errors or status rows.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import datetime
-import math
-from dataclasses import dataclass, field, replace
-from functools import cached_property
-from typing import Any, BinaryIO, Iterator, Union
+import time
+from dataclasses import dataclass, replace
+from typing import Any, BinaryIO, Callable, Iterator, Protocol, TypeVar, Union
 
 from PIL import Image
-import torch
 from torch import Tensor
 
 from igd.engine import faithfulness
-from igd.engine.accuracy import completeness_gap
 from igd.engine.baselines import Paths, make_paths
-from igd.engine.faithfulness import Curves
-from igd.output.heatmap import canvas as heatmap_canvas
-from igd.output.heatmap import drawing_bytes, heatmap_grid_png
+from igd.engine.paths import PATH_KINDS
 from igd.imaging import ImageError, ImageHeader, ImageTooLarge, decode_image
 from igd.imaging import probe as probe_image
 from igd.models import LoadedModel, UnknownClass
-from igd.output.provenance import ComputeFacts, now, provenance
+from igd.output.answer import Answer
+from igd.output.heatmap import canvas as heatmap_canvas
+from igd.output.heatmap import drawing_bytes
+from igd.output.provenance import now, provenance
 from igd.protocol import BAD_IMAGE, BAD_REQUEST, IMAGE_TOO_LARGE, INTERNAL, OVERLOADED, SHUTTING_DOWN, UNKNOWN_TARGET
-from igd.request import TARGET, AttributeRequest, RequestError, RequestFailed, check_targets
-from igd.output.results import Result, combined_result_dict, encode, idgi_of, result_dict, write_result
+from igd.request import TARGET, AttributeRequest, RequestError, RequestFailed, check_targets, target_count
 from igd.worker import (
-    AttributionSlice,
-    ComputeFailed,
     Attribute,
+    Classify,
+    ComputeFailed,
     Forward,
+    Job,
     JobListener,
     PassCancelled,
     QueueFull,
+    Worker,
     WorkerClosed,
     WorkerError,
 )
+
+T = TypeVar("T")
+
+
+class Budget(Protocol):
+    """A request's share of a memory budget (igd.serve.ledger.Reservation): ``admit``
+    raises RequestFailed when ``needed`` does not fit."""
+
+    def admit(self, needed: Footprint) -> None: ...
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """The steps of a request for one model: ``await pipeline.attribute(data, request, target)``.
+
+    ``pool`` runs decoding, preparing, the faithfulness images and encoding, so that the
+    caller's thread (the daemon's event loop) only waits; ``max_pixels`` bounds decoding."""
+
+    model: LoadedModel
+    worker: Worker
+    pool: concurrent.futures.Executor
+    max_pixels: int
+
+    async def attribute(self, data: bytes, request: AttributeRequest, target: Any = None, *,
+                        budget: Budget | None = None, listener: JobListener | None = None,
+                        notes: dict[str, Any] | None = None, created: datetime.datetime | None = None) -> Answer:
+        """The answer to ``request`` on the image in ``data`` for ``target`` (a name, an
+        index, a list of them; None: the predicted class, or the top_k). Before decoding,
+        ``budget`` admits what the request will hold at most; ``listener`` hears its job's
+        queue and progress; ``notes`` collects facts for the log line (image, timings,
+        batch size); ``created``: when the request arrived (default now)."""
+        created = created or now()
+        notes = {} if notes is None else notes
+        model = self.model
+        targets = resolve_targets(model, target, request.top_k)
+        header = await self._off_loop(probe, data, self.max_pixels)
+        if budget is not None:
+            budget.admit(footprint(request, model, target_count(targets, request.top_k), header))
+        notes.update(target=targets, **request.log_fields())
+        prepared = await self._decoded(data, notes, lambda image: prepare(image, request, model))
+        del data
+        part = await self._computed(job(prepared, targets, request, listener), notes)
+        facts = provenance(model, request, self.worker.compute_facts, created)
+        answer = Answer(part, request, model, prepared.image, prepared.paths.names, prepared.inputs, facts)
+        del part, prepared
+        if request.metrics:  # each target's images are made in the pool, the next once its pass is done
+            jobs, logits = metric_jobs(answer), []
+            while (metric_job := await self._off_loop(next, jobs, None)) is not None:
+                logits.append(await self._computed(metric_job, {}))
+            answer = await self._off_loop(with_metrics, answer, logits)  # each target's facts: not on the loop
+        return answer
+
+    async def classify(self, data: bytes, top: int, *, budget: Budget | None = None,
+                       notes: dict[str, Any] | None = None) -> list[tuple[int, str, float]]:
+        """The ``top`` most likely classes of the image in ``data``: (index, name, probability)."""
+        notes = {} if notes is None else notes
+        header = await self._off_loop(probe, data, self.max_pixels)
+        if budget is not None:
+            budget.admit(Footprint(image=header.decoding_bytes()))
+        inputs = await self._decoded(data, notes, self.model.preprocessing)
+        del data
+        logits = await self._computed(Classify(inputs=inputs), notes)
+        return self.model.top_classes(logits, top)
+
+    async def delivered(self, answer: Answer, out: BinaryIO) -> dict[str, Any]:
+        """Write ``answer``'s result file to ``out`` (which may block: in the pool) and
+        return what is reported beside it: its facts and, if asked for, the heatmap. The
+        answer is spent afterwards (igd.output.answer.Answer.write_file)."""
+
+        def written() -> dict[str, Any]:
+            reported: dict[str, Any] = {"format": answer.request.format, **answer.summary()}
+            heatmap = answer.heatmap_png()
+            if heatmap is not None:
+                reported["heatmap_png"] = heatmap
+            answer.write_file(out)
+            return reported
+
+        return await self._off_loop(written)
+
+    async def _decoded(self, data: bytes, notes: dict[str, Any], then: Callable[[Image.Image], T]) -> T:
+        """Decode the image and apply ``then`` to it in the pool; only what ``then``
+        returns outlives the call."""
+        started = time.perf_counter()
+        notes["image_bytes"] = len(data)
+        max_pixels = self.max_pixels
+
+        def decode_and_prepare() -> tuple[str, T]:
+            image = decode(data, max_pixels)
+            return f"{image.width}x{image.height}", then(image)
+
+        notes["image"], prepared = await self._off_loop(decode_and_prepare)
+        notes["decode_ms"] = _ms(time.perf_counter() - started)
+        return prepared
+
+    async def _computed(self, job: Job, notes: dict[str, Any]) -> Any:
+        """``job``'s result from the worker; a cancelled wait (the client left, a
+        deadline) withdraws the job."""
+        try:
+            result = await asyncio.wrap_future(self.worker.submit(job))
+        except WorkerError as error:
+            raise worker_failure(error) from None
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+        notes.update(queue_ms=_ms(job.queued_s), compute_ms=_ms(job.compute_s), batch_size=job.batch_size)
+        return result
+
+    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
 
 
 def decode(data: bytes, max_pixels: int) -> Image.Image:
@@ -156,7 +272,7 @@ def footprint(request: AttributeRequest, model: LoadedModel, targets: int = 1,
 
     The attribution: for each path its points and the per-step gradients of each target
     (n_steps x C x H x W float32 each), with several paths the result's copy of those
-    gradients, on Blur IG's path its derivative, each (path, target) row's IG and its copies
+    gradients, on a path that needs it (Blur IG's) its derivative, each (path, target) row's IG and its copies
     of the path's start and end, the few per-path tensors, and the encoded file, which is no
     larger than what it encodes (x2). The faithfulness images of one
     target at a time (and the worker's copy); IDGI's per-row work; the heatmap's drawing
@@ -167,7 +283,7 @@ def footprint(request: AttributeRequest, model: LoadedModel, targets: int = 1,
     per_step = paths * (targets + 1) * steps  # gradients of each target and the points, per path
     if paths > 1:
         per_step += targets * paths * steps  # the result's (T, P, n, ...) copy of the gradients
-    if request.path != "straight":
+    if PATH_KINDS[request.path].needs_derivative:
         per_step += paths * steps  # the path's derivative at every node
     rows = targets * paths  # (target, path) rows: each has its IG, and its path's start and end repeated
     tensors = (per_step + 3 * rows + 4 * paths) * plane  # and the few per-path tensors
@@ -182,228 +298,11 @@ def footprint(request: AttributeRequest, model: LoadedModel, targets: int = 1,
 
 def job(prepared: Prepared, targets: Targets, request: AttributeRequest,
         listener: JobListener | None = None) -> Attribute:
+    """The compute job of ``request`` on ``prepared``'s paths."""
     paths = prepared.paths
     return Attribute(inputs=paths.ends, baseline=paths.starts, target=targets, n_steps=request.n_steps,
                      rule=request.method, tolerance=request.tolerance, listener=listener, top_k=request.top_k,
                      curve=paths.curve, clean=paths.inputs if request.noise else None)
-
-
-@dataclass(frozen=True)
-class TargetFacts:
-    """One target's accuracy facts, over the mean of its paths' attributions."""
-
-    index: int
-    name: str
-    convergence_delta: float  # sum(IG) - (F_t(x) - F_t(b)), both means over the paths
-    completeness_gap: float  # the delta relative to the rise (igd.engine.accuracy.completeness_gap)
-    error_estimate: float  # the estimated relative L2 error of the mean IG
-
-    def summary(self) -> dict[str, Any]:
-        return {"index": self.index, "name": self.name, "convergence_delta": self.convergence_delta,
-                "completeness_gap": finite_or_none(self.completeness_gap),
-                "error_estimate": finite_or_none(self.error_estimate)}
-
-
-@dataclass(frozen=True)
-class Answer:
-    """What one attribution produced: the result file's content and the facts about it.
-
-    One target on one path gives the predecessor's result dict; several targets or paths
-    the combined dict (igd.output.results.combined_result_dict)."""
-
-    part: AttributionSlice
-    request: AttributeRequest
-    model: LoadedModel
-    image: Image.Image | None  # for the heatmap
-    path_names: tuple[str, ...] = ()
-    inputs: Tensor | None = None  # (1, C, H, W): the image in input space
-    provenance: dict[str, Any] = field(default_factory=dict)  # igd.output.provenance: what made it
-    curves: tuple[Curves, ...] = ()  # the faithfulness curves of each target, once measured (with_metrics)
-
-    @property
-    def combined(self) -> bool:
-        """Several targets or paths, or a path that does not end at the image (noise)."""
-        return self.part.paths > 1 or self.part.width > 1 or self.request.noise > 0
-
-    @property
-    def rows(self) -> list[list[int]]:
-        """rows[t][p]: the attribution's row of target t on path p."""
-        return [[self.part.row(p, t) for p in range(self.part.paths)] for t in range(self.part.width)]
-
-    @property
-    def target_index(self) -> int:
-        return self.targets[0].index
-
-    @property
-    def target_name(self) -> str:
-        return self.targets[0].name
-
-    @cached_property
-    def targets(self) -> list[TargetFacts]:
-        return [self._facts_of(rows) for rows in self.rows]
-
-    @cached_property
-    def prediction(self) -> tuple[int, str, float]:
-        """(index, name, probability) of the most likely class of the input."""
-        (top,) = self.model.top_classes(self.logits, 1)
-        return top
-
-    @property
-    def logits(self) -> Tensor:
-        """(K,): the logits at the image."""
-        part = self.part
-        return part.logits if part.logits is not None else part.attribution.logits[part.index]
-
-    @property
-    def convergence_delta(self) -> float:
-        return self.targets[0].convergence_delta
-
-    @property
-    def error_estimate(self) -> float:
-        return self.targets[0].error_estimate
-
-    @property
-    def completeness_gap(self) -> float:
-        return self.targets[0].completeness_gap
-
-    def _facts_of(self, rows: list[int]) -> TargetFacts:
-        attribution = self.part.attribution
-        target = int(attribution.targets[rows[0]])
-        if len(rows) == 1:  # the engine's own figures, as they always were
-            delta = float(attribution.convergence_delta[rows[0]])
-            estimate = float(attribution.error_estimate[rows[0]])
-        else:
-            integrated = attribution.integrated_grads[rows].double()
-            mean = integrated.mean(dim=0)
-            sizes = integrated.flatten(1).norm(dim=1)
-            estimates = attribution.error_estimate[rows]
-            size = float(mean.norm())
-            # The paths share their nodes, so their errors need not be independent: add them.
-            absolute = torch.where(sizes > 0, estimates * sizes, torch.where(estimates > 0, math.inf, 0.0))
-            estimate = float(absolute.sum()) / len(rows) / size if size else math.inf
-        ends = attribution.logits[rows, target].double()
-        starts = attribution.baseline_logits[rows, target].double()
-        rise = float((ends - starts).mean())
-        if len(rows) > 1:
-            delta = float(mean.sum()) - rise
-        scale = float(torch.cat([ends, starts]).abs().max())
-        eps = float(torch.finfo(attribution.logits.dtype).eps)
-        return TargetFacts(target, self.model.class_names[target], delta,
-                           completeness_gap(delta, rise, scale, eps), estimate)
-
-    def result(self, defer_intermediates: bool = False) -> Result:
-        """The result dict (the predecessor's keys and igd's additions)."""
-        attribution, request = self.part.attribution, self.request
-        if not self.combined:
-            result = result_dict(attribution, self.part.index, model=self.model.name, target_name=self.target_name,
-                                 baseline_name=request.baseline, defer_intermediates=defer_intermediates)
-            result.update(max_batch=self.part.max_batch, completeness_gap=self.completeness_gap)
-            if request.idgi:
-                result["idgi"] = idgi_of(attribution, self.rows)[0]
-        else:
-            assert self.inputs is not None
-            result = combined_result_dict(
-                attribution, self.rows, inputs=self.inputs, logits=self.logits, noisy=request.noise > 0,
-                model=self.model.name, target_names=[t.name for t in self.targets], baseline_name=request.baseline,
-                path_names=list(self.path_names), defer_intermediates=defer_intermediates)
-            result["convergence_delta"] = torch.tensor([t.convergence_delta for t in self.targets])
-            result["completeness_gap"] = torch.tensor([t.completeness_gap for t in self.targets])
-            result["error_estimate"] = torch.tensor([t.error_estimate for t in self.targets])
-            if request.idgi:
-                result["idgi"] = idgi_of(attribution, self.rows)
-            result["max_batch"] = self.part.max_batch
-        if request.samples > 1 or request.noise:
-            result.update(samples=request.samples, noise=request.noise)
-        index, name, probability = self.prediction
-        result.update(prediction_index=index, prediction_name=name, prediction_probability=probability)
-        result.update(self._metric_keys())
-        result.update(self.provenance)
-        return result
-
-    def _metric_keys(self) -> dict[str, Any]:
-        """``metric_fractions`` (STEPS + 1,), and per metric asked for its curve and area:
-        (STEPS + 1,) and a float, or with a target axis (T, STEPS + 1) and (T,)."""
-        if not self.curves:
-            return {}
-        keys: dict[str, Any] = {"metric_fractions": self.curves[0].fractions.float()}
-        for metric in self.request.metrics:
-            curve = torch.stack([getattr(c, metric) for c in self.curves]).float()
-            areas = [getattr(c, f"{metric}_area") for c in self.curves]
-            keys[f"{metric}_curve"] = curve if self.combined else curve[0]
-            keys[f"{metric}_area"] = torch.tensor(areas) if self.combined else areas[0]
-        return keys
-
-    def metric_areas(self, target: int = 0) -> dict[str, float]:
-        """{metric: area} of a target's curves, for the metrics asked for."""
-        if not self.curves:
-            return {}
-        return {metric: getattr(self.curves[target], f"{metric}_area") for metric in self.request.metrics}
-
-    def mean_attributions(self) -> list[Tensor]:
-        """Each target's IG, the mean over its paths: (C, H, W) each."""
-        attribution = self.part.attribution
-        return [attribution.integrated_grads[rows].mean(dim=0) for rows in self.rows]
-
-    def file_bytes(self) -> bytes:
-        """The result file in the request's format, exactly what igctl writes."""
-        return encode(self.result(), self.request.format, self.request.gzip_level)
-
-    def write_file(self, out: BinaryIO) -> None:
-        """Write the result file to ``out`` as it is made (the same bytes as
-        :meth:`file_bytes`), at the least memory: the path points are made only when
-        their turn comes, and each large tensor is freed once written, so this answer
-        (its per-step gradients included) is unusable afterwards."""
-        write_result(self.result(defer_intermediates=True), self.request.format, self.request.gzip_level, out,
-                     consume=True)
-
-    def heatmap_png(self) -> bytes | None:
-        """The heatmap over the image: one panel per target, side by side, of the mean IG."""
-        if self.image is None:
-            return None
-        return heatmap_grid_png(self.mean_attributions(), self.image, self.model.preprocessing,
-                                [t.name for t in self.targets] if self.combined else None)
-
-    def summary(self) -> dict[str, Any]:
-        """The facts an entry point reports beside the file (wire result, JSON lines, rows)."""
-        index, name, probability = self.prediction
-        attribution = self.part.attribution
-        first = self.targets[0]
-        summary = {
-            "target": {"index": first.index, "name": first.name},
-            "prediction": {"index": index, "name": name, "probability": probability},
-            "convergence_delta": first.convergence_delta,
-            "completeness_gap": finite_or_none(first.completeness_gap),
-            "error_estimate": finite_or_none(first.error_estimate),
-            "baseline": self.request.baseline,
-            "n_steps": attribution.n_steps,
-            "method": attribution.rule,
-        }
-        if self.curves:
-            summary["metrics"] = self.metric_areas()
-        if self.combined:
-            summary["targets"] = [t.summary() for t in self.targets]
-            if self.curves:
-                for i, facts in enumerate(summary["targets"]):
-                    facts["metrics"] = self.metric_areas(i)
-            summary["paths"] = self.part.paths
-        if self.request.path != "straight":
-            summary["path"] = self.request.path
-        if attribution.tolerance is not None:
-            summary.update(tolerance=attribution.tolerance, tolerance_met=attribution.tolerance_met)
-        return summary
-
-
-def finite_or_none(value: float) -> float | None:
-    """JSON has no infinity: an unbounded estimate is reported as null."""
-    return value if math.isfinite(value) else None
-
-
-def answer(part: AttributionSlice, request: AttributeRequest, model: LoadedModel, prepared: Prepared,
-           compute: ComputeFacts = ComputeFacts(), created: datetime.datetime | None = None) -> Answer:
-    """The answer to ``request`` on ``prepared``, with its provenance (``created``: when the
-    request arrived; default now)."""
-    facts = provenance(model, request, compute, created or now())
-    return Answer(part, request, model, prepared.image, prepared.paths.names, prepared.inputs, facts)
 
 
 def metric_jobs(answer: Answer) -> Iterator[Forward]:
@@ -414,7 +313,7 @@ def metric_jobs(answer: Answer) -> Iterator[Forward]:
     if not answer.request.metrics:
         return
     assert answer.inputs is not None
-    fill = answer.part.attribution.baselines[answer.part.row()]
+    fill = answer.attribution.baselines[answer.part.row()]
     for ig in answer.mean_attributions():
         yield Forward(inputs=faithfulness.perturbed(answer.inputs[0], fill, ig))
 

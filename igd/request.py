@@ -19,8 +19,14 @@ from igd.protocol import BAD_REQUEST, shown
 
 RULES = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 BASELINES = ("zero", "black", "white", "blur", "uniform")
-PATHS = ("straight", "blur")  # the straight line (IG), or Blur IG's (igd.engine.paths)
+# --path's choices: the straight line (IG, first: the default), or Blur IG's. igd.engine.paths
+# makes each (its PATH_KINDS); a new path adds its name here, and to OWN_STARTS if it makes its own start.
+PATHS = ("straight", "blur")
+# The paths that start from a point of their own made from the image, not from a baseline
+# (--baseline does not apply): what that start is, for messages.
+OWN_STARTS = {"blur": "the blurred image"}
 FORMATS = ("torch", "npz")
+BATCH_FORMATS = (*FORMATS, "parquet")  # `igd batch` also writes rows (igd.batch.outputs.ParquetShards)
 SUFFIXES = {"torch": ".gzip", "npz": ".npz"}  # result files
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
@@ -290,13 +296,15 @@ def _check_combination(request: AttributeRequest, args: Mapping[str, Any]) -> No
                                     "would be the same path")
     if request.seed + request.samples - 1 > SEED.high:  # type: ignore[operator]
         raise RequestError(SEED, f"+ samples - 1 must be at most {_number(SEED.high)}")
-    if request.path == "blur" and args.get("baseline") is not None:
-        raise RequestError(BASELINE, "does not apply to --path blur, whose start is the blurred image")
-    if request.path == "blur" and request.samples > 1 and request.noise == 0.0:
-        raise RequestError(SAMPLES, "above 1 needs --noise with --path blur: every sample would be the same path")
+    own_start = OWN_STARTS.get(request.path)
+    if own_start is not None and args.get("baseline") is not None:
+        raise RequestError(BASELINE, f"does not apply to --path {request.path}, whose start is {own_start}")
+    if own_start is not None and request.samples > 1 and request.noise == 0.0:
+        raise RequestError(SAMPLES, f"above 1 needs --noise with --path {request.path}: every sample would be the "
+                                    "same path")
     if request.tolerance is not None:
         for option, given in ((SAMPLES, request.samples > 1), (BASELINE, len(request.baselines) > 1),
-                              (PATH, request.path != "straight"), (NOISE, request.noise > 0)):
+                              (PATH, request.path != PATHS[0]), (NOISE, request.noise > 0)):
             if given:
                 raise RequestError(option, "cannot be given with a tolerance yet (adaptive steps place the "
                                            "points of one straight path)")

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from igd.engine.adaptive import attribute_adaptive
-from igd.engine.attribution import Attribution, attribute, strict_float32
+from igd.engine.attribution import Attribution, AttributionSlice, attribute, strict_float32
 from igd.engine.paths import STRAIGHT, Curve
 from igd.output.provenance import ComputeFacts
 from igd.request import target_count
@@ -178,25 +178,6 @@ class Attribute(Job):
     def result_bytes(self) -> int:
         """Its path points and their gradients."""
         return (self.width + 1) * self.n_steps * self.inputs.numel() * self.inputs.element_size()
-
-
-@dataclass(frozen=True)
-class AttributionSlice:
-    """One job's rows of a pass's (CPU) Attribution, and the chunk size that pass ran with
-    (path points per forward+backward; results can differ in the last bits with it).
-
-    The job's P paths with T targets each are rows ``index + p * T + t``; ``logits`` (K,)
-    are those at its image when its paths do not end there (noise), else None."""
-
-    attribution: Attribution
-    index: int
-    max_batch: int = 0
-    paths: int = 1
-    width: int = 1
-    logits: Tensor | None = None
-
-    def row(self, path: int = 0, target: int = 0) -> int:
-        return self.index + path * self.width + target
 
 
 class Worker:

@@ -11,11 +11,11 @@ from igd.batch.inputs import InputError, Pair, discover, in_shard
 from igd.batch.lock import OutDirLock
 from igd.batch.outputs import (ParquetShards, ResultFiles, StatusLog, drop_incomplete_parquet, pending,
                                remove_stale_temporaries, shard_outputs)
-from igd.batch.runner import FORMATS, BatchOptions
+from igd.batch.runner import BatchOptions
 from igd.logs import log
 from igd.request import SUFFIXES
 
-__all__ = ["FORMATS", "BatchOptions", "InputError", "Summary", "run_batch"]
+__all__ = ["BatchOptions", "InputError", "Summary", "run_batch"]
 
 
 @dataclass(frozen=True)

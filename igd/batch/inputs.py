@@ -127,17 +127,6 @@ def in_shard(pair: Pair, shard: tuple[int, int] | None) -> bool:
     return int.from_bytes(digest[:8], "big") % count == index - 1
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """'I/N' with 1 <= I <= N."""
-    try:
-        index, count = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise InputError(f"--shard must look like I/N (e.g. 2/8), got {text!r}") from None
-    if not 1 <= index <= count:
-        raise InputError(f"--shard {text}: I must be between 1 and N")
-    return index, count
-
-
 def _manifest(path: Path, default_targets: list[str]) -> list[Pair]:
     """Rows with ``path``, optional ``target`` (one, or several separated by ``|`` in CSV,
     a list in JSON lines) and optional ``id``. Relative paths are relative to the manifest."""

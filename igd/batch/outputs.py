@@ -23,12 +23,17 @@ from typing import Any, Callable, Iterable
 
 from igd.batch.inputs import InputError, Pair
 from igd.output.files import temporary_target, write_atomically
+from igd.output.keys import FACTS, PARQUET_ARRAYS, PARQUET_STEP_ARRAYS
 from igd.protocol import BAD_REQUEST, INTERNAL
 
 # The fields of a status line, whichever backend, shard or batch produced it: the pair, its
-# outcome and the few figures people filter on (the arrays themselves are in the result files).
-STATUS_FIELDS = ("id", "path", "target", "ok", "output", "target_index", "target_name", "prediction", "n_steps",
-                 "error_estimate", "completeness_gap", "tolerance_met", "code", "message")
+# outcome, and on success the answer's facts (igd.output.keys; the arrays are in the result
+# files); on failure the error's code and message.
+PAIR_FIELDS = ("id", "path", "target", "ok", "output")
+STATUS_FIELDS = (*PAIR_FIELDS, *(fact.name for fact in FACTS), "code", "message")
+# Parquet: the pair, the facts, and the arrays (the result file's shape of IG, and its arrays).
+PARQUET_COLUMNS = (*PAIR_FIELDS[:3], *(fact.name for fact in FACTS), "shape", *PARQUET_ARRAYS,
+                   *PARQUET_STEP_ARRAYS)
 PARQUET_ROWS_PER_FILE = 256
 
 
@@ -161,10 +166,11 @@ class Escape(ValueError):
 
 class ParquetShards:
     """Rows in parquet files of up to 256 rows: ``OUT_DIR/<prefix>-00000.parquet``, ...
-    Columns: id, path, target, target_index, target_name, prediction, probability,
-    convergence_delta, completeness_gap, error_estimate, n_steps, (with --tolerance)
-    tolerance_met, shape, integrated_grads (flat; float16 unless --dtype float32),
-    and with --with-steps directional_grads (flat, n_steps x C x H x W) and step_sizes."""
+    Columns (:data:`PARQUET_COLUMNS`, those the rows have): id, path, target, the answer's
+    facts (igd.output.keys: target_index, target_name, prediction, probability,
+    convergence_delta, completeness_gap, error_estimate, the metrics' areas, n_steps, ...),
+    shape, integrated_grads (flat; float16 unless --dtype float32), idgi (with --idgi), and
+    with --with-steps directional_grads (flat, n_steps x C x H x W) and step_sizes."""
 
     def __init__(self, out_dir: Path, shard: tuple[int, int] | None) -> None:
         import pyarrow  # noqa: F401 - fail at start, not after the first batch
@@ -198,11 +204,8 @@ class ParquetShards:
 
         name = f"{self.prefix}-{self.written:05d}.parquet"
         self.written += 1
-        columns = [c for c in ("id", "path", "target", "target_index", "target_name", "prediction", "probability",
-                               "convergence_delta", "completeness_gap", "error_estimate", "n_steps", "tolerance_met",
-                               "shape", "integrated_grads", "directional_grads", "step_sizes")
-                   if c in rows[0]]
-        table = pa.table({c: [row[c] for row in rows] for c in columns})
+        columns = [c for c in PARQUET_COLUMNS if any(c in row for row in rows)]
+        table = pa.table({c: [row.get(c) for row in rows] for c in columns})
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
         write_atomically(self.out_dir / name, buffer.getvalue())

@@ -9,23 +9,24 @@ or the error in the daemon's vocabulary, never an exception for one bad image or
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import datetime
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from igd import pipeline
 from igd.batch.inputs import PREDICTED, Pair
-from igd.output.files import UnreadableInput, read_regular_file
 from igd.models import load_model
+from igd.output.answer import Answer
+from igd.output.files import UnreadableInput, read_regular_file
+from igd.output.keys import PARQUET_ARRAYS, PARQUET_STEP_ARRAYS
+from igd.output.provenance import now
+from igd.pipeline import Pipeline
 from igd.protocol import BAD_IMAGE, DEFAULT_MAX_FRAME_BYTES
 from igd.request import DEFAULT_MAX_PIXELS, AttributeRequest, RequestFailed
-from igd.output.provenance import now
-from igd.worker import ComputeSettings, Worker, WorkerError
-
-FORMATS = ("torch", "npz", "parquet")
-
+from igd.worker import ComputeSettings, Worker
 
 @dataclass(frozen=True)
 class BatchOptions:
@@ -45,69 +46,48 @@ class BatchAttributor:
         self.model = load_model(**model_args)
         self.options = options
         self.worker = Worker.warmed_up(self.model, options.compute)
+        self.pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="igd-batch")
+        self.pipeline = Pipeline(self.model, self.worker, self.pool, options.max_pixels)
 
     def __call__(self, pairs: list[Pair]) -> list[dict[str, Any]]:
-        """One row per pair, in order; images shared by several pairs are decoded once."""
-        request = self.options.request
-        created = now()
-        rows: list[dict[str, Any] | None] = [None] * len(pairs)
-        pending: list[tuple[int, pipeline.Prepared, concurrent.futures.Future[Any]]] = []
-        prepared: dict[str, pipeline.Prepared | RequestFailed] = {}
-        for i, pair in enumerate(pairs):
-            if pair.path not in prepared:
-                prepared[pair.path] = self._prepare(pair.path)
-            ready = prepared[pair.path]
-            try:
-                if isinstance(ready, RequestFailed):
-                    raise ready
-                target = pipeline.resolve_targets(self.model, None if pair.target == PREDICTED else pair.target,
-                                                  self.options.request.top_k)
-                pending.append((i, ready, self.worker.submit(pipeline.job(ready, target, request))))
-            except RequestFailed as failure:
-                rows[i] = error_row(pair, failure)
-            except WorkerError as error:
-                rows[i] = error_row(pair, pipeline.worker_failure(error))
-        for i, ready, future in pending:
-            try:
-                answer = pipeline.answer(future.result(), request, self.model, ready, self.worker.compute_facts, created)
-                if request.metrics:
-                    answer = pipeline.with_metrics(answer, [self.worker.submit(job).result()
-                                                            for job in pipeline.metric_jobs(answer)])
-                rows[i] = self._row(pairs[i], answer)
-            except WorkerError as error:
-                rows[i] = error_row(pairs[i], pipeline.worker_failure(error))
-        return rows  # type: ignore[return-value]
+        """One row per pair, in order. Every pair is on its way at once, so the worker
+        batches them into shared passes; an image shared by several pairs is read once."""
+        return asyncio.run(self._rows(pairs))
 
     def close(self) -> None:
         self.worker.close()
         self.worker.drain(60)
         self.worker.join()
+        self.pool.shutdown()
 
-    def _prepare(self, path: str) -> pipeline.Prepared | RequestFailed:
+    async def _rows(self, pairs: list[Pair]) -> list[dict[str, Any]]:
+        created = now()
+        files: dict[str, bytes | RequestFailed] = {}
+        for pair in pairs:
+            if pair.path not in files:
+                files[pair.path] = self._read(pair.path)
+        return list(await asyncio.gather(*(self._row(pair, files[pair.path], created) for pair in pairs)))
+
+    async def _row(self, pair: Pair, data: bytes | RequestFailed, created: datetime.datetime) -> dict[str, Any]:
         try:
-            data = read_regular_file(path, self.options.max_image_bytes)
-            return pipeline.prepare(pipeline.decode(data, self.options.max_pixels), self.options.request, self.model)
+            if isinstance(data, RequestFailed):
+                raise data
+            answer = await self.pipeline.attribute(data, self.options.request,
+                                                   None if pair.target == PREDICTED else pair.target, created=created)
+        except RequestFailed as failure:
+            return error_row(pair, failure)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self._answered, pair, answer)
+
+    def _read(self, path: str) -> bytes | RequestFailed:
+        try:
+            return read_regular_file(path, self.options.max_image_bytes)
         except UnreadableInput as error:
             return RequestFailed(BAD_IMAGE, str(error))
-        except RequestFailed as failure:
-            return failure
 
-    def _row(self, pair: Pair, answer: pipeline.Answer) -> dict[str, Any]:
-        _index, prediction, probability = answer.prediction
-        row = {
-            **base_row(pair),
-            "ok": True,
-            "target_index": answer.target_index,
-            "target_name": answer.target_name,
-            "prediction": prediction,
-            "probability": probability,
-            "convergence_delta": answer.convergence_delta,
-            "completeness_gap": pipeline.finite_or_none(answer.completeness_gap),
-            "error_estimate": pipeline.finite_or_none(answer.error_estimate),
-            "n_steps": answer.part.attribution.n_steps,
-        }
-        if answer.part.attribution.tolerance is not None:
-            row["tolerance_met"] = answer.part.attribution.tolerance_met
+    def _answered(self, pair: Pair, answer: Answer) -> dict[str, Any]:
+        """The row of a pair answered: its facts (igd.output.keys), and the result file's
+        bytes, or for parquet its arrays."""
+        row = {**base_row(pair), "ok": True, **answer.row()}
         if self.options.fmt != "parquet":
             row["data"] = answer.file_bytes()
         else:
@@ -115,24 +95,21 @@ class BatchAttributor:
         return row
 
 
-def _arrays(answer: pipeline.Answer, options: BatchOptions) -> dict[str, Any]:
-    """The parquet columns of one result: IG flat, and optionally the per-step gradients;
-    with several targets or paths, the result file's ``integrated_grads`` (T, 1, C, H, W)
-    and ``integrated_directional_grads`` (T, [P,] n, C, H, W), flat, ``shape`` IG's."""
+def _arrays(answer: Answer, options: BatchOptions) -> dict[str, Any]:
+    """The parquet columns of one result's arrays (igd.output.keys.PARQUET_ARRAYS), flat:
+    ``integrated_grads``, ``idgi`` if asked for, and with --with-steps the per-step
+    gradients and step sizes (float32); ``shape`` is IG's as in the result file, without
+    the predecessor layout's leading 1: (C, H, W), or (T, 1, C, H, W) with several targets
+    or paths."""
     dtype = np.float16 if options.dtype == "float16" else np.float32
-    attribution, i = answer.part.attribution, answer.part.index
-    if answer.combined:
-        result = answer.result()
-        integrated, directional = result["integrated_grads"], result["integrated_directional_grads"]
-    else:
-        integrated, directional = attribution.integrated_grads[i], attribution.directional_grads[i]
-    columns: dict[str, Any] = {
-        "shape": list(integrated.shape),
-        "integrated_grads": integrated.numpy().astype(dtype).ravel(),
-    }
-    if options.with_steps:
-        columns["directional_grads"] = directional.numpy().astype(dtype).ravel()
-        columns["step_sizes"] = attribution.step_sizes.numpy().astype(np.float32)
+    result = answer.result(defer_intermediates=True)  # the path points are never made
+    shape = list(result["integrated_grads"].shape)
+    columns: dict[str, Any] = {"shape": shape if answer.combined else shape[1:]}
+    arrays = {**PARQUET_ARRAYS, **(PARQUET_STEP_ARRAYS if options.with_steps else {})}
+    for column, key in arrays.items():
+        if key in result:
+            stored = np.float32 if key == "step_sizes" else dtype
+            columns[column] = result[key].numpy().astype(stored).ravel()
     return columns
 
 

@@ -96,6 +96,25 @@ class Attribution:
         return self.curve.points(self.inputs[one], self.baselines[one], self.alphas[alphas])[0]
 
 
+@dataclass(frozen=True)
+class AttributionSlice:
+    """One job's rows of a pass's (CPU) Attribution, and the chunk size that pass ran with
+    (path points per forward+backward; results can differ in the last bits with it).
+
+    The job's P paths with T targets each are rows ``index + p * T + t``; ``logits`` (K,)
+    are those at its image when its paths do not end there (noise), else None."""
+
+    attribution: Attribution
+    index: int
+    max_batch: int = 0
+    paths: int = 1
+    width: int = 1
+    logits: Tensor | None = None
+
+    def row(self, path: int = 0, target: int = 0) -> int:
+        return self.index + path * self.width + target
+
+
 def quadrature(rule: str, n_steps: int) -> tuple[list[float], list[float]]:
     """Nodes ``a_k`` in [0, 1] and weights ``w_k`` of a quadrature rule, as captum has them.
 

@@ -7,7 +7,9 @@ normalisation, so "black" means a black image whatever the model's mean and std.
 A request may ask for several paths per image (:func:`make_paths`): several baselines, and
 ``samples`` draws of each, where a draw is the noise of a ``uniform`` baseline, the sigma of
 a ``blur`` baseline, and the SmoothGrad noise added to the image. Sample ``s`` draws from
-seed ``seed + s`` alone, so one sample can be reproduced by itself.
+seed ``seed + s`` alone, so one sample can be reproduced by itself. The curve between a
+start and an end is the request's path (igd.engine.paths.make_curve); a path that makes its
+own start (igd.request.OWN_STARTS) takes none of the baselines.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from torch import Tensor
 from torchvision.transforms import functional as TF
 
 from igd.models import Preprocessing
-from igd.engine.paths import STRAIGHT, BlurPath, Curve, default_blur_path_sigma
-from igd.request import BASELINES, AttributeRequest
+from igd.engine.paths import Curve, make_curve
+from igd.request import BASELINES, OWN_STARTS, AttributeRequest
 
 DEFAULT_BASELINE = BASELINES[0]  # zero
 
@@ -80,15 +82,16 @@ class Paths:
 
 
 def make_paths(image: Image.Image, preprocessing: Preprocessing, request: AttributeRequest) -> Paths:
-    """The paths ``request`` asks for: for each baseline (in order), ``samples`` paths."""
+    """The paths ``request`` asks for: for each baseline (in order), ``samples`` paths; on a
+    path that makes its own start, ``samples`` paths from it."""
     pixels = preprocessing.to_pixels(image)
     inputs = preprocessing.normalize(pixels)
-    if request.path == "blur":
-        sigma = request.blur_sigma if request.blur_sigma is not None else default_blur_path_sigma(pixels.shape)
-        curve: Curve = BlurPath(sigma)
+    curve = make_curve(request, pixels.shape)
+    if request.path in OWN_STARTS:
         end = torch.cat([_noisy(inputs, pixels, preprocessing, request, s) for s in range(request.samples)])
-        names = tuple(f"blur path sigma={sigma:g}" + _noise_name(request, s) for s in range(request.samples))
+        names = tuple(curve.label + _noise_name(request, s) for s in range(request.samples))
         return Paths(inputs, end, curve.start(end), names, curve)
+    along = f"{curve.label} from " if curve.label else ""  # the straight line: the baseline's name alone
     ends, starts, names = [], [], []
     for name in request.baselines:
         for s in range(request.samples):
@@ -98,8 +101,8 @@ def make_paths(image: Image.Image, preprocessing: Preprocessing, request: Attrib
                 sigma = float(1 - drawn) * 2 * (sigma if sigma is not None else default_blur_sigma(pixels))
             ends.append(_noisy(inputs, pixels, preprocessing, request, s))
             starts.append(make_baseline(name, pixels, preprocessing, blur_sigma=sigma, seed=request.seed + s))
-            names.append(_baseline_name(name, request, s, sigma) + _noise_name(request, s))
-    return Paths(inputs, torch.cat(ends), torch.cat(starts), tuple(names), STRAIGHT)
+            names.append(along + _baseline_name(name, request, s, sigma) + _noise_name(request, s))
+    return Paths(inputs, torch.cat(ends), torch.cat(starts), tuple(names), curve)
 
 
 def _noisy(inputs: Tensor, pixels: Tensor, preprocessing: Preprocessing, request: AttributeRequest,

@@ -47,6 +47,14 @@ def resident_growth(run: Callable[[], object]) -> int | None:
     return max(_status_bytes("VmHWM") - before, 0)
 
 
+def resident_bytes() -> int:
+    """This process's resident memory now (0 where there is no /proc)."""
+    try:
+        return _status_bytes("VmRSS")
+    except OSError:
+        return 0
+
+
 def _status_bytes(field: str) -> int:
     with open("/proc/self/status", encoding="ascii") as status:
         for line in status:

@@ -1,4 +1,4 @@
-"""The paths an attribution integrates along: the straight line, and Blur IG's blur path.
+"""The paths an attribution integrates along, and the registry that makes each from a request.
 
 A path ``gamma(a)``, a in [0, 1], runs from a start (a = 0) to the input (a = 1). IG along
 it is ``sum_k w_k g_k * gamma'(a_k)``, with ``g_k`` the gradient of the target logit at
@@ -10,25 +10,52 @@ Blur IG (Xu et al., CVPR 2020) walks from a strongly blurred image to the image 
 decreasing blur: ``gamma(a) = blur(x, sigma_max (1 - a))``, whose derivative
 ``-sigma_max d blur / d sigma`` is computed exactly from the derivative of the Gaussian
 kernel (no finite differences). Its start, ``blur(x, sigma_max)``, plays the baseline's part.
+
+A new path is a class here (a :class:`Curve`, with ``from_request``) and its entry in
+:data:`PATH_KINDS`, plus its name among igd.request's PATHS (and OWN_STARTS, if it makes its
+own start); the paths of a request (igd.engine.baselines), the result's keys
+(igd.output.results) and its provenance ask the curve, never its name.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-PATHS = ("straight", "blur")
+if TYPE_CHECKING:
+    from igd.request import AttributeRequest
 
 
 class Curve(Protocol):
-    """A family of paths, one per (input, start) pair: inputs and starts (M, *F)."""
+    """A family of paths, one per (input, start) pair: inputs and starts (M, *F).
 
-    name: str
+    What it records: ``record()``, the result keys that name it and its parameters (none
+    for the straight line, whose results stay the predecessor's), and, when
+    ``needs_derivative``, its derivative at every node as ``path_derivative``."""
+
+    name: str  # the request's path name (igd.request.PATHS), its key in PATH_KINDS
+    needs_derivative: ClassVar[bool]  # gamma' differs along the path: IG needs it at every node, the result holds it
+
+    @classmethod
+    def from_request(cls, request: AttributeRequest, shape: tuple[int, ...] | torch.Size) -> Curve:
+        """The curve ``request`` asks for, on images of ``shape`` (1, C, H, W)."""
+
+    @property
+    def label(self) -> str:
+        """The path for people, in the result's path names: "" for the straight line."""
+
+    def record(self) -> dict[str, Any]:
+        """The result keys that describe the path (str, int, float values): "path" (its name)
+        and its parameters, e.g. ``{"path": "blur", "blur_sigma": 56.0}``; {} for the straight line."""
+
+    def start(self, inputs: Tensor) -> Tensor:
+        """(M, *F): the starts of the paths to ``inputs`` (M, *F), for a path that makes its
+        own (igd.request.OWN_STARTS) rather than starting from a baseline."""
 
     def at(self, inputs: Tensor, starts: Tensor, alphas: Tensor) -> Tensor:
         """(M, *F): the point at ``alphas[i]`` (M,) of path i."""
@@ -46,9 +73,25 @@ def _features(tensor: Tensor) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class StraightLine:
-    """``b + a (x - b)``: the path of Integrated Gradients."""
+    """``b + a (x - b)``: the path of Integrated Gradients. Records nothing: its results are
+    the predecessor's, byte for byte."""
 
     name: str = "straight"
+    needs_derivative: ClassVar[bool] = False
+
+    @classmethod
+    def from_request(cls, request: AttributeRequest, shape: tuple[int, ...] | torch.Size) -> StraightLine:
+        return STRAIGHT  # the one instance: the engine knows the straight line by identity
+
+    @property
+    def label(self) -> str:
+        return ""
+
+    def record(self) -> dict[str, Any]:
+        return {}
+
+    def start(self, inputs: Tensor) -> Tensor:
+        raise TypeError("the straight line starts from a baseline")
 
     def at(self, inputs: Tensor, starts: Tensor, alphas: Tensor) -> Tensor:
         return starts + alphas.view(-1, *_features(inputs)) * (inputs - starts)
@@ -72,6 +115,19 @@ class BlurPath:
 
     sigma_max: float
     name: str = "blur"
+    needs_derivative: ClassVar[bool] = True
+
+    @classmethod
+    def from_request(cls, request: AttributeRequest, shape: tuple[int, ...] | torch.Size) -> BlurPath:
+        """sigma_max: the request's ``blur_sigma``, else :func:`default_blur_path_sigma`."""
+        return cls(request.blur_sigma if request.blur_sigma is not None else default_blur_path_sigma(shape))
+
+    @property
+    def label(self) -> str:
+        return f"blur path sigma={self.sigma_max:g}"
+
+    def record(self) -> dict[str, Any]:
+        return {"path": self.name, "blur_sigma": self.sigma_max}
 
     def start(self, inputs: Tensor) -> Tensor:
         """(M, C, H, W): the path's start, the image blurred by ``sigma_max``."""
@@ -134,3 +190,16 @@ def default_blur_path_sigma(shape: tuple[int, ...] | torch.Size) -> float:
     """Blur IG's sigma_max when none is given: a quarter of the shorter side (56 px at
     224 x 224; Xu et al. and PAIR's saliency library use 50 px on images of that size)."""
     return min(shape[-2:]) / 4
+
+
+# The paths a request may take, by the request's path name (igd.request.PATHS): each entry's
+# ``from_request`` makes its curve, and its ``needs_derivative`` is known before any image is.
+PATH_KINDS: dict[str, type[Curve]] = {StraightLine.name: StraightLine, BlurPath.name: BlurPath}
+
+
+def make_curve(request: AttributeRequest, shape: tuple[int, ...] | torch.Size) -> Curve:
+    """The curve of ``request``'s path (PATH_KINDS) on images of ``shape`` (1, C, H, W)."""
+    kind = PATH_KINDS.get(request.path)
+    if kind is None:
+        raise ValueError(f"unknown path {request.path!r}; choose one of {', '.join(PATH_KINDS)}")
+    return kind.from_request(request, shape)

@@ -18,7 +18,7 @@ import torchvision
 
 from igd import __version__
 from igd.models import LoadedModel
-from igd.request import AttributeRequest
+from igd.request import OWN_STARTS, AttributeRequest
 
 
 
@@ -58,7 +58,8 @@ def provenance(model: LoadedModel, request: AttributeRequest, compute: ComputeFa
         "torchvision_version": str(torchvision.__version__),
         "created": created.astimezone(datetime.timezone.utc).isoformat(timespec="milliseconds"),
     }
-    if request.path == "straight" and "blur" in request.baselines and request.samples == 1:
+    # The blur baseline's one sigma (a path that makes its own start records its own keys: igd.engine.paths).
+    if request.path not in OWN_STARTS and "blur" in request.baselines and request.samples == 1:
         facts["blur_sigma"] = request.blur_sigma if request.blur_sigma is not None else min(preprocessing.input_size) / 16
     return facts
 

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from igd.engine.attribution import Attribution
 from igd.engine.idgi import idgi
-from igd.engine.paths import STRAIGHT, BlurPath
+from igd.output.keys import COMBINED_ONLY, TARGET_AXIS
 from igd.request import DEFAULT_GZIP_LEVEL, FORMATS
 
 
@@ -60,75 +60,56 @@ def result_dict(
     baseline_name: str = "zero",
     defer_intermediates: bool = False,
 ) -> Result:
-    """The result dict of image ``index`` of a batch attribution.
+    """The predecessor's result dict of image ``index`` of a batch attribution, with the
+    engine's own figures for it (igd's answers add more: igd.output.answer).
 
     Shapes for an input of C x H x W, K classes and n steps: ``integrated_grads``,
     ``input`` and ``baseline`` (1, C, H, W); ``integrated_directional_grads`` and
     ``intermediates`` (n, C, H, W); ``step_sizes`` (n, 1); ``alphas`` (n,);
     ``output`` and ``baseline_output`` (1, K); ``path_logits`` (n,), the target's logit at
-    each path point; all float32 on the CPU, each with storage
-    of its own (``torch.save`` of a view would write the whole batch). The per-step
-    gradients of a one-image attribution are its own already and are shared, not copied.
-    ``defer_intermediates``: ``intermediates`` is a :class:`Deferred`, made only by
-    :func:`write_result`.
+    each path point; all float32 on the CPU, each with storage of its own (``torch.save``
+    of a view would write the whole batch). The per-step gradients of a one-image
+    attribution are its own already and are shared, not copied. ``defer_intermediates``:
+    ``intermediates`` is a :class:`Deferred`, made only by :func:`write_result`.
     """
     if not 0 <= index < attribution.inputs.shape[0]:
         raise IndexError(f"index {index} out of range for a batch of {attribution.inputs.shape[0]}")
-    one = slice(index, index + 1)
-    n = attribution.n_steps
-
-    result: Result = {
-        "integrated_grads": _own(attribution.integrated_grads[one]),
-        "integrated_directional_grads": _own(attribution.directional_grads[index]),
-        "step_sizes": _own(attribution.step_sizes.view(-1, 1)),
-        "intermediates": (Deferred((n, *attribution.inputs.shape[1:]), _path_filler(attribution, index))
-                          if defer_intermediates else _own(attribution.intermediates_of(index))),
-        "output": _own(attribution.logits[one]),
-        "target_class": int(attribution.targets[index]),
-        "alphas": _own(attribution.alphas),
-        "input": _own(attribution.inputs[one]),
-        "baseline": _own(attribution.baselines[one]),
-        "baseline_output": _own(attribution.baseline_logits[one]),
-        "convergence_delta": float(attribution.convergence_delta[index]),
-        "method": attribution.rule,
-        "n_steps": attribution.n_steps,
-        "baseline_name": baseline_name,
-        "path_logits": _own(attribution.path_logits[index]),
-        "error_estimate": float(attribution.error_estimate[index]),
-    }
+    result = file_arrays(attribution, [[index]], inputs=attribution.inputs[index : index + 1],
+                         logits=attribution.logits[index], path_names=[baseline_name],
+                         defer_intermediates=defer_intermediates)
+    result.update(target_class=[int(attribution.targets[index])],
+                  convergence_delta=[float(attribution.convergence_delta[index])],
+                  error_estimate=[float(attribution.error_estimate[index])],
+                  method=attribution.rule, n_steps=attribution.n_steps, baseline_name=baseline_name)
     if attribution.tolerance is not None:
-        result["tolerance"] = attribution.tolerance
-        result["tolerance_met"] = bool(attribution.tolerance_met)
+        result.update(tolerance=attribution.tolerance, tolerance_met=bool(attribution.tolerance_met))
     if model is not None:
         result["model"] = model
     if target_name is not None:
-        result["target_name"] = target_name
-    result.update(_curve_keys(attribution, [index], defer_intermediates))
-    return result
+        result["target_name"] = [target_name]
+    return predecessor_layout(result)
 
 
-def combined_result_dict(
+def file_arrays(
     attribution: Attribution,
     rows: list[list[int]],
     *,
     inputs: Tensor,
     logits: Tensor,
-    noisy: bool = False,
-    model: str | None = None,
-    target_names: list[str],
-    baseline_name: str,
     path_names: list[str],
+    noisy: bool = False,
     defer_intermediates: bool = False,
 ) -> Result:
-    """The result dict of one image with T targets and P paths: ``rows[t][p]`` is the row
-    of target t on path p. Shapes as :func:`result_dict`'s, with a leading target axis, and
-    a path axis after it when P > 1 (``axes`` names them; docs/protocol.md):
-    ``integrated_grads`` (T, 1, C, H, W), the mean over the paths; ``path_integrated_grads``
-    (T, P, C, H, W) each path's (P > 1); ``integrated_directional_grads`` (T, [P,] n, C, H, W);
+    """The arrays of the result of one image with T targets and P paths: ``rows[t][p]`` is
+    the attribution's row of target t on path p. A leading target axis, and a path axis
+    after it when P > 1 (``axes`` names them; docs/protocol.md): ``integrated_grads``
+    (T, 1, C, H, W), the mean over the paths; ``path_integrated_grads`` (T, P, C, H, W)
+    each path's (P > 1); ``integrated_directional_grads`` (T, [P,] n, C, H, W);
     ``intermediates`` ([P,] n, C, H, W); ``baseline`` and ``baseline_output`` (P, ...);
-    ``path_logits`` (T, [P,] n); ``target_class``, ``target_name`` lists of T; ``output``
-    (1, K) the logits at the image ``logits`` (K,); ``input`` the image ``inputs`` (1, C, H, W),
-    and with noise (``noisy``) ``path_ends`` (P, C, H, W), where each path ends."""
+    ``path_logits`` (T, [P,] n); ``output`` (1, K) the logits at the image ``logits`` (K,);
+    ``input`` the image ``inputs`` (1, C, H, W), and with noise (``noisy``) ``path_ends``
+    (P, C, H, W), where each path ends; and the keys of the path (igd.engine.paths). One
+    target on one path is written in the predecessor's layout (:func:`predecessor_layout`)."""
     paths = len(rows[0])
     path_axis = paths > 1
     first = [row[0] for row in rows]
@@ -136,41 +117,44 @@ def combined_result_dict(
 
     def stacked(tensor: Tensor) -> Tensor:
         """(T, [P,] ...) of a per-row tensor."""
-        picked = torch.stack([tensor[row] for row in rows]) if path_axis else tensor[first]
+        picked = torch.stack([tensor[row] for row in rows]) if path_axis else _rows_view(tensor, first)
         return _own(picked)
 
     integrated = torch.stack([attribution.integrated_grads[row].mean(dim=0, keepdim=True) for row in rows])
     result: Result = {
         "integrated_grads": _own(integrated),
-        "integrated_directional_grads": _own(_rows_view(attribution.directional_grads, first))
-        if not path_axis else stacked(attribution.directional_grads),
+        "integrated_directional_grads": stacked(attribution.directional_grads),
         "step_sizes": _own(attribution.step_sizes.view(-1, 1)),
         "intermediates": _intermediates(attribution, per_path, defer_intermediates),
         "output": _own(logits.view(1, -1)),
-        "target_class": [int(attribution.targets[row]) for row in first],
-        "target_name": target_names,
         "axes": ["target", "path"] if path_axis else ["target"],
         "alphas": _own(attribution.alphas),
         "input": _own(inputs),
         "baseline": _own(attribution.baselines[per_path]),
         "baseline_output": _own(attribution.baseline_logits[per_path]),
         "path_logits": stacked(attribution.path_logits),
-        "method": attribution.rule,
-        "n_steps": attribution.n_steps,
-        "baseline_name": baseline_name,
         "path_names": path_names,
     }
     if path_axis:
         result["path_integrated_grads"] = stacked(attribution.integrated_grads)
-    if attribution.tolerance is not None:
-        result["tolerance"] = attribution.tolerance
-        result["tolerance_met"] = bool(attribution.tolerance_met)
     if noisy:
         result["path_ends"] = _own(attribution.inputs[per_path])
-    if model is not None:
-        result["model"] = model
     result.update(_curve_keys(attribution, per_path, defer_intermediates))
     return result
+
+
+def predecessor_layout(result: Result) -> Result:
+    """A result of one target on one path in the predecessor's layout: the target axis
+    dropped (igd.output.keys.TARGET_AXIS: ``integrated_grads`` (1, C, H, W), one
+    ``target_class``, ...) and the keys that describe the axes left out."""
+    single: Result = {}
+    for key, value in result.items():
+        if key in COMBINED_ONLY:
+            continue
+        if key in TARGET_AXIS:
+            (value,) = value  # a tensor's first (and only) row is a view of the whole storage: not copied
+        single[key] = value
+    return single
 
 
 def idgi_of(attribution: Attribution, rows: list[list[int]]) -> Tensor:
@@ -212,25 +196,28 @@ def _intermediates(attribution: Attribution, paths: list[int], defer: bool) -> T
 
 
 def _curve_keys(attribution: Attribution, paths: list[int], defer: bool) -> Result:
-    """The keys of a path that is not the straight line: its name, sigma and derivative
-    d gamma / d alpha at every node ([P,] n, *F)."""
+    """The keys the path records (igd.engine.paths: the curve's ``record()``, e.g. its name
+    and parameters; none for the straight line) and, where IG needs it, its derivative
+    d gamma / d alpha at every node, ``path_derivative`` ([P,] n, *F)."""
     curve = attribution.curve
-    if curve is STRAIGHT or not isinstance(curve, BlurPath):
-        return {}
+    keys: Result = dict(curve.record())
+    if not curve.needs_derivative:
+        return keys
     n, shape = attribution.n_steps, tuple(attribution.inputs.shape[1:])
-    alphas = attribution.alphas.tolist()
 
     def fill(out: Tensor) -> None:
         view = out.view(len(paths), n, *shape)
         for p, row in enumerate(paths):
-            for k, a in enumerate(alphas):
-                view[p, k] = curve.velocity(attribution.inputs[row], a)
+            for k in range(n):  # one node at a time: no more memory than the key itself
+                node = attribution.alphas[k : k + 1]
+                view[p, k] = curve.velocities(attribution.inputs[row], attribution.baselines[row], node)[0]
 
     deferred = Deferred(((n, *shape) if len(paths) == 1 else (len(paths), n, *shape)), fill)
     if not defer:
         made = torch.empty(deferred.shape)
         fill(made)
-    return {"path": curve.name, "blur_sigma": curve.sigma_max, "path_derivative": deferred if defer else made}
+    keys["path_derivative"] = deferred if defer else made
+    return keys
 
 
 _STEP_BLOCK = 64  # path points made at a time when filling a Deferred

@@ -18,6 +18,10 @@ Event-loop thread only.
 from __future__ import annotations
 
 import asyncio
+from typing import Protocol
+
+from igd.protocol import OVERLOADED, REQUEST_TOO_LARGE
+from igd.request import RequestFailed
 
 # Frames up to this size are read even when the budget is spent (they are counted all
 # the same); with the per-connection cap on outstanding requests they stay small.
@@ -88,6 +92,17 @@ class TooLarge(Exception):
         self.needed, self.available, self.limit = needed, available, limit
 
 
+class Needs(Protocol):
+    """What a request will hold, by part (igd.pipeline.Footprint)."""
+
+    @property
+    def total(self) -> int: ...
+
+    def parts(self) -> dict[str, int]: ...
+
+    def describe(self) -> str: ...
+
+
 class Reservation:
     """What one request holds of the budget; :meth:`release` gives it all back."""
 
@@ -104,6 +119,19 @@ class Reservation:
         if not self.ledger.fits(nbytes):
             raise Overbudget(nbytes, self.ledger.used, self.ledger.limit)
         self._set(self.held + nbytes)
+
+    def admit(self, needed: Needs) -> None:
+        """:meth:`expect` ``needed``, refused in the request vocabulary with the figures:
+        ``request_too_large`` if it could never fit, ``overloaded`` if it does not fit now."""
+        details = {"needed_bytes": needed.total, "needed_by_part": needed.parts(),
+                   "memory_budget_bytes": self.ledger.limit}
+        try:
+            self.expect(needed.total)
+        except TooLarge as error:
+            raise RequestFailed(REQUEST_TOO_LARGE, f"{error} ({needed.describe()})",
+                                {**details, "available_bytes": error.available}) from None
+        except Overbudget as error:
+            raise RequestFailed(OVERLOADED, str(error), {**details, "accounted_bytes": error.used}) from None
 
     def settle(self, nbytes: int) -> None:
         """Hold exactly ``nbytes`` from now on (e.g. the answer frame, once built)."""

@@ -24,8 +24,10 @@ from typing import Any, Callable, Protocol, TypeVar
 
 import torch
 
-from igd import __version__, pipeline
-from igd.serve.ledger import Ledger, Overbudget, Reservation, TooLarge
+from igd import __version__
+from igd.pipeline import Pipeline
+from igd.serve.ledger import Ledger, Reservation
+from igd.engine.memory import resident_bytes
 from igd.models import LoadedModel
 from igd.protocol import (
     BAD_REQUEST,
@@ -33,7 +35,6 @@ from igd.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
     OPS,
     OVERLOADED,
-    REQUEST_TOO_LARGE,
     UNKNOWN_OP,
     VERSION,
     Blob,
@@ -56,10 +57,9 @@ from igd.request import (
     RequestError,
     RequestFailed,
     parse_attribute,
-    target_count,
 )
 from igd.output.provenance import now
-from igd.worker import Classify, Job, Worker, WorkerError
+from igd.worker import Worker
 
 T = TypeVar("T")
 
@@ -117,6 +117,7 @@ class Service:
     def __init__(self, limits: Limits, *, max_pending: int, started: float | None = None, io_threads: int = 2) -> None:
         self.model: LoadedModel | None = None
         self.worker: Worker | None = None
+        self.pipeline: Pipeline | None = None  # the path of compute requests, once the model is there
         self.limits = limits
         self.started = time.monotonic() if started is None else started  # the process's start
         self.phase = "starting"  # what start-up is doing, for people: "loading the model", ...
@@ -152,6 +153,7 @@ class Service:
     def serve(self, model: LoadedModel, worker: Worker) -> None:
         """Start-up is done: compute requests (waiting ones too) go to ``worker``."""
         self.model, self.worker = model, worker
+        self.pipeline = Pipeline(model, worker, self._pool, self.limits.max_pixels)
         self._ready.set()
 
     def startup_facts(self) -> dict[str, Any]:
@@ -235,7 +237,7 @@ class Service:
         }
         if self.model is None or self.worker is None:
             answer["startup"] = self.startup_facts()
-            answer["memory"] = {"rss_bytes": _rss_bytes(), **self.ledger.facts()}
+            answer["memory"] = {"rss_bytes": resident_bytes(), **self.ledger.facts()}
             return answer
         answer.update(
             device=str(self.model.device),
@@ -253,19 +255,9 @@ class Service:
                        reservation: Reservation) -> dict[str, Any]:
         data = _take_image(args)
         top = _checked(TOP, args)
-        emit = _progress(args, events)
-        model, _worker = await self._until_ready(emit)
-        header = await self.in_pool(pipeline.probe, data, self.limits.max_pixels)
-        self._reserve(reservation, pipeline.Footprint(image=header.decoding_bytes()))
-        inputs = await self._decoded(data, notes, model.preprocessing)
-        del data
-        logits = await self._compute(Classify(inputs=inputs), notes)
-        return {
-            "top": [
-                {"index": index, "name": name, "probability": p}
-                for index, name, p in model.top_classes(logits, top)
-            ]
-        }
+        pipeline = await self._until_ready(_progress(args, events))
+        classes = await pipeline.classify(data, top, budget=reservation, notes=notes)
+        return {"top": [{"index": index, "name": name, "probability": p} for index, name, p in classes]}
 
     async def attribute(self, args: dict[str, Any], notes: dict[str, Any], events: Events | None,
                         reservation: Reservation) -> dict[str, Any]:
@@ -277,43 +269,21 @@ class Service:
             raise error.failed() from None
         emit = _progress(args, events)
         stream = events is not None and _checked(STREAM, args)
-        model, worker = await self._until_ready(emit)
-        target = pipeline.resolve_targets(model, args.get("target"), request.top_k)
-        header = await self.in_pool(pipeline.probe, data, self.limits.max_pixels)
-        self._reserve(reservation, pipeline.footprint(request, model, target_count(target, request.top_k), header))
-        notes.update(target=target, **request.log_fields())
-        prepared = await self._decoded(data, notes, lambda image: pipeline.prepare(image, request, model))
-        del data
+        pipeline = await self._until_ready(emit)
         listener = None if emit is None else _EventRelay(asyncio.get_running_loop(), emit)
-        part = await self._compute(pipeline.job(prepared, target, request, listener), notes)
-        answer = pipeline.answer(part, request, model, prepared, worker.compute_facts, created)
-        if request.metrics:  # each target's images are made in the pool, the next once its pass is done
-            jobs, logits = pipeline.metric_jobs(answer), []
-            while (metric_job := await self.in_pool(next, jobs, None)) is not None:
-                logits.append(await self._compute(metric_job, {}))
-            answer = await self.in_pool(pipeline.with_metrics, answer, logits)  # each target's facts: not on the loop
-        del part, prepared
+        answer = await pipeline.attribute(data, request, args.get("target"), budget=reservation, listener=listener,
+                                          notes=notes, created=created)
+        del data
         started = time.perf_counter()
-        loop = asyncio.get_running_loop()
-
-        def encoded() -> dict[str, Any]:
-            """The result map; the file is written last (it consumes the attribution)."""
-            result: dict[str, Any] = {"format": request.format, **answer.summary()}
-            heatmap = answer.heatmap_png()
-            if heatmap is not None:
-                result["heatmap_png"] = heatmap
-            if stream:
-                assert events is not None
-                sink = _EventSink(loop, events)
-                answer.write_file(sink)
-                result["data_bytes"] = sink.finish()
-            else:
-                pieces = _Pieces()
-                answer.write_file(pieces)
-                result["data"] = Blob(pieces.pieces)
-            return result
-
-        result = await self.in_pool(encoded)
+        if stream:  # the file leaves in data events as it is written
+            assert events is not None
+            sink = _EventSink(asyncio.get_running_loop(), events)
+            result = await pipeline.delivered(answer, sink)
+            result["data_bytes"] = await self.in_pool(sink.finish)  # it waits for the loop to send
+        else:
+            pieces = _Pieces()
+            result = await pipeline.delivered(answer, pieces)
+            result["data"] = Blob(pieces.pieces)
         notes["encode_ms"] = _ms(time.perf_counter() - started)
         notes["target"] = result["target"]["name"]
         result["timing_ms"] = {k: notes[k] for k in ("decode_ms", "queue_ms", "compute_ms", "encode_ms")}
@@ -323,54 +293,15 @@ class Service:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _reserve(self, reservation: Reservation, needed: pipeline.Footprint) -> None:
-        """Add ``needed`` to the request's share of the memory budget, or refuse it:
-        ``request_too_large`` if it could never fit, ``overloaded`` if it does not fit now."""
-        details = {"needed_bytes": needed.total, "needed_by_part": needed.parts(),
-                   "memory_budget_bytes": self.ledger.limit}
-        try:
-            reservation.expect(needed.total)
-        except TooLarge as error:
-            raise RequestFailed(REQUEST_TOO_LARGE, f"{error} ({needed.describe()})",
-                                {**details, "available_bytes": error.available}) from None
-        except Overbudget as error:
-            raise RequestFailed(OVERLOADED, str(error), {**details, "accounted_bytes": error.used}) from None
-
-    async def _until_ready(self, emit: Emit | None) -> tuple[LoadedModel, Worker]:
+    async def _until_ready(self, emit: Emit | None) -> Pipeline:
+        """The pipeline, once start-up has handed over the model (``emit``: the request's
+        progress events, told that it waits)."""
         if not self._ready.is_set():
             if emit is not None:
                 emit("starting", self.startup_facts())
             await self._ready.wait()
-        assert self.model is not None and self.worker is not None
-        return self.model, self.worker
-
-    async def _decoded(self, data: bytes, notes: dict[str, Any], then: Callable[[Any], T]) -> T:
-        """Decode the image and apply ``then`` to it in the I/O pool; only what ``then``
-        returns outlives the call."""
-        started = time.perf_counter()
-        notes["image_bytes"] = len(data)
-        max_pixels = self.limits.max_pixels
-
-        def decode_and_prepare() -> tuple[str, T]:
-            image = pipeline.decode(data, max_pixels)
-            return f"{image.width}x{image.height}", then(image)
-
-        notes["image"], prepared = await self.in_pool(decode_and_prepare)
-        notes["decode_ms"] = _ms(time.perf_counter() - started)
-        return prepared
-
-    async def _compute(self, job: Job, notes: dict[str, Any]) -> Any:
-        assert self.worker is not None
-        try:
-            future = self.worker.submit(job)
-            result = await asyncio.wrap_future(future)
-        except WorkerError as error:
-            raise pipeline.worker_failure(error) from None
-        except asyncio.CancelledError:
-            job.cancel()  # the client left, or the request timed out: stop computing it
-            raise
-        notes.update(queue_ms=_ms(job.queued_s), compute_ms=_ms(job.compute_s), batch_size=job.batch_size)
-        return result
+        assert self.pipeline is not None
+        return self.pipeline
 
     async def in_pool(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -466,17 +397,9 @@ def _ms(seconds: float) -> float:
 
 
 def _memory(device: torch.device) -> dict[str, int]:
-    memory = {"rss_bytes": _rss_bytes()}
+    memory = {"rss_bytes": resident_bytes()}
     if device.type == "cuda":
         memory["cuda_allocated_bytes"] = torch.cuda.memory_allocated(device)
         memory["cuda_reserved_bytes"] = torch.cuda.memory_reserved(device)
         memory["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     return memory
-
-
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm", encoding="ascii") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
