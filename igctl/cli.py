@@ -1,131 +1,47 @@
-"""The `igctl` command: attributions and classifications from a running igd.
+"""The `igctl` command: the click group and its commands (attribute, classify, show, status, version).
 
-Imports only the standard library, click, msgpack and igd's torch-free modules (protocol,
+Each command is thin: it checks its flags and hands the work to igctl.session (connections,
+signals, failures), igctl.naming (images, target, output paths), igctl.runner (requests on
+several connections, outcomes, exit status) and igctl.records (records and the lines printed).
+igctl imports only the standard library, click, msgpack and igd's torch-free modules (protocol,
 request, flags, files, progress, styles), so it starts in a fraction of a second: no torch,
 and numpy and Pillow only inside `igctl show`.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import json
-import os
-import signal
 import sys
 import threading
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
 from igctl import __version__
-from igctl.client import (
-    EXIT_DAEMON_FAILED,
-    EXIT_OK,
-    EXIT_REFUSED,
-    EXIT_STARTING,
-    EXIT_TABLE,
-    Client,
-    ClientError,
-    ConnectionLost,
-    NoDaemon,
-    RequestFailed,
+from igctl.client import EXIT_OK, EXIT_REFUSED, EXIT_STARTING, EXIT_TABLE, Client, ClientError, ConnectionLost
+from igctl.naming import STDIO, image_label, images_and_target, output_paths, preflight, target_class
+from igctl.records import accuracy_warning, describe, ranking, status_lines
+from igctl.runner import Outcome, attribute_one, failure, finish, read_image, run_all
+from igctl.session import (
+    DEFAULT_TIMEOUT,
+    SOCKET_PATH,
+    Failure,
+    connection_options,
+    fail,
+    probe,
+    session_for,
+    wait_for_status,
 )
 from igd import request as spec
-from igd.output.files import TEMPORARIES, AtomicFile, write_atomically
+from igd.output.files import write_atomically
 from igd.flags import attribute_flags, checked_request, flag
-from igd.progress import Progress, RequestProgress
+from igd.progress import RequestProgress
 from igd.output.styles import DEFAULT_OUTLIER_PERC, DEFAULT_SIGN, DEFAULT_STYLE, SIGNS, STYLES
-from igd.protocol import VERSION, default_socket_path
+from igd.protocol import VERSION
 
 EXIT_STATUSES = "\b\nExit status:\n" + "\n".join(f"  {code:<3} {meaning}" for code, meaning in EXIT_TABLE) + "\n"
-STDIO = "-"
-DEFAULT_TIMEOUT = 900.0
 DEFAULT_WAIT = 600.0  # `igctl status --wait` without SECONDS
-
-
-# --- connecting, and cancelling on a signal ----------------------------------------------
-
-
-@dataclass
-class Session:
-    """Where igd is, and the connections this run opened. SIGINT or SIGTERM aborts them
-    all (igd sees its clients leave and cancels their requests), removes unfinished
-    result files and ends igctl at once with 128 + the signal's number."""
-
-    socket: Path
-    timeout: float
-    _clients: list[Client] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def __post_init__(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._stop)
-
-    def connect(self) -> Client:
-        client = Client(self.socket, self.timeout)
-        with self._lock:
-            self._clients.append(client)
-        return client
-
-    def close(self) -> None:
-        with self._lock:
-            for client in self._clients:
-                client.close()
-            self._clients.clear()
-
-    def _stop(self, signum: int, _frame: object) -> None:
-        # A signal handler: no locks (the main thread may hold one); copies are atomic.
-        for client in list(self._clients):
-            client.abort()
-        for temporary in list(TEMPORARIES):
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-        click.echo(f"igctl: interrupted ({signal.Signals(signum).name}); requests in progress were cancelled",
-                   err=True)
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(OSError, ValueError):
-                stream.flush()
-        os._exit(128 + signum)  # not sys.exit: a thread may be blocked reading stdin
-
-
-class Failure(click.ClickException):
-    """A one-line error that ends igctl with a given exit status."""
-
-    def __init__(self, message: str, exit_status: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_status
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"igctl: {self.format_message()}", err=True)
-
-
-def fail(error: ClientError, prefix: str = "") -> Failure:
-    return Failure(f"{prefix}{error}", error.exit_status)
-
-
-# Not checked by click (whose readable=True check says "not readable", exit 2, of a socket
-# one may not connect to): connecting says why (exit 3 "permission denied", or 6).
-SOCKET_PATH = click.Path(path_type=Path, readable=False)
-
-
-def connection_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """--socket and --timeout: given before the subcommand (``igctl --socket S status``) or
-    after it (``igctl status --socket S``); the later one wins."""
-    command = click.option("--socket", "socket_path", type=SOCKET_PATH, metavar="PATH",
-                           help="igd's socket [default: $IGD_SOCKET, else /run/igd/igd.sock as root, "
-                                "else $XDG_RUNTIME_DIR/igd.sock, else /tmp/igd-UID/igd.sock].")(command)
-    return click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
-                        help=f"Seconds to wait for each answer [default: {DEFAULT_TIMEOUT:g}].")(command)
-
-
-def _session(ctx: click.Context, socket_path: Path | None, timeout: float | None) -> Session:
-    group: dict[str, Any] = ctx.find_root().params
-    socket = socket_path or group.get("socket_path") or default_socket_path()
-    return Session(Path(socket), timeout or group.get("timeout") or DEFAULT_TIMEOUT)
 
 
 @click.group(
@@ -154,14 +70,6 @@ def main(socket_path: Path | None, timeout: float | None) -> None:
 
 
 # --- attribute ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What happened to one image: the JSON line, and the exit status it implies."""
-
-    record: dict[str, Any]
-    status: int
 
 
 @main.command(epilog=EXIT_STATUSES, short_help="Attribute images to a class; write the result files.")
@@ -227,8 +135,8 @@ def attribute(
       igctl attribute photos/*.jpg -t "tiger cat" --out-dir results/ --jobs 4 --json
       cat cat.jpg | igctl attribute - "tiger cat" -o - > cat.gzip
     """
-    session = _session(ctx, socket_path, timeout)
-    images, target = _images_and_target(args, targets[0] if len(targets) == 1 else None, files_from,
+    session = session_for(ctx, socket_path, timeout)
+    images, target = images_and_target(args, targets[0] if len(targets) == 1 else None, files_from,
                                         has_targets=bool(targets))
     if not images:
         raise click.UsageError("no images: give IMAGE arguments or --files-from")
@@ -246,15 +154,15 @@ def attribute(
     request = _checked_before_hello(options)
     request_args = {k: v for k, v in options.items() if v is not None}
     if len(targets) > 1:
-        request_args["target"] = [_class(t) for t in targets]
+        request_args["target"] = [target_class(t) for t in targets]
     elif target is not None:
-        request_args["target"] = _class(target)
+        request_args["target"] = target_class(target)
     if heatmap is not None:
         request_args["heatmap"] = True
 
-    outputs = _output_paths(images, output, out_dir, heatmap, spec.SUFFIXES[request.format])
-    _preflight(outputs, force, make_dirs=out_dir is not None or (heatmap is not None and len(images) > 1))
-    hello = _probe(session)
+    outputs = output_paths(images, output, out_dir, heatmap, spec.SUFFIXES[request.format])
+    preflight(outputs, force, make_dirs=out_dir is not None or (heatmap is not None and len(images) > 1))
+    hello = probe(session)
     checked_request(options, max_steps=_max_steps(hello))
     single_bar = len(images) == 1 and not as_json and not progress_json
     if single_bar or progress_json:
@@ -269,26 +177,21 @@ def attribute(
                 with echo_lock:
                     click.echo(line)
 
-            return _attribute_one(session, client, image, request_args, out, heatmap_out, on_event)
+            return attribute_one(client, image, request_args, out, heatmap_out, on_event)
         if single_bar:
-            with RequestProgress(_label(image)) as on_event:
-                return _attribute_one(session, client, image, request_args, out, heatmap_out, on_event)
-        return _attribute_one(session, client, image, request_args, out, heatmap_out, None)
+            with RequestProgress(image_label(image)) as on_event:
+                return attribute_one(client, image, request_args, out, heatmap_out, on_event)
+        return attribute_one(client, image, request_args, out, heatmap_out, None)
 
-    outcomes = _run_all(session, images, one, jobs, as_json)
+    outcomes = run_all(session, images, one, jobs, as_json)
     for outcome in outcomes:
         if outcome.record["ok"]:
             if not as_json and not to_stdout:
-                click.echo(_describe(outcome.record))
-            warning = _accuracy_warning(outcome.record)
+                click.echo(describe(outcome.record))
+            warning = accuracy_warning(outcome.record)
             if warning is not None:
                 click.echo(f"igctl: warning: {warning}", err=True)
-    _finish(outcomes)
-
-
-def _class(target: str) -> str | int:
-    """A class index when the target is all digits, else a class name."""
-    return int(target) if target.isascii() and target.isdecimal() else target
+    finish(outcomes)
 
 
 def _checked_before_hello(options: dict[str, Any]) -> spec.AttributeRequest:
@@ -302,327 +205,6 @@ def _checked_before_hello(options: dict[str, Any]) -> spec.AttributeRequest:
 
 def _max_steps(hello: dict[str, Any]) -> int:
     return int(hello.get("capabilities", {}).get("limits", {}).get("max_steps", spec.MAX_STEPS))
-
-
-def _label(image: str) -> str:
-    return "stdin" if image == STDIO else Path(image).name
-
-
-def _images_and_target(args: tuple[str, ...], target: str | None, files_from: Any,
-                       has_targets: bool = False) -> tuple[list[str], str | None]:
-    """Positional arguments are images, but a last one that is no file is the TARGET
-    (when there is an image before it, or images come from --files-from, and no --target
-    is given). A last one that is no file but looks like one is a mistyped image, not a
-    target."""
-    images = list(args)
-    has_other_images = len(args) >= 2 or files_from is not None
-    if target is None and not has_targets and args and has_other_images and args[-1] != STDIO and not Path(args[-1]).is_file():
-        last = args[-1]
-        if last.lower().endswith(spec.IMAGE_SUFFIXES) or os.sep in last:
-            raise click.UsageError(
-                f"{last}: no such file. Did you mean to pass several images? Check its name; "
-                "a target goes last or with --target, and cannot look like a file name"
-            )
-        target = images.pop()
-    if files_from is not None:
-        images += [line.strip() for line in files_from if line.strip()]
-    return images, target
-
-
-def _output_paths(
-    images: list[str], output: str | None, out_dir: Path | None, heatmap: Path | None, suffix: str
-) -> dict[str, tuple[Path | None, Path | None]]:
-    """(result path, heatmap path) of each image; a result path of None means stdout.
-
-    Without -o, results are named after their image: in the current directory, or
-    under ``out_dir`` at the image's path relative to the images' common folder (as
-    `igd batch` names its outputs), so that cats/001.png and dogs/001.png stay apart."""
-    relative = _relative_names(images) if out_dir is not None or (heatmap is not None and len(images) > 1) else {}
-    paths: dict[str, tuple[Path | None, Path | None]] = {}
-    for image in images:
-        if output == STDIO:
-            result: Path | None = None
-        elif output is not None:
-            result = Path(output)
-        elif out_dir is not None:
-            result = out_dir / relative[image].with_suffix(suffix)
-        else:
-            result = Path(_stem(image) + suffix)
-        if heatmap is None or len(images) == 1:
-            heatmap_path = heatmap
-        else:
-            heatmap_path = heatmap / relative[image].with_suffix(".png")
-        paths[image] = (result, heatmap_path)
-    return paths
-
-
-def _relative_names(images: list[str]) -> dict[str, Path]:
-    """Each image's path relative to the deepest folder that holds them all."""
-    files = {image: os.path.abspath(image) for image in images if image != STDIO}
-    root = os.path.commonpath([os.path.dirname(path) for path in files.values()]) if files else "."
-    names = {image: Path(os.path.relpath(path, root)) for image, path in files.items()}
-    if STDIO in images:
-        names[STDIO] = Path("stdin")
-    return names
-
-
-def _stem(image: str) -> str:
-    return "stdin" if image == STDIO else Path(image).stem
-
-
-def _preflight(outputs: dict[str, tuple[Path | None, Path | None]], force: bool, make_dirs: bool) -> None:
-    """Fail before any request if a result could not be written: two images with one
-    result path, a missing or unwritable folder, an existing file without --force."""
-    problems: list[str] = []
-    claimed: dict[Path, str] = {}
-    for image, paths in outputs.items():
-        for path in paths:
-            if path is None:
-                continue
-            if path in claimed:
-                problems.append(f"{image} and {claimed[path]} would both write {path}; give the files distinct names")
-                continue
-            claimed[path] = image
-            problem = _unwritable(path, force, make_dirs)
-            if problem:
-                problems.append(problem)
-    if problems:
-        shown = problems[:5] + ([f"... and {len(problems) - 5} more"] if len(problems) > 5 else [])
-        raise Failure("nothing was sent:\n  " + "\n  ".join(shown), EXIT_REFUSED)
-
-
-def _unwritable(path: Path, force: bool, make_dirs: bool) -> str | None:
-    """Why ``path`` cannot take a result file, or None."""
-    folder = path.parent
-    if make_dirs:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            return f"cannot create {error.filename or folder}: {error.strerror}"
-    if not folder.is_dir():
-        return f"cannot write {path}: folder {folder} does not exist"
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return f"cannot write {path}: permission denied on {folder}"
-    if path.is_dir():
-        return f"cannot write {path}: it is a directory"
-    if (path.exists() or path.is_symlink()) and not force:
-        return f"{path} exists (use --force to overwrite)"
-    return None
-
-
-def _probe(session: Session) -> dict[str, Any]:
-    """The daemon's hello: a missing daemon is one clear error, not one per image. If
-    igd is still starting, say that requests will wait for it."""
-    try:
-        with session.connect() as client:
-            hello = client.hello()
-    except ClientError as error:
-        raise fail(error) from None
-    if hello.get("state") == "starting":
-        startup = hello.get("startup", {})
-        click.echo(f"igctl: waiting for igd to finish starting ({startup.get('phase', 'starting')}, "
-                   f"{startup.get('phase_s', 0):.0f} s)", err=True)
-    return hello
-
-
-def failure(image: str, error: BaseException) -> Outcome:
-    """The record and exit status of an image that failed with ``error``."""
-    if isinstance(error, RequestFailed):
-        code, message, status = error.error.code, _user_message(error.error), error.exit_status
-    elif isinstance(error, ClientError):
-        code, message, status = "client", str(error), error.exit_status
-    elif isinstance(error, Failure):
-        code, message, status = "client", error.format_message(), error.exit_code
-    elif isinstance(error, OSError):
-        code, message, status = "io", f"{error.strerror or error}: {error.filename or ''}".rstrip(": "), EXIT_REFUSED
-    else:
-        raise error
-    return Outcome({"image": image, "ok": False, "error": {"code": code, "message": message}}, status)
-
-
-def _user_message(error: Any) -> str:
-    """The daemon's message, with the wire argument it names (``args.n_steps``) as igctl's flag."""
-    option = spec.BY_NAME.get(str(error.details.get("arg")))
-    return error.message.replace(f"args.{option.name}", option.flag) if option else error.message
-
-
-# The accuracy facts of a result that igctl reports (older daemons send none of them).
-ACCURACY_KEYS = ("error_estimate", "completeness_gap", "tolerance", "tolerance_met")
-
-
-def _attribute_one(
-    session: Session,
-    client: Client,
-    image: str,
-    args: dict[str, Any],
-    out: Path | None,
-    heatmap: Path | None,
-    on_event: Callable[[dict[str, Any]], None] | None,
-) -> Outcome:
-    try:
-        data = _read_image(image, client.max_image_bytes())
-        with contextlib.ExitStack() as stack:
-            # The result file streams in (data events) straight into its destination.
-            destination = sys.stdout.buffer if out is None else stack.enter_context(AtomicFile(out))
-            result = client.call("attribute", {**args, "image": data, "stream": True},
-                                 _receiver(destination, on_event))
-            if "data" in result:  # a daemon that does not stream
-                destination.write(result["data"])
-            destination.flush()
-        if heatmap is not None and "heatmap_png" in result:
-            write_atomically(heatmap, result["heatmap_png"])
-    except ConnectionLost as error:
-        if not error.sent:
-            raise  # never reached the daemon: the caller retries on a new connection
-        return failure(image, error)
-    except (ClientError, Failure, OSError) as error:
-        return failure(image, error)
-    record = dict(
-        image=image,
-        ok=True,
-        output=str(out) if out is not None else STDIO,
-        heatmap=str(heatmap) if heatmap is not None else None,
-        target=result["target"]["name"],
-        target_index=result["target"]["index"],
-        prediction=result["prediction"]["name"],
-        probability=result["prediction"]["probability"],
-        convergence_delta=result["convergence_delta"],
-        n_steps=result.get("n_steps"),
-        method=result.get("method"),
-        timing_ms=result.get("timing_ms", {}),
-    )
-    # Older daemons send none of these (and get no accuracy warning); null: unbounded.
-    record.update({key: result[key] for key in ACCURACY_KEYS if key in result})
-    if "metrics" in result:
-        record["metrics"] = result["metrics"]
-    if "targets" in result:  # several targets: each one's facts; the record's accuracy is the worst of them
-        record["targets"] = result["targets"]
-        record["paths"] = result.get("paths", 1)
-        for key in ("error_estimate", "completeness_gap"):
-            values = [t.get(key) for t in result["targets"]]
-            record[key] = None if None in values else max(values, key=abs)
-    return Outcome(record, EXIT_OK)
-
-
-def _receiver(destination: Any, on_event: Callable[[dict[str, Any]], None] | None) -> Callable[[dict[str, Any]], None]:
-    """The event handler of one attribute request: the file's data into ``destination``,
-    everything else to ``on_event`` (progress)."""
-
-    def receive(event: dict[str, Any]) -> None:
-        if event.get("event") == "data" and isinstance(event.get("data"), bytes):
-            destination.write(event["data"])
-        elif on_event is not None:
-            on_event(event)
-
-    return receive
-
-
-def _read_image(image: str, limit: int) -> bytes:
-    if image == STDIO:
-        data = sys.stdin.buffer.read()
-    else:
-        size = os.stat(image).st_size
-        if size > limit:
-            raise Failure(f"the file is {size:,} bytes; this igd accepts images up to {limit:,}", EXIT_REFUSED)
-        data = Path(image).read_bytes()
-    if len(data) > limit:
-        raise Failure(f"the image is {len(data):,} bytes; this igd accepts images up to {limit:,}", EXIT_REFUSED)
-    return data
-
-
-def _run_all(
-    session: Session, items: list[str], work: Callable[[Client, str], Outcome], jobs: int, as_json: bool
-) -> list[Outcome]:
-    """Run ``work`` over ``items`` on ``jobs`` connections; report each as it finishes."""
-    local = threading.local()
-
-    def connected() -> Client:
-        if not hasattr(local, "client"):
-            local.client = session.connect()
-        return local.client
-
-    def run(item: str) -> Outcome:
-        for attempt in (1, 2):
-            try:
-                outcome = work(connected(), item)
-            except ConnectionLost as error:  # e.g. closed while idle: the request never arrived
-                local.__dict__.pop("client", None)
-                if attempt == 2:
-                    return failure(item, error)
-                continue
-            except ClientError as error:  # e.g. cannot reconnect
-                return failure(item, error)
-            if outcome.status == EXIT_DAEMON_FAILED:
-                local.__dict__.pop("client", None)  # a fresh connection for the next item
-            return outcome
-        raise AssertionError("unreachable")
-
-    outcomes: list[Outcome] = []
-    with Progress(len(items)) as advance, concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        for outcome in pool.map(run, items):
-            outcomes.append(outcome)
-            if as_json:
-                click.echo(json.dumps(outcome.record))
-            if not outcome.record["ok"]:
-                error = outcome.record["error"]
-                label = f"{error['code']}: " if error["code"] not in ("client", "io") else ""
-                click.echo(f"igctl: {outcome.record['image']}: {label}{error['message']}", err=True)
-            advance()
-    session.close()
-    return outcomes
-
-
-def _describe(record: dict[str, Any]) -> str:
-    names = [t["name"] for t in record["targets"]] if "targets" in record else [record["target"]]
-    paths = f" over {record['paths']} paths" if record.get("paths", 1) > 1 else ""
-    return (
-        f"{record['image']}: {record['prediction']} ({record['probability']:.2f}); "
-        f"attributed to {', '.join(repr(name) for name in names)}{paths} -> {record['output']}"
-        + (f", heatmap {record['heatmap']}" if record.get("heatmap") else "")
-        + f" ({_accuracy(record)}"
-        + "".join(f", {name} area {area:.3f}" for name, area in record.get("metrics", {}).items()) + ")"
-    )
-
-
-def _accuracy(record: dict[str, Any]) -> str:
-    """``estimated error 9.6 %, completeness gap -4.0 %, 50 steps`` (or, from a daemon
-    that does not estimate, the convergence delta)."""
-    if "error_estimate" not in record:
-        return f"convergence delta {record['convergence_delta']:+.3g}"
-    return (f"estimated error {_percent(record['error_estimate'])}, "
-            f"completeness gap {_percent(record.get('completeness_gap'), signed=True)}, {record['n_steps']} steps")
-
-
-def _percent(value: float | None, signed: bool = False) -> str:
-    if value is None:
-        return "unbounded"
-    return f"{value * 100:+.1f} %" if signed else f"{value * 100:.1f} %"
-
-
-def _accuracy_warning(record: dict[str, Any]) -> str | None:
-    """A warning when the estimated error or the completeness gap is above
-    spec.WARN_ERROR (or unbounded), naming what fixes it; None otherwise."""
-    high = [f"{name} {_percent(record[key], signed)}"
-            for name, key, signed in (("estimated error", "error_estimate", False),
-                                      ("completeness gap", "completeness_gap", True))
-            if key in record and (record[key] is None or abs(record[key]) > spec.WARN_ERROR)]
-    if not high:
-        return None
-    if record.get("tolerance_met") is False:
-        fix = f"the tolerance was not met within {record['n_steps']} steps; allow more with --steps"
-    elif "tolerance" in record:
-        fix = "lower --tolerance"
-    else:
-        fix = f"ask for --tolerance {spec.WARN_ERROR / 2:g} (adaptive steps) or more --steps"
-    return f"{record['image']}: {' and '.join(high)} above {spec.WARN_ERROR * 100:g} %; {fix}"
-
-
-def _finish(outcomes: list[Outcome]) -> None:
-    failed = [o for o in outcomes if not o.record["ok"]]
-    if failed:
-        if len(outcomes) > 1:
-            click.echo(f"igctl: {len(failed)} of {len(outcomes)} images failed", err=True)
-        sys.exit(max(o.status for o in failed))
 
 
 # --- classify, status, version -----------------------------------------------------------
@@ -646,12 +228,12 @@ def classify(ctx: click.Context, images: tuple[str, ...], top: int, as_json: boo
       igctl classify cat.jpg
       igctl classify photos/*.jpg --top 3 --json > classes.jsonl
     """
-    session = _session(ctx, socket_path, timeout)
-    _probe(session)
+    session = session_for(ctx, socket_path, timeout)
+    probe(session)
 
     def one(client: Client, image: str) -> Outcome:
         try:
-            result = client.call("classify", {"image": _read_image(image, client.max_image_bytes()), "top": top})
+            result = client.call("classify", {"image": read_image(image, client.max_image_bytes()), "top": top})
         except ConnectionLost as error:
             if not error.sent:
                 raise
@@ -660,13 +242,12 @@ def classify(ctx: click.Context, images: tuple[str, ...], top: int, as_json: boo
             return failure(image, error)
         return Outcome({"image": image, "ok": True, "top": result["top"]}, EXIT_OK)
 
-    outcomes = _run_all(session, list(images), one, jobs, as_json)
+    outcomes = run_all(session, list(images), one, jobs, as_json)
     if not as_json:
         for outcome in outcomes:
             if outcome.record["ok"]:
-                ranked = ", ".join(f"{c['name']} {c['probability']:.3f}" for c in outcome.record["top"])
-                click.echo(f"{outcome.record['image']}: {ranked}")
-    _finish(outcomes)
+                click.echo(ranking(outcome.record))
+    finish(outcomes)
 
 
 @main.command(short_help="Summarise saved result files; re-render their heatmaps.")
@@ -742,68 +323,15 @@ def status(ctx: click.Context, as_json: bool, wait: float | None, socket_path: P
       igctl status
       igd serve & igctl status --wait && igctl attribute cat.jpg
     """
-    session = _session(ctx, socket_path, timeout)
-    state = _status(session, wait)
+    session = session_for(ctx, socket_path, timeout)
+    state = wait_for_status(session, wait)
     if as_json:
         click.echo(json.dumps(state, indent=2))
     else:
-        for label, value in _status_lines(session.socket, state):
+        for label, value in status_lines(session.socket, state):
             click.echo(f"{label:<10} {value}")
     if state.get("state") == "starting":
         sys.exit(EXIT_STARTING)
-
-
-def _status(session: Session, wait: float | None) -> dict[str, Any]:
-    """One status answer; with ``wait``, the first that says ready (or the last one seen
-    when ``wait`` seconds have passed), retrying while no daemon answers yet."""
-    deadline = time.monotonic() + (wait or 0.0)
-    while True:
-        try:
-            with session.connect() as client:
-                state = client.call("status")
-        except NoDaemon as error:
-            if wait is None or time.monotonic() >= deadline:
-                raise fail(error) from None
-        except ClientError as error:
-            raise fail(error) from None
-        else:
-            if wait is None or state.get("state") != "starting" or time.monotonic() >= deadline:
-                return state
-        time.sleep(0.2)
-
-
-def _status_lines(socket: Path, state: dict[str, Any]) -> list[tuple[str, str]]:
-    uptime = ("uptime", f"{state['uptime_s']:.0f} s (pid {state['pid']})")
-    if state.get("state") == "starting":
-        startup = state.get("startup", {})
-        return [("socket", str(socket)),
-                ("state", f"starting: {startup.get('phase', '?')} ({startup.get('phase_s', 0):.0f} s)"), uptime]
-    requests, batching = state["requests"], state["batching"]
-    precision = "" if state.get("precision", "float32") == "float32" else f", {state['precision']}"
-    precision += "" if state.get("compiler", "eager") == "eager" else f", compiled ({state['compiler']})"
-    return [
-        ("socket", str(socket)),
-        ("state", "ready"),
-        ("model", f"{state['model']['name']}: {state['model']['description']}"),
-        ("device", state["device"] + precision),
-        uptime,
-        ("requests", f"{requests['served']} served, {requests['failed']} failed, {requests['in_flight']} in flight"),
-        ("queue", f"{state['queue_depth']} waiting (of {state['queue_size']})"),
-        ("batching", f"{batching['passes']} passes, {batching['images']} images, largest batch {batching['largest_batch']}"),
-        ("chunks", _chunk_line(batching)),
-        ("memory", f"{state['memory']['rss_bytes'] / 2**20:.0f} MiB resident"),
-    ]
-
-
-def _chunk_line(batching: dict[str, Any]) -> str:
-    """E.g. "4 points (measured: sizes 2, 4, 8, 16 at 42, 40, 47, 56 ms per point; search 4.0 s, <when>)"."""
-    line = f"{batching['max_batch_points']} points ({batching['chunk_source']}"
-    search = batching.get("chunk_search")
-    if search:
-        times = search["ms_per_point"]
-        line += (f": sizes {', '.join(times)} at {', '.join(f'{ms:.0f}' for ms in times.values())} ms per point; "
-                 f"search {search['search_s']:.1f} s, {search['measured']}")
-    return line + ")"
 
 
 @main.command(short_help="Print the versions of igctl and igd.")
@@ -816,7 +344,7 @@ def version(ctx: click.Context, socket_path: Path | None, timeout: float | None)
     Example:
       igctl version
     """
-    session = _session(ctx, socket_path, timeout)
+    session = session_for(ctx, socket_path, timeout)
     click.echo(f"igctl {__version__} (protocol {VERSION})")
     try:
         with session.connect() as client:
