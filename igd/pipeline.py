@@ -34,7 +34,7 @@ from igd.models import LoadedModel, UnknownClass
 from igd.output.answer import Answer
 from igd.output.heatmap import canvas as heatmap_canvas
 from igd.output.heatmap import drawing_bytes
-from igd.output.provenance import now, provenance
+from igd.output.provenance import now
 from igd.protocol import BAD_IMAGE, BAD_REQUEST, IMAGE_TOO_LARGE, INTERNAL, OVERLOADED, SHUTTING_DOWN, UNKNOWN_TARGET
 from igd.request import TARGET, AttributeRequest, RequestError, RequestFailed, check_targets, target_count
 from igd.worker import (
@@ -81,19 +81,17 @@ class Pipeline:
         ``budget`` admits what the request will hold at most; ``listener`` hears its job's
         queue and progress; ``notes`` collects facts for the log line (image, timings,
         batch size); ``created``: when the request arrived (default now)."""
-        created = created or now()
         notes = {} if notes is None else notes
         model = self.model
-        targets = resolve_targets(model, target, request.top_k)
-        header = await self._off_loop(probe, data, self.max_pixels)
+        targets, needed = await self._off_loop(plan, data, request, target, model, self.max_pixels)
         if budget is not None:
-            budget.admit(footprint(request, model, target_count(targets, request.top_k), header))
+            budget.admit(needed)
         notes.update(target=targets, **request.log_fields())
         prepared = await self._decoded(data, notes, lambda image: prepare(image, request, model))
         del data
         part = await self._computed(job(prepared, targets, request, listener), notes)
-        facts = provenance(model, request, self.worker.compute_facts, created)
-        answer = Answer(part, request, model, prepared.image, prepared.paths.names, prepared.inputs, facts)
+        answer = Answer(part, request, model, prepared.image, prepared.paths.names, prepared.inputs,
+                        self.worker.compute_facts, created or now())
         del part, prepared
         if request.metrics:  # each target's images are made in the pool, the next once its pass is done
             jobs, logits = metric_jobs(answer), []
@@ -233,6 +231,15 @@ class Prepared:
     def baseline(self) -> Tensor:
         """(P, C, H, W): the paths' starts."""
         return self.paths.starts
+
+
+def plan(data: bytes, request: AttributeRequest, target: Any, model: LoadedModel,
+         max_pixels: int) -> tuple[Targets, Footprint]:
+    """The classes ``target`` names (:func:`resolve_targets`) and the most memory the
+    request will hold (:func:`footprint`), from the image's header alone: nothing decoded."""
+    targets = resolve_targets(model, target, request.top_k)
+    header = probe(data, max_pixels)
+    return targets, footprint(request, model, target_count(targets, request.top_k), header)
 
 
 def prepare(image: Image.Image, request: AttributeRequest, model: LoadedModel) -> Prepared:

@@ -10,6 +10,7 @@ the same facts under their names there.
 
 from __future__ import annotations
 
+import datetime
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -26,6 +27,7 @@ from igd.engine.paths import STRAIGHT
 from igd.models import LoadedModel
 from igd.output.heatmap import heatmap_grid_png
 from igd.output.keys import FACTS, Fact, json_safe, nested_set
+from igd.output.provenance import ComputeFacts, now, provenance
 from igd.output.results import Result, encode, file_arrays, idgi_of, predecessor_layout, write_result
 from igd.request import AttributeRequest
 
@@ -53,8 +55,14 @@ class Answer:
     image: Image.Image | None  # for the heatmap
     path_names: tuple[str, ...] = ()
     inputs: Tensor | None = None  # (1, C, H, W): the image in input space
-    provenance: dict[str, Any] = field(default_factory=dict)  # igd.output.provenance: what made it
+    compute: ComputeFacts = ComputeFacts()  # how the worker computed it
+    created: datetime.datetime = field(default_factory=now)  # when the request arrived
     curves: tuple[Curves, ...] = ()  # the faithfulness curves of each target, once measured
+
+    @cached_property
+    def provenance(self) -> dict[str, Any]:
+        """What made it (igd.output.provenance): weights, preprocessing, precision, versions, when."""
+        return provenance(self.model, self.request, self.compute, self.created)
 
     @property
     def attribution(self) -> Attribution:
