@@ -1,0 +1,1 @@
+"""The daemon: its socket, connections, ops, memory budget, access rules and systemd glue."""
