@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from igd.models.identify import DIRECTORY, EMPTY, HF_DIRECTORY, MISSING, SAFETENSORS, WRAPPER_KEYS, identify
+
 _SHOWN = 5  # how many keys of each kind an error lists
 
 
@@ -20,17 +22,32 @@ class ModelError(Exception):
 
 
 def read_checkpoint(path: Path) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU, every failure a ModelError.
+    """The weights in ``path``, identified by content (igd.models.identify), every failure
+    a ModelError: a safetensors file through the safetensors library (a str -> Tensor
+    dict), anything else through ``torch.load(path, weights_only=True)`` on the CPU.
 
     Weights-only loading refuses pickled Python objects, so a malicious checkpoint
-    cannot run code here.
+    cannot run code here; safetensors holds no code at all.
     """
-    if not path.is_file():
+    kind = identify(path, look_inside=False)
+    if kind.kind == SAFETENSORS:
+        return read_safetensors(path)
+    if kind.kind == MISSING:
         raise ModelError(f"{path}: no such file")
+    if kind.kind == HF_DIRECTORY:
+        raise ModelError(f"{path}: this is a Hugging Face save_pretrained directory, not a weights file: "
+                         f"pass the directory as --model {path}")
+    if kind.kind == DIRECTORY:
+        raise ModelError(f"{path}: a directory, not a weights file")
+    if kind.kind == EMPTY:
+        raise ModelError(f"{path}: the file is empty, not a PyTorch checkpoint")
+    if path.suffix.lower() == ".safetensors":  # and yet no safetensors header
+        raise ModelError(f"{path}: named .safetensors, but not a safetensors file ({kind.what})")
+    if kind.is_program:
+        raise ModelError(f"{path}: this is {kind.what} (a whole model), not weights: give it as --model {path} "
+                         "(with a sidecar beside it), without --weights")
     with path.open("rb") as f:
         head = f.read(4)
-    if not head:
-        raise ModelError(f"{path}: the file is empty, not a PyTorch checkpoint")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -50,8 +67,17 @@ def read_checkpoint(path: Path) -> Any:
         raise ModelError(f"{path}: not a PyTorch checkpoint ({_first_line(error)})") from None
 
 
-# Where training scripts keep the weights inside a checkpoint dict.
-_WRAPPER_KEYS = ("model_state_dict", "state_dict", "model")
+def read_safetensors(path: Path) -> dict[str, Tensor]:
+    """A safetensors file's tensors on the CPU, with the safetensors library (no pickle)."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ModelError(f"{path}: reading safetensors needs the safetensors package "
+                         "(pip install safetensors)") from None
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own SafetensorError and others
+        raise ModelError(f"{path}: a safetensors file that cannot be read ({_first_line(error)})") from None
 
 
 def tensor_dict(value: Any, path: Path, what: str) -> dict[str, Tensor]:
@@ -59,7 +85,7 @@ def tensor_dict(value: Any, path: Path, what: str) -> dict[str, Tensor]:
     holding one under model_state_dict/state_dict/model), or a ModelError saying what
     the file holds instead."""
     if isinstance(value, Mapping):
-        inner = next((value[k] for k in _WRAPPER_KEYS if isinstance(value.get(k), Mapping)), None)
+        inner = next((value[k] for k in WRAPPER_KEYS if isinstance(value.get(k), Mapping)), None)
         value = inner if inner is not None else value
     if not isinstance(value, Mapping):
         raise ModelError(f"{path}: expected {what}, found a {type(value).__name__}")

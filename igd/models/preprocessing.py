@@ -8,17 +8,35 @@ maps pixels to the model's input space. Keeping them apart lets pixel-space base
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from PIL import Image
 from torch import Tensor
 from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
 
 # ImageNet-trained networks commonly resize the shorter side to 256 and crop 224.
 CROP_RATIO = 0.875
 ResizePolicy = Literal["stretch", "crop"]
+# The resamplers igd offers, by the names timm uses (HF's PIL ``resample`` codes map onto them).
+# On a PIL image torchvision resizes with PIL itself, antialiased as PIL always is: exactly
+# what timm's transforms (and HF's PIL-based processors) do.
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+_MODES = {
+    "nearest": InterpolationMode.NEAREST,
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+    "lanczos": InterpolationMode.LANCZOS,
+}
+MAX_CROP_PCT = 2.0  # timm's largest is 1.15 (VOLO); 87.5 or 256 here is a unit mistake
+# Where a centre crop starts: "round" is torchvision's CenterCrop (round((size - crop) / 2),
+# half to even; timm uses it), "floor" is transformers' (size - crop) // 2. They part by one
+# pixel where the margin is 3 mod 4.
+CROP_OFFSETS = ("round", "floor")
 
 
 @dataclass(frozen=True)
@@ -26,8 +44,20 @@ class Preprocessing:
     """Resize policy, input size and normalisation of one model.
 
     ``stretch``: resize to exactly (H, W), ignoring the aspect ratio (the CIFAR models).
-    ``crop``: resize the shorter side to ``resize_to`` (default H / 0.875), then
-    centre-crop (H, W) (ImageNet models).
+    ``crop``: resize the shorter side to ``resize_to``, else ``floor(min(H, W) / crop_pct)``
+    (timm's rounding), else ``round(min(H, W) / 0.875)``, then centre-crop (H, W) (ImageNet
+    models). With ``crop_pct`` and no ``resize_to`` a non-square (H, W) follows timm's
+    ``ResizeKeepRatio``: the image is scaled, keeping its aspect ratio, until it covers
+    ``(floor(H / crop_pct), floor(W / crop_pct))``, then centre-cropped.
+    ``stretch`` with ``crop_pct`` is timm's ``crop_mode="squash"``: resize to exactly
+    ``(floor(H / crop_pct), floor(W / crop_pct))``, then centre-crop (H, W).
+
+    ``crop_offsets`` is where every centre crop starts: ``round`` is torchvision's (and timm's)
+    CenterCrop, ``round((size - crop) / 2)`` half to even; ``floor`` is transformers'
+    ``floor((size - crop) / 2)`` (one pixel apart where the margin is 3 mod 4).
+
+    ``interpolation`` is the resampler (antialiased, as PIL resizes); ``origin`` says where
+    these settings came from, for people and provenance (it does not take part in ``==``).
     """
 
     input_size: tuple[int, int]  # (H, W)
@@ -35,21 +65,73 @@ class Preprocessing:
     std: tuple[float, ...]
     resize: ResizePolicy = "stretch"
     resize_to: int | None = None
+    interpolation: str = "bilinear"  # one of INTERPOLATIONS
+    crop_pct: float | None = None  # the fraction of the resized image the crop keeps (timm, HF ConvNeXt)
+    crop_offsets: str = "round"  # one of CROP_OFFSETS: torchvision's/timm's centre crop, or transformers'
+    # e.g. "built-in", "sidecar /x/net.pt.json", "timm data config (resnet18)"; not part of ==
+    origin: str = field(default="built-in", compare=False)
 
     def __post_init__(self) -> None:
         if self.resize not in ("stretch", "crop"):
             raise ValueError(f"resize must be 'stretch' or 'crop', got {self.resize!r}")
         if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
             raise ValueError("mean and std need one value per channel, std > 0")
+        if not isinstance(self.interpolation, str) or self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
+        if self.crop_pct is not None:
+            pct = self.crop_pct
+            if isinstance(pct, bool) or not isinstance(pct, (int, float)) or not 0 < pct <= MAX_CROP_PCT:
+                raise ValueError(
+                    f"crop_pct must be a fraction in (0, {MAX_CROP_PCT:g}] (e.g. 0.875: the crop keeps 87.5 % "
+                    f"of the resized image), got {pct!r}"
+                )
+        if not isinstance(self.crop_offsets, str) or self.crop_offsets not in CROP_OFFSETS:
+            raise ValueError(
+                f"crop_offsets must be 'round' (torchvision's and timm's centre crop) or 'floor' "
+                f"(transformers'), got {self.crop_offsets!r}"
+            )
+        if not isinstance(self.origin, str) or not self.origin:
+            raise ValueError(f"origin must be a non-empty string, got {self.origin!r}")
+
+    @property
+    def _mode(self) -> InterpolationMode:
+        return _MODES[self.interpolation]
+
+    def _shorter(self) -> int:
+        """``crop``: the side the image's shorter side is resized to."""
+        height, width = self.input_size
+        if self.resize_to:
+            return self.resize_to
+        if self.crop_pct:
+            return math.floor(min(height, width) / self.crop_pct)
+        return round(min(height, width) / CROP_RATIO)
+
+    def _scale_size(self) -> tuple[int, int] | None:
+        """(H', W') that the image is squashed to (``stretch``) or scaled to cover (``crop``,
+        non-square), as timm's ``floor(x / crop_pct)``; None where the shorter side rule applies."""
+        height, width = self.input_size
+        if self.crop_pct is None or (self.resize == "crop" and (self.resize_to or height == width)):
+            return None
+        return (math.floor(height / self.crop_pct), math.floor(width / self.crop_pct))
+
+    def _offset(self, margin: int) -> int:
+        """Where a centre crop starts on an axis ``margin`` pixels longer than the crop."""
+        return margin // 2 if self.crop_offsets == "floor" else round(margin / 2)
 
     @functools.cached_property
     def _geometry(self) -> transforms.Compose:
         height, width = self.input_size
+        scale_size = self._scale_size()
+        crop = _FloorCrop(height, width) if self.crop_offsets == "floor" else transforms.CenterCrop((height, width))
         if self.resize == "stretch":
-            steps = [transforms.Resize((height, width))]
+            if scale_size is None:
+                steps = [transforms.Resize((height, width), interpolation=self._mode)]
+            else:
+                steps = [transforms.Resize(scale_size, interpolation=self._mode), crop]
+        elif scale_size is None:
+            steps = [transforms.Resize(self._shorter(), interpolation=self._mode), crop]
         else:
-            shorter = self.resize_to or round(min(height, width) / CROP_RATIO)
-            steps = [transforms.Resize(shorter), transforms.CenterCrop((height, width))]
+            steps = [_KeepRatio(scale_size, self._mode), crop]
         return transforms.Compose([*steps, transforms.ToTensor()])
 
     def to_pixels(self, image: Image.Image) -> Tensor:
@@ -65,9 +147,9 @@ class Preprocessing:
             return image
         width, height = image.size
         shorter, longer = min(width, height), max(width, height)
-        if longer <= 4 * shorter:
+        keep = 2 * shorter * math.ceil(max(self.input_size) / min(self.input_size))  # a wide crop uses more
+        if longer <= 2 * keep:
             return image
-        keep = 2 * shorter
         start = (longer - keep) // 2
         box = (start, 0, start + keep, height) if width > height else (0, start, width, start + keep)
         return image.crop(box)
@@ -84,22 +166,80 @@ class Preprocessing:
 
     def source_box(self, size: tuple[int, int]) -> tuple[int, int, int, int]:
         """The region (left, top, right, bottom) of an image of ``size`` (width, height)
-        that the model sees: all of it when stretching, the centre crop otherwise."""
+        that the model sees: all of it when stretching, the centre crop otherwise. With
+        ``crop_pct`` > 1 the crop is larger than the resized image (torchvision pads it with
+        zeros), and the box reaches beyond the image."""
         width, height = size
-        if self.resize == "stretch":
-            return (0, 0, width, height)
         crop_h, crop_w = self.input_size
-        shorter = self.resize_to or round(min(crop_h, crop_w) / CROP_RATIO)
-        scale = shorter / min(width, height)
-        # torchvision: Resize keeps the aspect ratio (truncating), CenterCrop rounds offsets.
-        resized_w, resized_h = (shorter, int(shorter * height / width)) if width <= height else (int(shorter * width / height), shorter)
-        left = round((resized_w - crop_w) / 2) / scale
-        top = round((resized_h - crop_h) / 2) / scale
+        scale_size = self._scale_size()
+        if self.resize == "stretch":
+            if scale_size is None:
+                return (0, 0, width, height)
+            # squash: each axis scaled on its own, then the centre crop
+            scale_y, scale_x = scale_size[0] / height, scale_size[1] / width
+            left = self._offset(scale_size[1] - crop_w) / scale_x
+            top = self._offset(scale_size[0] - crop_h) / scale_y
+            return (round(left), round(top), round(left + crop_w / scale_x), round(top + crop_h / scale_y))
+        if scale_size is not None:
+            # timm's ResizeKeepRatio: one ratio for both axes, sizes rounded
+            ratio = min(height / scale_size[0], width / scale_size[1])
+            resized_h, resized_w = round(height / ratio), round(width / ratio)
+            scale = 1 / ratio
+        else:
+            shorter = self._shorter()
+            scale = shorter / min(width, height)
+            # torchvision: Resize keeps the aspect ratio (truncating); the crop's offsets follow crop_offsets.
+            resized_w, resized_h = (shorter, int(shorter * height / width)) if width <= height else (int(shorter * width / height), shorter)
+        left = self._offset(resized_w - crop_w) / scale
+        top = self._offset(resized_h - crop_h) / scale
         return (round(left), round(top), round(left + crop_w / scale), round(top + crop_h / scale))
 
     def describe(self) -> str:
+        """One line for people, e.g. ``resize shorter side to 235 (bicubic), centre-crop 224x224
+        (crop_pct 0.95)``; the interpolation is named when it is not bilinear, the crop's
+        offsets when they are floored (transformers')."""
         height, width = self.input_size
+        how = "" if self.interpolation == "bilinear" else f" ({self.interpolation})"
+        scale_size = self._scale_size()
+        notes = [f"crop_pct {self.crop_pct:g}"] if self.crop_pct is not None and not self.resize_to else []
+        notes += ["offsets floored"] if self.crop_offsets == "floor" else []
+        pct = f" ({', '.join(notes)})" if notes else ""
         if self.resize == "stretch":
-            return f"resize to {height}x{width}"
-        shorter = self.resize_to or round(min(height, width) / CROP_RATIO)
-        return f"resize shorter side to {shorter}, centre-crop {height}x{width}"
+            if scale_size is None:
+                return f"resize to {height}x{width}{how}"
+            return f"resize to {scale_size[0]}x{scale_size[1]}{how}, centre-crop {height}x{width}{pct}"
+        if scale_size is not None:
+            return f"resize to cover {scale_size[0]}x{scale_size[1]}{how}, centre-crop {height}x{width}{pct}"
+        return f"resize shorter side to {self._shorter()}{how}, centre-crop {height}x{width}{pct}"
+
+
+class _FloorCrop:
+    """Centre crop (height, width) of a PIL image at offsets floor((size - crop) / 2), as
+    transformers does; a crop larger than the image is padded with zeros, as CenterCrop pads."""
+
+    def __init__(self, height: int, width: int) -> None:
+        self.height, self.width = height, width
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        left, top = (image.width - self.width) // 2, (image.height - self.height) // 2
+        return image.crop((left, top, left + self.width, top + self.height))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(height={self.height}, width={self.width})"
+
+
+class _KeepRatio:
+    """timm's ``ResizeKeepRatio`` (eval, ``longest=0``): scale the image, keeping its aspect
+    ratio, by the smaller of the two ratios to ``size`` (H, W), rounding each side."""
+
+    def __init__(self, size: tuple[int, int], mode: InterpolationMode) -> None:
+        self.size = size
+        self.mode = mode
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        ratio = min(height / self.size[0], width / self.size[1])
+        return F.resize(image, [round(height / ratio), round(width / ratio)], self.mode)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, interpolation={self.mode.value})"
