@@ -1,5 +1,5 @@
 """The models igd serves: the predecessor's BiT and LaNet checkpoints, the built-in
-EfficientNet-Lite0, and the user's own (TorchScript, torch.export, torchvision)."""
+EfficientNet-Lite0, and the user's own (timm, Hugging Face, torchvision, TorchScript, torch.export)."""
 
 from igd.models.checkpoints import ModelError
 from igd.models.preprocessing import Preprocessing

@@ -16,17 +16,20 @@ from igd.models import bit, efficientnet_lite, lanet
 from igd.models.checkpoints import ModelError, load_strict, read_checkpoint, strip_prefix, tensor_dict
 from igd.models.custom import (
     find_sidecar,
-    load_program,
+    load_file,
     load_torchvision,
     read_class_names,
     read_sidecar,
     torchvision_preprocessing,
 )
+from igd.models.parts import ModelParts
 from igd.models.preprocessing import Preprocessing
 from igd.models.standardized import fold
 from igd.protocol import shown
 
 DEFAULT_MODEL = "efficientnet-lite0"
+TIMM_PREFIX = "timm:"  # --model timm:NAME: timm's architecture NAME with --weights
+HF_PREFIX = "hf:"  # --model hf:DIR (or a directory with config.json): a Hugging Face save_pretrained directory
 # The predecessor's list, in its order: the class indices of its users' checkpoints.
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -54,7 +57,7 @@ class LoadedModel:
     preprocessing: Preprocessing
     class_names: tuple[str, ...]
     name: str  # short id, e.g. "bit-r101x3"
-    family: str  # bit | lanet | efficientnet-lite | torchscript | torch.export | torchvision
+    family: str  # bit | lanet | efficientnet-lite | torchscript | torch.export | torchvision | timm | huggingface
     description: str  # one line for people
     source: str  # the file it came from
     device: torch.device
@@ -171,8 +174,9 @@ def load_model(
         bit_path: a BiT ResNetV2 checkpoint in the predecessor's format.
         lanet_path: a LaNet training checkpoint (weights under ``model_state_dict``).
         model: ``efficientnet-lite0``, a TorchScript/``torch.export`` file with a sidecar,
-            or a torchvision architecture name (with ``weights``).
-        weights: the state dict file for a torchvision architecture.
+            a torchvision architecture name or ``timm:NAME`` (with ``weights``), or a
+            Hugging Face ``save_pretrained`` directory (``hf:DIR``, or DIR itself).
+        weights: the state dict file (.pth/.pt or .safetensors) for an architecture name.
         classes_file: class names, one per line; overrides every other source.
         index_names: name classes by index when nothing else names them.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
@@ -181,7 +185,7 @@ def load_model(
     if len(given) > 1:
         raise ModelError(f"give one model source, not {' and '.join(given)}")
     if weights is not None and (model is None or Path(model).is_file()):
-        raise ModelError("--weights goes with --model NAME (a torchvision architecture)")
+        raise ModelError("--weights goes with --model NAME (a torchvision architecture) or --model timm:NAME")
     target = resolve_device(device)
     if bit_path is not None:
         parts = _load_bit(Path(bit_path))
@@ -189,6 +193,14 @@ def load_model(
         parts = _load_lanet(Path(lanet_path))
     elif model is None or model == DEFAULT_MODEL:
         parts = _load_default()
+    elif model.startswith(TIMM_PREFIX):
+        from igd.models.timm_models import load_timm  # imports timm only when asked for
+
+        parts = load_timm(model.removeprefix(TIMM_PREFIX), weights)
+    elif model.startswith(HF_PREFIX) or (Path(model) / "config.json").is_file():
+        from igd.models.huggingface import load_huggingface  # imports transformers only when asked for
+
+        parts = load_huggingface(Path(model.removeprefix(HF_PREFIX)), weights)
     else:
         parts = _load_custom(model, weights)
     module = parts.module.to(target).eval()
@@ -220,20 +232,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-@dataclass(frozen=True)
-class _Parts:
-    """A model as read from its source, before placement on a device and naming of classes."""
-
-    module: nn.Module
-    preprocessing: Preprocessing
-    class_names: tuple[str, ...] | None
-    name: str
-    family: str
-    description: str
-    source: str
-
-
-def _load_bit(path: Path) -> _Parts:
+def _load_bit(path: Path) -> ModelParts:
     state = strip_prefix(tensor_dict(read_checkpoint(path), path, "a BiT state dict"))
     try:
         config = bit.infer_bit_config(state)
@@ -243,7 +242,7 @@ def _load_bit(path: Path) -> _Parts:
     depth = 3 * sum(config.block_units) + 2
     load_strict(module, state, path, f"BiT ResNetV2-{depth}x{config.width_factor}")
     units = "-".join(str(u) for u in config.block_units)
-    return _Parts(
+    return ModelParts(
         module,
         BIT_PREPROCESSING,
         None,
@@ -254,7 +253,7 @@ def _load_bit(path: Path) -> _Parts:
     )
 
 
-def _load_lanet(path: Path) -> _Parts:
+def _load_lanet(path: Path) -> ModelParts:
     state = strip_prefix(tensor_dict(read_checkpoint(path), path, "a LaNet checkpoint (model_state_dict)"))
     try:
         config = lanet.infer_lanet_config(state)
@@ -262,7 +261,7 @@ def _load_lanet(path: Path) -> _Parts:
         raise ModelError(f"{path}: {error}") from None
     module = lanet.NetworkCIFAR(config.C, config.num_classes, config.layers, config.auxiliary)
     load_strict(module, state, path, f"LaNet NetworkCIFAR C={config.C}, {config.layers} layers")
-    return _Parts(
+    return ModelParts(
         module,
         LANET_PREPROCESSING,
         None,
@@ -273,7 +272,7 @@ def _load_lanet(path: Path) -> _Parts:
     )
 
 
-def _load_default() -> _Parts:
+def _load_default() -> ModelParts:
     try:
         path = efficientnet_lite.packaged_weights_path()
     except FileNotFoundError as error:
@@ -287,7 +286,7 @@ def _load_default() -> _Parts:
     module = efficientnet_lite.EfficientNetLite()
     state = tensor_dict(read_checkpoint(path), path, "an EfficientNet-Lite0 state dict")
     load_strict(module, state, path, "EfficientNet-Lite0")
-    return _Parts(
+    return ModelParts(
         module,
         EFFICIENTNET_PREPROCESSING,
         None,
@@ -298,23 +297,13 @@ def _load_default() -> _Parts:
     )
 
 
-def _load_custom(model: str, weights: Path | None) -> _Parts:
+def _load_custom(model: str, weights: Path | None) -> ModelParts:
     path = Path(model)
     if path.is_file():
-        sidecar = read_sidecar(find_sidecar(path), require_preprocessing=True)
-        exported = path.suffix == ".pt2"
-        return _Parts(
-            load_program(path),
-            sidecar.preprocessing or torchvision_preprocessing(),  # always set: required above
-            sidecar.classes,
-            name=sidecar.name or path.stem,
-            family="torch.export" if exported else "torchscript",
-            description=f"{'torch.export' if exported else 'TorchScript'} model {path.name}",
-            source=str(path),
-        )
+        return load_file(path)  # a TorchScript or torch.export archive; any other file says what it is
     module = load_torchvision(model, weights)
     sidecar = read_sidecar(find_sidecar(weights) if weights else None, require_preprocessing=False)
-    return _Parts(
+    return ModelParts(
         module,
         sidecar.preprocessing or torchvision_preprocessing(),
         sidecar.classes,
@@ -345,11 +334,11 @@ def _count_outputs(module: nn.Module, preprocessing: Preprocessing, device: torc
 
 
 def _class_names(
-    count: int, parts: _Parts, classes_file: Path | None, index_names: bool
+    count: int, parts: ModelParts, classes_file: Path | None, index_names: bool
 ) -> tuple[tuple[str, ...], str]:
     """The class names, and where they came from (for people)."""
     names = read_class_names(classes_file) if classes_file is not None else parts.class_names
-    origin = str(classes_file) if classes_file is not None else f"the sidecar of {parts.source}"
+    origin = str(classes_file) if classes_file is not None else parts.classes_source or f"the sidecar of {parts.source}"
     if names is None:
         if count == 10 and parts.family in ("bit", "lanet"):
             return CIFAR10_CLASSES, "the predecessor's CIFAR-10 list"
