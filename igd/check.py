@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from igd.engine.attribution import Attribution
@@ -15,11 +16,23 @@ from igd.request import DEFAULT_MAX_PIXELS, AttributeRequest
 from igd.worker import ComputeSettings, Worker
 
 
+# Beyond this estimated error or completeness gap (relative), `igd check` fails: the
+# attribution it made is not to be trusted as it stands (more steps, a tolerance, or
+# another baseline; the accuracy line says which figure).
+TRUSTED = 0.5
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    rows: list[tuple[str, str]]  # (label, value) lines for people
+    problems: list[str]  # why the check failed; none: it passed
+
+
 def run_check(model: LoadedModel, data: bytes, label: str, request: AttributeRequest,
-              compute: ComputeSettings) -> list[tuple[str, str]]:
+              compute: ComputeSettings) -> CheckReport:
     """Warm up, classify the image in ``data`` (called ``label``), attribute it to its
-    most likely class. Raises RequestFailed (a bad image, or the worker's failure); the
-    worker is stopped either way."""
+    most likely class, and judge the attribution's accuracy (:data:`TRUSTED`). Raises
+    RequestFailed (a bad image, or the worker's failure); the worker is stopped either way."""
     started = time.perf_counter()
     worker = Worker.warmed_up(model, compute)
     warm_s = time.perf_counter() - started
@@ -52,13 +65,14 @@ def run_check(model: LoadedModel, data: bytes, label: str, request: AttributeReq
     chunk = f"chunks of {found.max_batch} ({found.chunk_source})"
     search = found.chunk.describe() + (f", {found.chunk.measured}" if found.chunk_source == "cached" else "") \
         if found.chunk is not None else "given with --max-batch"
-    return [
+    rows = [
         ("model", f"{model.name}: {model.description}"),
         ("source", model.source),
         ("weights", f"sha256 {model.weights_sha256}"),
         ("classes from", model.classes_source),
         ("parameters", f"{model.num_parameters:,}"),
         ("input", f"{c}x{h}x{w} ({model.preprocessing.describe()})"),
+        ("input from", model.preprocessing.origin),
         ("device", device),
         ("classes", _class_list(model.class_names)),
         ("image", f"{label} ({notes['image']})"),
@@ -70,6 +84,18 @@ def run_check(model: LoadedModel, data: bytes, label: str, request: AttributeReq
                      f"{first.completeness_gap:+.1%} (delta {delta:+.4g} = sum(IG) - (F(x) - F(b)))"),
         ("timings", f"warm-up {warm_s:.2f} s, classify {classify_s * 1000:.0f} ms, attribute {attribute_s:.2f} s"),
     ]
+    return CheckReport(rows, _problems(first.error_estimate, first.completeness_gap))
+
+
+def _problems(error_estimate: float, completeness_gap: float) -> list[str]:
+    found = []
+    if not error_estimate <= TRUSTED:  # NaN and infinity included
+        found.append(f"the estimated error of the attribution is {error_estimate:.0%}, above {TRUSTED:.0%}")
+    if not abs(completeness_gap) <= TRUSTED:
+        found.append(f"the completeness gap of the attribution is {completeness_gap:+.0%}, beyond {TRUSTED:.0%}")
+    if found:
+        found.append("ask for more --steps or a --tolerance (or another --baseline) and check again")
+    return found
 
 
 def _class_list(names: tuple[str, ...]) -> str:

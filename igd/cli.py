@@ -34,10 +34,12 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--lanet-path", "-lp", "-lb", type=_FILE, envvar="IGD_LANET_PATH", show_envvar=True,
                      help="A LaNet training checkpoint (weights under model_state_dict)."),
         click.option("--model", "-m", metavar="PATH_OR_NAME", envvar="IGD_MODEL", show_envvar=True,
-                     help="efficientnet-lite0 (the default), a TorchScript or torch.export file "
-                          "with a sidecar, or a torchvision architecture name with --weights."),
+                     help="efficientnet-lite0 (the default); timm:NAME or a torchvision architecture "
+                          "name, with --weights; a Hugging Face save_pretrained directory (or hf:DIR); "
+                          "a TorchScript or torch.export file with a sidecar."),
         click.option("--weights", type=_FILE, envvar="IGD_WEIGHTS", show_envvar=True,
-                     help="State dict file for --model NAME."),
+                     help="The weights for --model NAME or timm:NAME: a state dict (.pth/.pt) or a "
+                          "safetensors file, told apart by content."),
         click.option("--classes", "classes_file", type=_FILE, envvar="IGD_CLASSES", show_envvar=True,
                      help="Class names, one per line (overrides the model's own)."),
         click.option("--index-names", is_flag=True, envvar="IGD_INDEX_NAMES", show_envvar=True,
@@ -194,7 +196,8 @@ def check(image: Path | None, compute: dict[str, Any], **args: Any) -> None:
     """Load a model exactly as `igd serve` does (same loading, warm-up and compute worker),
     classify IMAGE and attribute it to its most likely class, and print what happened.
 
-    Exits non-zero, with the reason, if anything fails.
+    Exits non-zero, with the reason, if anything fails, and when the attribution's estimated
+    error or completeness gap is beyond 50 % (it is then not to be trusted as it stands).
 
     \b
     Examples:
@@ -217,16 +220,17 @@ def check(image: Path | None, compute: dict[str, Any], **args: Any) -> None:
     data = image.read_bytes() if image else resources.files("igd").joinpath("data", SAMPLE_IMAGE).read_bytes()
     label = str(image or SAMPLE_IMAGE)
     try:
-        rows = run_check(model, data, label, request, settings)
+        report = run_check(model, data, label, request, settings)
     except ModelError as error:  # --compile failed
         raise click.ClickException(str(error)) from None
     except spec.RequestFailed as failure:
         raise click.ClickException(f"{label}: {failure.message}") from None
     except WorkerError as error:
         raise click.ClickException(f"{label}: {error}") from None
-    rows.append(("load", f"{load_s:.2f} s"))
-    for label, value in rows:
+    for label, value in [*report.rows, ("load", f"{load_s:.2f} s")]:
         click.echo(f"{label:<12} {value}")
+    if report.problems:
+        raise click.ClickException("; ".join(report.problems))
     click.echo("ok")
 
 

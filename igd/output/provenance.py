@@ -47,6 +47,9 @@ def provenance(model: LoadedModel, request: AttributeRequest, compute: ComputeFa
         "resize_to": preprocessing.resize_to or 0,  # 0: no separate resize (stretch)
         "mean": list(preprocessing.mean),
         "std": list(preprocessing.std),
+        "interpolation": preprocessing.interpolation,
+        "crop_pct": preprocessing.crop_pct or 0.0,  # 0.0: no crop fraction (resize_to, or the 0.875 default)
+        "preprocessing_source": preprocessing.origin,  # built-in, a sidecar, timm's data config, an HF processor
         "seed": request.seed,
         "precision": compute.precision,
         "memory_format": compute.memory_format,

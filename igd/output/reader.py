@@ -111,7 +111,7 @@ _FAILURES = (pickle.UnpicklingError, zipfile.BadZipFile, zlib.error, struct.erro
 # The provenance keys of every result file igd writes (igd.output.provenance makes them; README's
 # key table lists them); and blur_sigma where a blur was used.
 PROVENANCE_KEYS = ("weights_sha256", "model_family", "model_description", "classes_source", "input_size", "resize",
-                   "resize_to", "mean", "std", "seed", "precision", "memory_format", "compiler", "chunk_source",
+                   "resize_to", "mean", "std", "interpolation", "crop_pct", "preprocessing_source", "seed", "precision", "memory_format", "compiler", "chunk_source",
                    "device_type", "igd_version", "torch_version", "torchvision_version", "created")
 
 
