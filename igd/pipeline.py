@@ -227,11 +227,6 @@ class Prepared:
         """(1, C, H, W): the image in input space."""
         return self.paths.inputs
 
-    @property
-    def baseline(self) -> Tensor:
-        """(P, C, H, W): the paths' starts."""
-        return self.paths.starts
-
 
 def plan(data: bytes, request: AttributeRequest, target: Any, model: LoadedModel,
          max_pixels: int) -> tuple[Targets, Footprint]:

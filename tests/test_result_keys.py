@@ -50,6 +50,7 @@ def with_fake_fact() -> dict[str, str]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.slow  # a daemon and two igd batch runs of its own (30 s alone)
 def test_a_fact_added_to_the_table_reaches_every_place(with_fake_fact: dict[str, str], fixtures: Path) -> None:
     image = fixtures / "images" / "chelsea.png"
     work = short_tempdir()
@@ -116,6 +117,10 @@ def test_every_fact_is_named_once_per_place() -> None:
     for place in ("name", "file", "wire"):
         names = [getattr(fact, place) for fact in keys.FACTS if getattr(fact, place) is not None]
         assert len(names) == len(set(names)), place
+    # Beside the pair's own fields (igd batch) and igctl's, a fact would overwrite them.
+    from igd.batch.outputs import PAIR_FIELDS
+    own = {*PAIR_FIELDS, "image", "heatmap", "timing_ms", "metrics", "targets", "code", "message"}
+    assert not own & {fact.name for fact in keys.FACTS}
     # The file keys that carry a target axis in a combined result include every per-target fact.
     assert {fact.file for fact in keys.FACTS if fact.per_target and fact.file} <= keys.TARGET_AXIS
 

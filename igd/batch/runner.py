@@ -51,7 +51,8 @@ class BatchAttributor:
 
     def __call__(self, pairs: list[Pair]) -> list[dict[str, Any]]:
         """One row per pair, in order. Every pair is on its way at once, so the worker
-        batches them into shared passes; an image shared by several pairs is read once."""
+        batches them into shared passes; an image shared by several pairs is read once (and
+        decoded for each of them)."""
         return asyncio.run(self._rows(pairs))
 
     def close(self) -> None:

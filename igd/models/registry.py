@@ -12,7 +12,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.models import EfficientNet_B0_Weights
 
-from igd.models import bit, efficientnet_lite, lanet
+from igd.models import bit, efficientnet_lite, huggingface, lanet  # huggingface imports transformers only to load
 from igd.models.checkpoints import ModelError, load_strict, read_checkpoint, strip_prefix, tensor_dict
 from igd.models.custom import (
     find_sidecar,
@@ -197,10 +197,8 @@ def load_model(
         from igd.models.timm_models import load_timm  # imports timm only when asked for
 
         parts = load_timm(model.removeprefix(TIMM_PREFIX), weights)
-    elif model.startswith(HF_PREFIX) or (Path(model) / "config.json").is_file():
-        from igd.models.huggingface import load_huggingface  # imports transformers only when asked for
-
-        parts = load_huggingface(Path(model.removeprefix(HF_PREFIX)), weights)
+    elif model.startswith(HF_PREFIX) or huggingface.is_saved_model(Path(model)):
+        parts = huggingface.load_huggingface(Path(model.removeprefix(HF_PREFIX)), weights)
     else:
         parts = _load_custom(model, weights)
     module = parts.module.to(target).eval()

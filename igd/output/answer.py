@@ -167,12 +167,13 @@ class Answer:
         """The facts an entry point reports beside the file: the daemon's answer map (and
         with several targets or paths, each target's facts in ``targets``)."""
         summary: dict[str, Any] = {}
-        for fact, value in self.facts():
+        facts = self.facts()
+        for fact, value in facts:
             if fact.wire is not None:
                 nested_set(summary, fact.wire, json_safe(value[0] if fact.per_target else value))
         if self.combined:
             entries: list[dict[str, Any]] = [{} for _ in self.targets]
-            for fact, value in self.facts():
+            for fact, value in facts:
                 if fact.target_wire is not None:
                     for entry, each in zip(entries, value):
                         nested_set(entry, fact.target_wire, json_safe(each))

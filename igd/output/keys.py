@@ -63,7 +63,7 @@ FACTS: tuple[Fact, ...] = (
     Fact("baseline", lambda a, t: a.request.baseline, "baseline_name", ("baseline",)),
     Fact("n_steps", lambda a, t: a.attribution.n_steps, "n_steps", ("n_steps",)),
     Fact("method", lambda a, t: a.attribution.rule, "method", ("method",)),
-    Fact("path", lambda a, t: a.curve_name, None, ("path",)),
+    Fact("integration_path", lambda a, t: a.curve_name, None, ("path",)),  # flat "path" is igd batch's image
     Fact("paths", lambda a, t: a.part.paths if a.combined else None, None, ("paths",)),
     Fact("tolerance", lambda a, t: a.attribution.tolerance, "tolerance", ("tolerance",)),
     Fact("tolerance_met", lambda a, t: None if a.attribution.tolerance is None else bool(a.attribution.tolerance_met),

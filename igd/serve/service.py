@@ -253,16 +253,17 @@ class Service:
 
     async def classify(self, args: dict[str, Any], notes: dict[str, Any], events: Events | None,
                        reservation: Reservation) -> dict[str, Any]:
-        data = _take_image(args)
+        _check_image(args)
         top = _checked(TOP, args)
         pipeline = await self._until_ready(_progress(args, events))
-        classes = await pipeline.classify(data, top, budget=reservation, notes=notes)
+        # The image leaves args in the call: the pipeline holds its only reference and drops it once decoded.
+        classes = await pipeline.classify(args.pop("image"), top, budget=reservation, notes=notes)
         return {"top": [{"index": index, "name": name, "probability": p} for index, name, p in classes]}
 
     async def attribute(self, args: dict[str, Any], notes: dict[str, Any], events: Events | None,
                         reservation: Reservation) -> dict[str, Any]:
         created = now()
-        data = _take_image(args)
+        _check_image(args)
         try:
             request = parse_attribute(args, max_steps=self.limits.max_steps)
         except RequestError as error:
@@ -271,9 +272,9 @@ class Service:
         stream = events is not None and _checked(STREAM, args)
         pipeline = await self._until_ready(emit)
         listener = None if emit is None else _EventRelay(asyncio.get_running_loop(), emit)
-        answer = await pipeline.attribute(data, request, args.get("target"), budget=reservation, listener=listener,
-                                          notes=notes, created=created)
-        del data
+        # The image leaves args in the call: the pipeline holds its only reference and drops it once decoded.
+        answer = await pipeline.attribute(args.pop("image"), request, args.get("target"), budget=reservation,
+                                          listener=listener, notes=notes, created=created)
         started = time.perf_counter()
         if stream:  # the file leaves in data events as it is written
             assert events is not None
@@ -383,13 +384,12 @@ def _checked(option: Any, args: dict[str, Any]) -> Any:
         raise error.failed() from None
 
 
-def _take_image(args: dict[str, Any]) -> bytes:
-    """The image bytes, removed from ``args`` so that the request keeps one reference."""
-    data = args.pop("image", None)
+def _check_image(args: dict[str, Any]) -> None:
+    """``bad_request`` unless ``args.image`` is the image's bytes."""
+    data = args.get("image")
     if not isinstance(data, bytes):
         problem = "is required" if data is None else f"must be bytes (msgpack bin), got {type(data).__name__}"
         raise RequestFailed(BAD_REQUEST, f"args.image {problem}", {"arg": "image"})
-    return data
 
 
 def _ms(seconds: float) -> float:
