@@ -22,11 +22,12 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 test: install-test
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=10
 
-# The fast lane: every test but those marked slow (full-size models, Ray clusters) or cuda.
+# The fast lane (about 3 min on 2 cores): every test but those marked slow or cuda, that is the
+# in-process tests and those against the daemons shared by the whole run (tests/conftest.py).
 test-fast: install-test
-	$(BIN)/python -m pytest -m "not slow and not cuda"
+	$(BIN)/python -m pytest -m "not slow and not cuda" --durations=10
 
 # Where a GPU is: the engine, checkpoints and daemon on CUDA (tests/test_cuda.py).
 test-cuda: install-test

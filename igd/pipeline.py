@@ -80,7 +80,18 @@ class Pipeline:
         index, a list of them; None: the predicted class, or the top_k). Before decoding,
         ``budget`` admits what the request will hold at most; ``listener`` hears its job's
         queue and progress; ``notes`` collects facts for the log line (image, timings,
-        batch size); ``created``: when the request arrived (default now)."""
+        batch size); ``created``: when the request arrived (default now).
+        :meth:`ready` then :meth:`answer`, in one call."""
+        notes = {} if notes is None else notes
+        ready = await self.ready(data, request, target, budget=budget, notes=notes)
+        del data
+        return await self.answer(ready, listener=listener, notes=notes, created=created)
+
+    async def ready(self, data: bytes, request: AttributeRequest, target: Any = None, *,
+                    budget: Budget | None = None, notes: dict[str, Any] | None = None) -> Ready:
+        """The request ready for the worker: its targets resolved, its memory admitted,
+        its image decoded into paths (`igd batch` readies all of its pairs before any
+        job is submitted, so that they share passes in its order, whatever decoded first)."""
         notes = {} if notes is None else notes
         model = self.model
         targets, needed = await self._off_loop(plan, data, request, target, model, self.max_pixels)
@@ -88,11 +99,18 @@ class Pipeline:
             budget.admit(needed)
         notes.update(target=targets, **request.log_fields())
         prepared = await self._decoded(data, notes, lambda image: prepare(image, request, model))
-        del data
-        part = await self._computed(job(prepared, targets, request, listener), notes)
-        answer = Answer(part, request, model, prepared.image, prepared.paths.names, prepared.inputs,
+        return Ready(request, targets, prepared)
+
+    async def answer(self, ready: Ready, *, listener: JobListener | None = None,
+                     notes: dict[str, Any] | None = None, created: datetime.datetime | None = None) -> Answer:
+        """The answer to a :meth:`ready` request: its job is submitted at once (before this
+        coroutine first waits), then its faithfulness jobs, if asked for."""
+        notes = {} if notes is None else notes
+        request, prepared = ready.request, ready.prepared
+        part = await self._computed(job(prepared, ready.targets, request, listener), notes)
+        answer = Answer(part, request, self.model, prepared.image, prepared.paths.names, prepared.inputs,
                         self.worker.compute_facts, created or now())
-        del part, prepared
+        del part, prepared, ready
         if request.metrics:  # each target's images are made in the pool, the next once its pass is done
             jobs, logits = metric_jobs(answer), []
             while (metric_job := await self._off_loop(next, jobs, None)) is not None:
@@ -235,6 +253,15 @@ def plan(data: bytes, request: AttributeRequest, target: Any, model: LoadedModel
     targets = resolve_targets(model, target, request.top_k)
     header = probe(data, max_pixels)
     return targets, footprint(request, model, target_count(targets, request.top_k), header)
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A request ready for the worker (:meth:`Pipeline.ready`)."""
+
+    request: AttributeRequest
+    targets: Targets
+    prepared: Prepared
 
 
 def prepare(image: Image.Image, request: AttributeRequest, model: LoadedModel) -> Prepared:

@@ -32,11 +32,21 @@ def fixtures(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return assemble(tmp_path_factory.mktemp("fixtures"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def lanet(fixtures: Path) -> Iterator[Igd]:
     """A daemon serving LaNet-tiny with a fixed chunk: answers of separate requests are
-    comparable to the bit."""
+    comparable to the bit. One for the whole run, shared by every module that asks for it
+    (its tests only send it requests; a test that stops, signals or reconfigures a daemon
+    starts its own)."""
     with Igd("-lp", str(fixtures / "lanet-tiny.pth"), "--max-batch", "10") as igd:
+        yield igd
+
+
+@pytest.fixture(scope="session")
+def bit_tiny(fixtures: Path) -> Iterator[Igd]:
+    """A daemon serving the BiT fixture with a fixed chunk of 16, one for the whole run,
+    shared like ``lanet``: for tests that only send it requests."""
+    with Igd("-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "16") as igd:
         yield igd
 
 

@@ -228,6 +228,7 @@ def test_tolerance_on_the_wire_and_fixed_rules_unchanged(bit: Igd, fixtures: Pat
     assert result["error_estimate"] == fixed["error_estimate"] and result["path_logits"].shape == (50,)
 
 
+@pytest.mark.slow  # an igd batch run
 def test_tolerance_through_igd_batch(fixtures: Path) -> None:
     work = short_tempdir()
     (work / "in").mkdir()

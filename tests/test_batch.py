@@ -3,6 +3,7 @@ not fatal; interrupted runs resume without doing anything twice; parquet output.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -57,12 +58,24 @@ def statuses(out: Path) -> list[dict]:
     return [json.loads(line) for path in sorted(out.glob("status*.jsonl")) for line in path.read_text().splitlines()]
 
 
-def comparable(records: list[dict]) -> list[tuple]:
-    """Status records, their accuracy figures rounded: images batched differently round
-    differently in the last bits (the result tensors are compared with a tolerance)."""
-    rounded = ("error_estimate", "completeness_gap")
-    return sorted(tuple(sorted((k, round(v, 4) if k in rounded and v is not None else v) for k, v in r.items()))
-                  for r in records)
+def assert_same_statuses(got: list[dict], expected: list[dict]) -> None:
+    """The same pairs with the same fields and values; floats (accuracy, probability, ...)
+    to a relative 1e-3: images that shared passes differently round differently in the last
+    bits, and the completeness gap divides by a rise that can be small (seen: 1.8e-4 on the
+    BiT fixture's gap of 210 %; the result tensors are compared with a tolerance)."""
+    def by_pair(records: list[dict]) -> dict[tuple[str, str], dict]:
+        return {(record["id"], record["target"]): record for record in records}
+
+    got_pairs, expected_pairs = by_pair(got), by_pair(expected)
+    assert len(got_pairs) == len(got) and got_pairs.keys() == expected_pairs.keys()
+    for pair, record in got_pairs.items():
+        other = expected_pairs[pair]
+        assert record.keys() == other.keys(), pair
+        for key, value in record.items():
+            if isinstance(value, float):
+                assert value == pytest.approx(other[key], rel=1e-3, abs=1e-6), (pair, key)
+            else:
+                assert value == other[key], (pair, key)
 
 
 @pytest.fixture(scope="module")
@@ -74,22 +87,21 @@ def local_run(dataset: Path, fixtures: Path) -> Path:
     return out
 
 
-def test_local_results_equal_the_daemons(local_run: Path, dataset: Path, fixtures: Path) -> None:
+def test_local_results_equal_the_daemons(local_run: Path, dataset: Path, bit_tiny: Igd) -> None:
     records = statuses(local_run)
     assert len(records) == 96 and all(r["ok"] for r in records)
-    with Igd("-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "16") as igd:
-        with WireClient(str(igd.socket)) as client:
-            for record in records[::3]:  # a third of the pairs, every folder and both targets
-                image = (dataset / "images" / record["id"]).read_bytes()
-                target = int(record["target"]) if record["target"].isdecimal() else record["target"]
-                answer = client.call("attribute", {"image": image, "target": target, "n_steps": int(STEPS)})
-                served = read_result(answer["result"]["data"])
-                ours = read_result(local_run / record["output"])
-                for key in ("integrated_grads", "integrated_directional_grads", "output"):
-                    error = (ours[key] - served[key]).norm() / served[key].norm()
-                    assert error < 1e-5, (record["id"], key, float(error))
-                assert record["target_index"] == answer["result"]["target"]["index"]
-                assert record["prediction"] == answer["result"]["prediction"]["name"]
+    with WireClient(str(bit_tiny.socket)) as client:  # the session's daemon (conftest): -bp bit-tiny.pth --max-batch 16
+        for record in records[::3]:  # a third of the pairs, every folder and both targets
+            image = (dataset / "images" / record["id"]).read_bytes()
+            target = int(record["target"]) if record["target"].isdecimal() else record["target"]
+            answer = client.call("attribute", {"image": image, "target": target, "n_steps": int(STEPS)})
+            served = read_result(answer["result"]["data"])
+            ours = read_result(local_run / record["output"])
+            for key in ("integrated_grads", "integrated_directional_grads", "output"):
+                error = (ours[key] - served[key]).norm() / served[key].norm()
+                assert error < 1e-5, (record["id"], key, float(error))
+            assert record["target_index"] == answer["result"]["target"]["index"]
+            assert record["prediction"] == answer["result"]["prediction"]["name"]
 
 
 def test_output_layout_mirrors_the_input(local_run: Path) -> None:
@@ -97,15 +109,20 @@ def test_output_layout_mirrors_the_input(local_run: Path) -> None:
     assert len(list(local_run.rglob("*.gzip"))) == 96
 
 
+@pytest.mark.slow  # three igd batch runs of the dataset
 def test_shards_cover_everything_once(local_run: Path, dataset: Path, fixtures: Path) -> None:
     out = dataset / "out-shards"
-    for i in (1, 2, 3):
-        run = igd_batch(str(dataset / "images"), str(out), *model_args(fixtures), "-t", "cat", "-t", "3",
-                        "--shard", f"{i}/3")
-        assert run.returncode == 0, run.stderr
+
+    def shard(i: int) -> subprocess.CompletedProcess[str]:
+        return igd_batch(str(dataset / "images"), str(out), *model_args(fixtures), "-t", "cat", "-t", "3",
+                         "--shard", f"{i}/3")
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:  # side by side, as shards are meant to run
+        for run in pool.map(shard, (1, 2, 3)):
+            assert run.returncode == 0, run.stderr
     assert sorted(p.name for p in out.glob("status*.jsonl")) == [f"status.shard-{i}-of-3.jsonl" for i in (1, 2, 3)]
     sharded = statuses(out)
-    assert comparable(sharded) == comparable(statuses(local_run))
+    assert_same_statuses(sharded, statuses(local_run))
     for record in sharded:
         a, b = read_result(out / record["output"]), read_result(local_run / record["output"])
         torch.testing.assert_close(a["integrated_grads"], b["integrated_grads"], rtol=1e-5, atol=1e-7)
@@ -119,6 +136,7 @@ def test_shard_membership_is_a_partition() -> None:
     assert min(sizes) > 80  # roughly even
 
 
+@pytest.mark.slow  # two igd batch runs
 def test_bad_image_and_unknown_target_get_their_own_lines(dataset: Path, fixtures: Path) -> None:
     work = dataset / "errors"
     work.mkdir()
@@ -144,6 +162,7 @@ def test_bad_image_and_unknown_target_get_their_own_lines(dataset: Path, fixture
     assert again.returncode == 1 and "--resume" in again.stderr  # never mixes two runs silently
 
 
+@pytest.mark.slow  # an igd batch run
 def test_hostile_manifests_stay_inside_out_dir(fixtures: Path) -> None:
     work = short_tempdir()
     try:
@@ -205,6 +224,7 @@ def test_hostile_manifests_stay_inside_out_dir(fixtures: Path) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+@pytest.mark.slow  # an igd batch run of its own
 def test_result_files_have_igctls_mode(dataset: Path, fixtures: Path) -> None:
     folder = dataset / "mode"
     folder.mkdir()
@@ -264,6 +284,7 @@ def check_resumed(out: Path, first: dict[str, int], expected_pairs: int) -> None
         assert (out / output).stat().st_mtime_ns == mtime, f"{output} was done twice"
 
 
+@pytest.mark.slow  # two igd batch runs of the dataset
 def test_interrupted_local_run_resumes(dataset: Path, fixtures: Path) -> None:
     out = dataset / "out-resume"
     command = [IGD, "batch", str(dataset / "images"), str(out), *model_args(fixtures), "-t", "cat", "-t", "3"]
@@ -276,6 +297,7 @@ def test_interrupted_local_run_resumes(dataset: Path, fixtures: Path) -> None:
     check_resumed(out, first, 96)
 
 
+@pytest.mark.slow  # two igd batch runs
 def test_parquet_rows_and_precision(dataset: Path, fixtures: Path) -> None:
     pandas = pytest.importorskip("pandas", reason="pandas comes with the ray extra")
     folder = dataset / "images" / "class2"
@@ -357,7 +379,7 @@ def test_ray_agrees_with_local(ray_cluster: tuple[str, dict], local_run: Path, d
     run = igd_batch(str(dataset / "images"), str(out), *model_args(fixtures), "-t", "cat", "-t", "3",
                     "--backend", "ray", "--address", address, "--workers", "2", env=env)
     assert run.returncode == 0, run.stderr
-    assert comparable(statuses(out)) == comparable(statuses(local_run))
+    assert_same_statuses(statuses(out), statuses(local_run))
     for record in statuses(out):
         a, b = read_result(out / record["output"]), read_result(local_run / record["output"])
         torch.testing.assert_close(a["integrated_grads"], b["integrated_grads"], rtol=1e-5, atol=1e-7)
@@ -437,6 +459,7 @@ def test_ray_works_whatever_token_home_holds(dataset: Path, fixtures: Path) -> N
 # --- One run per OUT_DIR, its files and nothing else -----------------------------------------
 
 
+@pytest.mark.slow  # two igd batch runs
 def test_a_symlinked_status_file_is_refused(fixtures: Path) -> None:
     work = short_tempdir()
     try:
@@ -456,6 +479,7 @@ def test_a_symlinked_status_file_is_refused(fixtures: Path) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+@pytest.mark.slow  # three igd batch runs
 def test_a_run_removes_the_temporaries_a_killed_run_left(fixtures: Path) -> None:
     work = short_tempdir()
     try:
@@ -486,6 +510,7 @@ def test_a_run_removes_the_temporaries_a_killed_run_left(fixtures: Path) -> None
         shutil.rmtree(work, ignore_errors=True)
 
 
+@pytest.mark.slow  # four igd batch runs, one of 1024 steps
 def test_a_second_run_of_the_same_out_dir_or_shard_is_refused_at_once(dataset: Path, fixtures: Path) -> None:
     import fcntl
 
@@ -494,8 +519,11 @@ def test_a_second_run_of_the_same_out_dir_or_shard_is_refused_at_once(dataset: P
     single.mkdir()
     shutil.copy(fixtures / "images" / "chelsea.png", single / "one.png")
     slow = ["-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "16", "--steps", "1024", "-t", "cat", "-t", "3"]
-    first = subprocess.Popen([IGD, "batch", str(dataset / "images"), str(out), *slow, "--shard", "1/2"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    # At the lowest priority (nice execs igd: the pid is igd's): it only has to hold its lock while the
+    # runs below try theirs, not take the CPU from them.
+    first = subprocess.Popen(["nice", "-n", "19", IGD, "batch", str(dataset / "images"), str(out), *slow,
+                              "--shard", "1/2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             start_new_session=True)
     lock = out / ".igd-batch.shard-1-of-2.lock"
     try:
         wait_until(lambda: lock.exists() and lock.read_text().strip() == str(first.pid), 120,

@@ -3,6 +3,7 @@ giving the same answer across restarts: each test against a real `igd serve`."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import json
 import os
@@ -60,13 +61,14 @@ def chelsea_png(fixtures: Path) -> bytes:
     return (fixtures / "images" / "chelsea.png").read_bytes()
 
 
+@pytest.mark.slow  # a daemon of its own, 5 s of blocked sends
 def test_pipelined_hellos_that_are_never_read_stay_within_the_budget(fixtures: Path, chelsea_png: bytes) -> None:
     with Igd("-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "16", "--memory-budget", f"{BUDGET_MIB}M") as igd:
         normal = min(timed_attribute(igd, chelsea_png) for _ in range(3))
         idle = rss(igd.process.pid)
         frames = b"".join(hello_frame(i) for i in range(25_000))  # 550 KB of requests per client
-        hogs = []
-        for _ in range(4):
+
+        def hog_blocks(_: int) -> socket.socket:
             hog = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             hog.connect(str(igd.socket))
             hog.settimeout(5.0)
@@ -76,7 +78,10 @@ def test_pipelined_hellos_that_are_never_read_stay_within_the_budget(fixtures: P
             except TimeoutError:
                 sent_all = False
             assert not sent_all, "igd read 25,000 requests from a client that reads no answers"
-            hogs.append(hog)
+            return hog
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:  # the 4 hogs' 5 s waits at once, not one after another
+            hogs = list(pool.map(hog_blocks, range(4)))
         grown = rss(igd.process.pid) - idle
         assert grown < (BUDGET_MIB + SLACK_MIB) * 2**20, f"RSS grew by {grown / 2**20:.0f} MiB"
         status = json.loads(igd.igctl("status", "--json").stdout)
@@ -89,6 +94,7 @@ def test_pipelined_hellos_that_are_never_read_stay_within_the_budget(fixtures: P
         assert timed_attribute(igd, chelsea_png) < 5 * normal + 2.0
 
 
+@pytest.mark.slow  # a daemon of its own, 1024-step answers
 def test_clients_that_never_read_large_answers_cannot_pass_the_budget(fixtures: Path, chelsea_png: bytes) -> None:
     # bit-tiny at 1024 steps: each answer is about 25 MB raw (51 MiB reserved with its path points), and a
     # pass of 16 points holds about 25 MiB for good, so a 90 MiB budget holds one request in the making
@@ -134,6 +140,7 @@ def peak_rss(pid: int) -> int:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
 
 
+@pytest.mark.slow  # a daemon of its own, 49 Mpx images, 1024 steps (30 s or more alone)
 def test_every_kind_of_request_stays_within_the_budget(fixtures: Path, chelsea_png: bytes, tmp_path: Path) -> None:
     """The kinds of request that used to escape the budget (faithfulness images, IDGI, decoding, heatmaps),
     4 pipelined on each of 4 connections: the daemon's peak resident memory stays within the budget plus
@@ -197,6 +204,7 @@ def test_every_kind_of_request_stays_within_the_budget(fixtures: Path, chelsea_p
         assert b"request_too_large" in refused_by_igctl.stderr and b"Traceback" not in refused_by_igctl.stderr
 
 
+@pytest.mark.slow  # a daemon of its own, requests sized to last seconds
 def test_sigterm_during_a_long_pass_exits_0(slow_model: Path, chelsea_png: bytes) -> None:
     igd = Igd("--model", str(slow_model), *SLOW_MODEL_OPTIONS, "--drain-timeout", "1")
     try:
@@ -225,6 +233,7 @@ def test_sigterm_during_a_long_pass_exits_0(slow_model: Path, chelsea_png: bytes
         igd.cleanup()
 
 
+@pytest.mark.slow  # a daemon of its own
 def test_sighup_is_logged_and_ignored(fixtures: Path, chelsea_png: bytes) -> None:
     igd = Igd("-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "16")
     try:
@@ -244,6 +253,7 @@ def ignores(pid: int, signum: int) -> bool:
     return bool(mask >> (signum - 1) & 1)
 
 
+@pytest.mark.slow  # a daemon of its own, watched through start-up
 def test_sighup_during_start_up_is_ignored(fixtures: Path, chelsea_png: bytes) -> None:
     # Before the fix, a hang-up while igd imported torch (its first seconds) ended it with 129.
     igd = Igd("-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "16", wait_ready=False)
@@ -260,36 +270,38 @@ def test_sighup_during_start_up_is_ignored(fixtures: Path, chelsea_png: bytes) -
         igd.cleanup()
 
 
-def test_a_huge_target_or_option_is_not_echoed_back(fixtures: Path, chelsea_png: bytes) -> None:
+def test_a_huge_target_or_option_is_not_echoed_back(bit_tiny: Igd, chelsea_png: bytes) -> None:
     megabyte = "x" * 2**20
-    with Igd("-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "16") as igd:
-        with WireClient(str(igd.socket), timeout=60) as client:
-            for args, code in (({"target": megabyte}, "unknown_target"), ({"target": [megabyte]}, "unknown_target"),
-                               ({"method": megabyte}, "bad_request"), ({"baseline": megabyte}, "bad_request")):
-                answer = client.call("attribute", {"image": chelsea_png, "n_steps": 4, **args})
-                assert answer["error"]["code"] == code
-                assert len(answer["error"]["message"]) < 1000, answer["error"]["message"][:200]
-                assert "1,048,576 characters" in answer["error"]["message"]
-            answer = client.call(megabyte)
-            assert answer["error"]["code"] == "unknown_op" and len(answer["error"]["message"]) < 1000
-            assert client.call("hello")["ok"]
-        assert len(igd.log()) < 100_000
+    igd = bit_tiny  # the session's (conftest): its log holds other tests' lines too, so what this one added counts
+    logged_before = len(igd.log())
+    with WireClient(str(igd.socket), timeout=60) as client:
+        for args, code in (({"target": megabyte}, "unknown_target"), ({"target": [megabyte]}, "unknown_target"),
+                           ({"method": megabyte}, "bad_request"), ({"baseline": megabyte}, "bad_request")):
+            answer = client.call("attribute", {"image": chelsea_png, "n_steps": 4, **args})
+            assert answer["error"]["code"] == code
+            assert len(answer["error"]["message"]) < 1000, answer["error"]["message"][:200]
+            assert "1,048,576 characters" in answer["error"]["message"]
+        answer = client.call(megabyte)
+        assert answer["error"]["code"] == "unknown_op" and len(answer["error"]["message"]) < 1000
+        assert client.call("hello")["ok"]
+    assert len(igd.log()) - logged_before < 100_000
 
 
-def test_a_vanishing_blur_never_answers_nan(fixtures: Path, chelsea_png: bytes) -> None:
-    with Igd("-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "16") as igd:
-        with WireClient(str(igd.socket)) as client:
-            for sigma in (1e-300, 5e-324, 1e-3):
-                response = client.call("attribute", {"image": chelsea_png, "n_steps": 4, "baseline": "blur",
-                                                     "blur_sigma": sigma})
-                assert response["ok"], response
-                result = read_result(response["result"]["data"])
-                assert torch.isfinite(result["integrated_grads"]).all() and result["convergence_delta"] == 0.0
-        run = igd.igctl("attribute", str(fixtures / "images" / "chelsea.png"), "cat",
-                        "--baseline", "blur", "--blur-sigma", "1e-300", "--steps", "4", "-o", "-")
-        assert run.returncode == 0 and b"nan" not in run.stderr.lower()
+def test_a_vanishing_blur_never_answers_nan(bit_tiny: Igd, fixtures: Path, chelsea_png: bytes) -> None:
+    igd = bit_tiny  # the session's (conftest)
+    with WireClient(str(igd.socket)) as client:
+        for sigma in (1e-300, 5e-324, 1e-3):
+            response = client.call("attribute", {"image": chelsea_png, "n_steps": 4, "baseline": "blur",
+                                                 "blur_sigma": sigma})
+            assert response["ok"], response
+            result = read_result(response["result"]["data"])
+            assert torch.isfinite(result["integrated_grads"]).all() and result["convergence_delta"] == 0.0
+    run = igd.igctl("attribute", str(fixtures / "images" / "chelsea.png"), "cat",
+                    "--baseline", "blur", "--blur-sigma", "1e-300", "--steps", "4", "-o", "-")
+    assert run.returncode == 0 and b"nan" not in run.stderr.lower()
 
 
+@pytest.mark.slow  # a daemon of its own, stopped for 2 s
 def test_a_full_backlog_makes_igctl_wait(fixtures: Path) -> None:
     igd = Igd("-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "16")
     waiting: subprocess.Popen | None = None
@@ -329,6 +341,7 @@ def _saturate(seconds: float) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(os.cpu_count() or 2)]
 
 
+@pytest.mark.slow  # two daemons with the chunk search, one on a saturated CPU (30 s or more)
 def test_restarts_choose_the_same_chunk_and_give_the_same_bytes(fixtures: Path, chelsea_png: bytes) -> None:
     cache = short_tempdir()
     try:

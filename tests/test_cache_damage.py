@@ -226,6 +226,7 @@ def test_the_cache_stays_under_its_limit(tmp_path: Path, monkeypatch: pytest.Mon
     assert "model 19" in kept and "model 1" not in kept and len(kept) > 3  # the oldest went first
 
 
+@pytest.mark.slow  # a daemon of its own and its chunk search
 def test_igd_starts_with_a_fifo_for_a_cache_and_says_why_it_measured(fixtures: Path) -> None:
     """Before: warm-up opened the FIFO and waited for a writer for good (SIGTERM could
     not end it), and systemd restarted it in a loop."""

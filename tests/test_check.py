@@ -35,6 +35,7 @@ def test_default_model(tmp_path: Path) -> None:
     assert out.stdout.rstrip().endswith("ok")
 
 
+@pytest.mark.slow  # an igd check run of its own
 def test_tolerance(fixtures: Path) -> None:
     out = igd_check("-bp", str(fixtures / "bit-tiny.pth"), "--tolerance", "0.05", "--max-batch", "16",
                     "--baseline", "black")
@@ -44,6 +45,7 @@ def test_tolerance(fixtures: Path) -> None:
     assert "(meets the tolerance 0.05)" in report["accuracy"]
 
 
+@pytest.mark.slow  # an igd check run per model, 50 steps
 @pytest.mark.parametrize("flag,family", [("-bp", "bit"), ("-lp", "lanet")])
 def test_fixture_checkpoints(fixtures: Path, flag: str, family: str) -> None:
     image = fixtures / "images" / "chelsea.png"
@@ -81,6 +83,7 @@ def test_the_chunk_search_is_shown_and_a_second_start_reuses_it(fixtures: Path) 
     assert cached["chunk search"].startswith(measured["chunk search"] + ", 20")  # and when it was measured
 
 
+@pytest.mark.slow  # four igd check runs
 def test_problems_exit_non_zero_with_one_clear_line(fixtures: Path, tmp_path: Path) -> None:
     bad = tmp_path / "model.pth"
     bad.write_text("not a checkpoint")

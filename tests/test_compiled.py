@@ -7,11 +7,13 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from daemon import Igd
 from reference import read_result
 
 
+@pytest.mark.slow  # torch.compile at start-up: a minute or more
 def test_a_compiled_daemon_answers_close_to_eager_and_says_it_was_compiled(fixtures: Path, tmp_path: Path) -> None:
     reference = np.load(fixtures / "lanet-tiny.reference.npz")  # eager, from the original code
     with Igd("-lp", str(fixtures / "lanet-tiny.pth"), "--compile", "--max-batch", "10", ready_timeout=900) as igd:

@@ -244,6 +244,7 @@ def test_pipelined_requests_on_one_connection(bit_daemon: Igd, chelsea_png: byte
     assert all(r["ok"] for r in responses)
 
 
+@pytest.mark.slow  # a daemon of its own, requests sized to last seconds
 def test_sigterm_with_requests_in_flight(slow_model: Path, chelsea_png: bytes) -> None:
     igd = Igd("--model", str(slow_model), *SLOW_MODEL_OPTIONS, "--max-images", "1", "--drain-timeout", "2")
     try:
@@ -268,6 +269,7 @@ def test_sigterm_with_requests_in_flight(slow_model: Path, chelsea_png: bytes) -
         igd.cleanup()
 
 
+@pytest.mark.slow  # three igd processes one after another
 def test_stale_socket_is_replaced_and_a_live_one_is_not(fixtures: Path) -> None:
     directory = short_tempdir()
     path = directory / "igd.sock"
@@ -316,6 +318,7 @@ def test_standalone_socket_mode_is_0660(bit_daemon: Igd) -> None:
     assert oct(bit_daemon.socket.stat().st_mode & 0o777) == "0o660"
 
 
+@pytest.mark.slow  # a daemon of its own (tests/test_systemd.py activates one in the fast lane)
 def test_socket_activation_and_readiness(fixtures: Path, chelsea_png: bytes) -> None:
     require_tool("systemd-socket-activate")
     directory = short_tempdir()
@@ -323,7 +326,8 @@ def test_socket_activation_and_readiness(fixtures: Path, chelsea_png: bytes) -> 
     notify = NotifyListener(directory)
     activator = subprocess.Popen(
         ["systemd-socket-activate", "-l", str(path), f"--setenv=NOTIFY_SOCKET={notify.path}",
-         IGD, "serve", "-bp", str(fixtures / "bit-tiny.pth"), "--socket", str(directory / "unused.sock")],
+         IGD, "serve", "-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "10",  # no chunk search: not tested here
+         "--socket", str(directory / "unused.sock")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     try:
@@ -350,6 +354,7 @@ def test_socket_activation_and_readiness(fixtures: Path, chelsea_png: bytes) -> 
         shutil.rmtree(directory, ignore_errors=True)
 
 
+@pytest.mark.slow  # a daemon of its own, 5 s requests against a 3 s timeout
 def test_limits_overloaded_timeout_and_idle(slow_model: Path, chelsea_png: bytes) -> None:
     with Igd("--model", str(slow_model), *SLOW_MODEL_OPTIONS, "--max-images", "1", "--queue-size", "1",
              "--request-timeout", "3", "--idle-timeout", "1") as igd:
@@ -375,6 +380,7 @@ def test_limits_overloaded_timeout_and_idle(slow_model: Path, chelsea_png: bytes
         still_serving(igd)
 
 
+@pytest.mark.slow  # a daemon of its own, a 3 s request
 def test_waiting_for_a_slow_answer_is_not_idleness(slow_model: Path, chelsea_png: bytes) -> None:
     with Igd("--model", str(slow_model), *SLOW_MODEL_OPTIONS, "--idle-timeout", "1") as igd:
         steps = steps_lasting(igd, chelsea_png, 3.0)
@@ -384,6 +390,7 @@ def test_waiting_for_a_slow_answer_is_not_idleness(slow_model: Path, chelsea_png
             assert client.call("hello")["ok"]  # the same connection is still open
 
 
+@pytest.mark.slow  # a daemon of its own, 12 answers of 50 steps
 def test_a_client_that_stops_reading_is_dropped(fixtures: Path, chelsea_png: bytes) -> None:
     with Igd("-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "25", "--idle-timeout", "1") as igd:
         hog = WireClient(str(igd.socket))
@@ -420,6 +427,7 @@ def test_sigterm_during_start_up_exits_cleanly(tmp_path: Path) -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+@pytest.mark.slow  # a daemon of its own
 def test_shutdown_with_idle_connections_logs_no_tracebacks(fixtures: Path) -> None:
     igd = Igd("-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "10")
     try:

@@ -46,6 +46,7 @@ def photos(fixtures: Path) -> dict[str, Path]:
     return {name: fixtures / "images" / name for name in ("chelsea.png", "chelsea.jpg", "coffee.png")}
 
 
+@pytest.mark.slow  # the full-size default model and its chunk search
 def test_attribute_on_the_default_model(photos: dict[str, Path], workdir: Path) -> None:
     with Igd() as igd:  # built-in EfficientNet-Lite0, chunk size measured at start-up
         out = igd.igctl("attribute", str(photos["chelsea.jpg"]), "tiger cat", "-o", str(workdir / "cat.gzip"),
@@ -67,6 +68,7 @@ def test_attribute_on_the_default_model(photos: dict[str, Path], workdir: Path) 
         assert b"did you mean 'tiger cat', 'Persian cat', 'Siamese cat', 'Egyptian cat'" in cat.stderr
 
 
+@pytest.mark.slow  # a daemon of its own per model, 50 steps
 @pytest.mark.parametrize("family", ["bit", "lanet"])
 def test_attribute_on_the_fixture_models(fixtures: Path, photos: dict[str, Path], workdir: Path, family: str) -> None:
     reference = np.load(fixtures / f"{family}-tiny.reference.npz")
@@ -182,6 +184,7 @@ def test_unwritable_output_leaves_no_partial_file(lanet: Igd, photos: dict[str, 
     assert not any(p.name.endswith(".part") for p in readonly.iterdir())
 
 
+@pytest.mark.slow  # a daemon of its own, a 30 s request
 def test_exit_status_daemon_stopped_mid_request(slow_model: Path, photos: dict[str, Path], workdir: Path) -> None:
     igd = Igd("--model", str(slow_model), *SLOW_MODEL_OPTIONS)
     try:
@@ -225,6 +228,7 @@ def test_status_version_and_classify(lanet: Igd, photos: dict[str, Path]) -> Non
     assert human.returncode == 0 and human.stdout.decode().startswith(f"{photos['coffee.png']}: ")
 
 
+@pytest.mark.slow  # a daemon of its own, 50 steps
 def test_tf32_on_a_cpu_is_reported_and_changes_nothing(fixtures: Path, photos: dict[str, Path], workdir: Path) -> None:
     reference = np.load(fixtures / "lanet-tiny.reference.npz")
     with Igd("-lp", str(fixtures / "lanet-tiny.pth"), "--max-batch", "10", env={"IGD_PRECISION": "tf32"}) as igd:
@@ -323,6 +327,7 @@ def slow(slow_model: Path, photos: dict[str, Path]):
         yield igd
 
 
+@pytest.mark.slow  # 30 s requests, sized on this machine
 @pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_stop_signal_cancels_the_request_on_the_daemon(slow: Igd, photos: dict[str, Path], workdir: Path,
                                                         sig: signal.Signals, status: int) -> None:
@@ -350,6 +355,7 @@ def test_a_stop_signal_cancels_the_request_on_the_daemon(slow: Igd, photos: dict
     assert after.returncode == 0, after.stderr
 
 
+@pytest.mark.slow  # a daemon of its own, held in start-up
 def test_status_and_requests_during_start_up(fixtures: Path, photos: dict[str, Path], workdir: Path) -> None:
     # Start-up reads the class names from a FIFO: igd stays in "loading the model" until
     # the test writes them, which makes the start-up phase last as long as the test needs.
@@ -393,6 +399,7 @@ def test_status_and_requests_during_start_up(fixtures: Path, photos: dict[str, P
         igd.cleanup()
 
 
+@pytest.mark.slow  # a daemon of its own
 def test_status_wait_waits_for_the_socket_too(fixtures: Path) -> None:
     directory = short_tempdir()
     socket_path = directory / "igd.sock"
@@ -439,6 +446,7 @@ def test_every_output_is_checked_before_any_request(lanet: Igd, photos: dict[str
     assert sorted(os.listdir(workdir)) == ["taken.gzip"] and (workdir / "taken.gzip").read_bytes() == b"keep"
 
 
+@pytest.mark.slow  # the 30 s slow daemon, a 3 s progress bar
 def test_progress_events_as_json_and_as_a_bar(slow: Igd, photos: dict[str, Path], workdir: Path) -> None:
     run = slow.igctl("attribute", str(photos["chelsea.png"]), "class 3", "--steps", "200", "--progress-json",
                      "-o", str(workdir / "r.gzip"))

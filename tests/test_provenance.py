@@ -49,6 +49,7 @@ def test_every_result_file_says_what_made_it(lanet: Igd, fixtures: Path, workdir
                          weights)
 
 
+@pytest.mark.slow  # an igd batch run
 def test_batch_results_record_the_weights_they_came_from(fixtures: Path, workdir: Path) -> None:
     """Another checkpoint file (here: the same weights, a different epoch counter) gives
     another hash; igd batch records it like the daemon."""

@@ -618,6 +618,7 @@ def _values(value: Any) -> list[Any]:
 FUZZ_CASES = {"torch": 4000, "npz": 2500, "opcodes": 2500, "tensors": 1500}
 
 
+@pytest.mark.slow  # 4,000 generated files
 def test_fuzz_mutated_torch_results(tmp_path: Path) -> None:
     fuzz = Fuzz(tmp_path)
     archive = torch_archive(BASE_PICKLE, BASE_STORAGES)
@@ -640,6 +641,7 @@ def test_fuzz_mutated_torch_results(tmp_path: Path) -> None:
     assert fuzz.count >= FUZZ_CASES["torch"] and fuzz.read > fuzz.count // 20
 
 
+@pytest.mark.slow  # 2,500 generated files
 def test_fuzz_mutated_npz_results(tmp_path: Path) -> None:
     fuzz = Fuzz(tmp_path)
     whole = npz_file(BASE_NPZ)
@@ -759,6 +761,7 @@ class Grammar:
         return b"\x80\x02}(" + b"".join(opcodes(key) + self.value(1) for key in keys) + b"u."
 
 
+@pytest.mark.slow  # 2,500 generated files
 def test_fuzz_generated_pickles(tmp_path: Path) -> None:
     fuzz = Fuzz(tmp_path)
     storages = {"0": floats(*range(70)), "1": bytes(range(70))}
@@ -783,6 +786,7 @@ def test_fuzz_generated_pickles(tmp_path: Path) -> None:
 SIZES = st.one_of(st.integers(0, 6), st.integers(-3, 80), st.sampled_from([2**31, 2**40, 2**62, 2**64 + 1]))
 
 
+@pytest.mark.slow  # 1,500 generated files, each also read by torch.load
 def test_fuzz_tensor_geometry_against_torch(tmp_path: Path) -> None:
     """Random storage declarations, sizes, strides, offsets and member lengths: refused,
     or read exactly as torch.load reads the same file."""

@@ -56,16 +56,19 @@ def usage_error(stderr: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def setting(fixtures: Path):
+def setting(fixtures: Path, bit_tiny: Igd):
     work = short_tempdir()
     (work / "in").mkdir()
     shutil.copy(fixtures / "images" / "chelsea.png", work / "in" / "cat.png")
-    with Igd("-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "16") as igd:
-        yield igd, work, fixtures
+    yield bit_tiny, work, fixtures  # the session's BiT daemon (conftest): -bp bit-tiny.pth --max-batch 16
     shutil.rmtree(work, ignore_errors=True)
 
 
-@pytest.mark.parametrize("args, problem", CASES, ids=[str(i) for i in range(len(CASES))])
+# An accepted case runs a whole `igd batch` (torch, the model, the pass): slow; a refused one
+# is refused before torch is imported.
+@pytest.mark.parametrize("args, problem", [
+    pytest.param(args, problem, id=str(i), marks=[pytest.mark.slow] if problem is None else [])
+    for i, (args, problem) in enumerate(CASES)])
 def test_one_decision_and_message_everywhere(setting: tuple, args: dict, problem: str | None) -> None:
     igd, work, fixtures = setting
     image = work / "in" / "cat.png"

@@ -84,6 +84,7 @@ def test_a_fact_added_to_the_table_reaches_every_place(with_fake_fact: dict[str,
         shutil.rmtree(work, ignore_errors=True)
 
 
+@pytest.mark.slow  # an igd batch run
 def test_parquet_carries_idgi_and_the_metrics_it_computed(lanet: Igd, fixtures: Path) -> None:
     """The daemon's own result file for the same request is the reference."""
     image = fixtures / "images" / "chelsea.png"

@@ -192,24 +192,24 @@ def test_template_instance_maps_gpu_index_to_device_and_socket(root: Path, fixtu
     assert run.returncode == 1 and "device 'cuda' asked for, but CUDA is not available" in run.stderr
 
 
-def test_igctl_through_a_relayed_socket(fixtures: Path, root: Path) -> None:
-    with Igd("-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "10") as igd:
-        relay_path = root / "forwarded.sock"  # stands in for `ssh -L /tmp/igd.sock:/run/igd/igd.sock`
-        relay = subprocess.Popen([sys.executable, str(Path(__file__).with_name("relay.py")), str(relay_path),
-                                  str(igd.socket)])
-        try:
-            wait_until(relay_path.exists, 30, "the relay's socket", process=relay)
-            out = subprocess.run([IGCTL, "attribute", str(fixtures / "images/chelsea.jpg"), "cat", "-o", "-", "--steps", "6"],
-                                 capture_output=True, timeout=300, env={"IGD_SOCKET": str(relay_path), "PATH": "/usr/bin:/bin"})
-            assert out.returncode == 0, out.stderr
-            direct = igd.igctl("attribute", str(fixtures / "images/chelsea.jpg"), "cat", "-o", "-", "--steps", "6")
-            assert len(out.stdout) > 100_000
-            assert_same_result(out.stdout, direct.stdout)
-            with WireClient(str(relay_path)) as client:
-                assert client.call("status")["ok"]
-        finally:
-            relay.terminate()
-            relay.wait(10)
+def test_igctl_through_a_relayed_socket(bit_tiny: Igd, fixtures: Path, root: Path) -> None:
+    igd = bit_tiny  # the session's daemon (conftest): the relay is what is tested
+    relay_path = root / "forwarded.sock"  # stands in for `ssh -L /tmp/igd.sock:/run/igd/igd.sock`
+    relay = subprocess.Popen([sys.executable, str(Path(__file__).with_name("relay.py")), str(relay_path),
+                              str(igd.socket)])
+    try:
+        wait_until(relay_path.exists, 30, "the relay's socket", process=relay)
+        out = subprocess.run([IGCTL, "attribute", str(fixtures / "images/chelsea.jpg"), "cat", "-o", "-", "--steps", "6"],
+                             capture_output=True, timeout=300, env={"IGD_SOCKET": str(relay_path), "PATH": "/usr/bin:/bin"})
+        assert out.returncode == 0, out.stderr
+        direct = igd.igctl("attribute", str(fixtures / "images/chelsea.jpg"), "cat", "-o", "-", "--steps", "6")
+        assert len(out.stdout) > 100_000
+        assert_same_result(out.stdout, direct.stdout)
+        with WireClient(str(relay_path)) as client:
+            assert client.call("status")["ok"]
+    finally:
+        relay.terminate()
+        relay.wait(10)
 
 
 def test_readme_uses_the_real_unit_names_and_paths() -> None:

@@ -390,6 +390,7 @@ def test_igd_serve_refuses_a_squatted_tmp_fallback(people: People, root_igd: Igd
         assert relay.lines() == []
 
 
+@pytest.mark.slow  # a daemon of its own
 def test_own_igd_makes_its_tmp_directory_private_and_serves_plain_igctl(people: People) -> None:
     """(c, own) Without a squatter, the victim's igd takes /tmp/igd-UID (one left 0755 by an
     older igd is made 0700), and the victim's plain igctl talks to it."""
@@ -451,6 +452,7 @@ def test_igctl_checks_whose_server_it_reached(people: People, root_igd: Igd) -> 
     service.home.chmod(0o700)
 
 
+@pytest.mark.slow  # a daemon of its own
 def test_igctl_accepts_socket_activated_igd(people: People) -> None:
     """(c, activation) As under systemd: root creates the socket (so its peer uid is 0),
     igd runs as the service user; the victim's igctl talks to it."""

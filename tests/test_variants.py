@@ -332,6 +332,7 @@ def test_several_targets_on_the_wire(lanet: Igd, fixtures: Path) -> None:
         assert refused["error"]["code"] == "bad_request" and "at most 10" in refused["error"]["message"]
 
 
+@pytest.mark.slow  # an igd batch run
 def test_igd_batch_takes_the_new_options(fixtures: Path, workdir: Path) -> None:
     images = workdir / "images"
     images.mkdir()

@@ -23,7 +23,7 @@ from igd.output.answer import Answer
 from igd.output.files import UnreadableInput, read_regular_file
 from igd.output.keys import PARQUET_ARRAYS, PARQUET_STEP_ARRAYS
 from igd.output.provenance import now
-from igd.pipeline import Pipeline
+from igd.pipeline import Pipeline, Ready
 from igd.protocol import BAD_IMAGE, DEFAULT_MAX_FRAME_BYTES
 from igd.request import DEFAULT_MAX_PIXELS, AttributeRequest, RequestFailed
 from igd.worker import ComputeSettings, Worker
@@ -62,19 +62,31 @@ class BatchAttributor:
         self.pool.shutdown()
 
     async def _rows(self, pairs: list[Pair]) -> list[dict[str, Any]]:
+        """Every pair readied (read, decoded) at once, then submitted in order, so that the
+        worker's passes hold the same pairs whatever decoded first (results can differ in
+        the last bits with what shares a pass)."""
         created = now()
         files: dict[str, bytes | RequestFailed] = {}
         for pair in pairs:
             if pair.path not in files:
                 files[pair.path] = self._read(pair.path)
-        return list(await asyncio.gather(*(self._row(pair, files[pair.path], created) for pair in pairs)))
+        readied = await asyncio.gather(*(self._ready(pair, files[pair.path]) for pair in pairs))
+        return list(await asyncio.gather(*(self._row(pair, ready, created) for pair, ready in zip(pairs, readied))))
 
-    async def _row(self, pair: Pair, data: bytes | RequestFailed, created: datetime.datetime) -> dict[str, Any]:
+    async def _ready(self, pair: Pair, data: bytes | RequestFailed) -> Ready | RequestFailed:
         try:
             if isinstance(data, RequestFailed):
                 raise data
-            answer = await self.pipeline.attribute(data, self.options.request,
-                                                   None if pair.target == PREDICTED else pair.target, created=created)
+            request, target = self.options.request, None if pair.target == PREDICTED else pair.target
+            return await self.pipeline.ready(data, request, target)
+        except RequestFailed as failure:
+            return failure
+
+    async def _row(self, pair: Pair, ready: Ready | RequestFailed, created: datetime.datetime) -> dict[str, Any]:
+        try:
+            if isinstance(ready, RequestFailed):
+                raise ready
+            answer = await self.pipeline.answer(ready, created=created)
         except RequestFailed as failure:
             return error_row(pair, failure)
         return await asyncio.get_running_loop().run_in_executor(self.pool, self._answered, pair, answer)
