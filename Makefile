@@ -1,6 +1,6 @@
 # `make demo` and `make test` are the README's quick start; CI runs `make test` (.ci/run).
 # Both build the virtual environment on first use: `make demo` with what igd needs to run,
-# `make test` adds the test tools (captum, hypothesis, ray, pandas).
+# `make test` adds the test tools (captum, hypothesis, ray, pandas, timm, transformers).
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin

@@ -3,7 +3,6 @@ not fatal; interrupted runs resume without doing anything twice; parquet output.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import json
 import os
@@ -87,6 +86,7 @@ def local_run(dataset: Path, fixtures: Path) -> Path:
     return out
 
 
+@pytest.mark.slow  # the dataset through igd batch (96 pairs), a third of them through the daemon
 def test_local_results_equal_the_daemons(local_run: Path, dataset: Path, bit_tiny: Igd) -> None:
     records = statuses(local_run)
     assert len(records) == 96 and all(r["ok"] for r in records)
@@ -104,6 +104,7 @@ def test_local_results_equal_the_daemons(local_run: Path, dataset: Path, bit_tin
             assert record["prediction"] == answer["result"]["prediction"]["name"]
 
 
+@pytest.mark.slow  # the dataset through igd batch (96 pairs)
 def test_output_layout_mirrors_the_input(local_run: Path) -> None:
     assert (local_run / "class0" / "000.cat.gzip").is_file() and (local_run / "class0" / "000.3.gzip").is_file()
     assert len(list(local_run.rglob("*.gzip"))) == 96
@@ -112,14 +113,10 @@ def test_output_layout_mirrors_the_input(local_run: Path) -> None:
 @pytest.mark.slow  # three igd batch runs of the dataset
 def test_shards_cover_everything_once(local_run: Path, dataset: Path, fixtures: Path) -> None:
     out = dataset / "out-shards"
-
-    def shard(i: int) -> subprocess.CompletedProcess[str]:
-        return igd_batch(str(dataset / "images"), str(out), *model_args(fixtures), "-t", "cat", "-t", "3",
-                         "--shard", f"{i}/3")
-
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:  # side by side, as shards are meant to run
-        for run in pool.map(shard, (1, 2, 3)):
-            assert run.returncode == 0, run.stderr
+    for i in (1, 2, 3):
+        run = igd_batch(str(dataset / "images"), str(out), *model_args(fixtures), "-t", "cat", "-t", "3",
+                        "--shard", f"{i}/3")
+        assert run.returncode == 0, run.stderr
     assert sorted(p.name for p in out.glob("status*.jsonl")) == [f"status.shard-{i}-of-3.jsonl" for i in (1, 2, 3)]
     sharded = statuses(out)
     assert_same_statuses(sharded, statuses(local_run))
@@ -162,7 +159,6 @@ def test_bad_image_and_unknown_target_get_their_own_lines(dataset: Path, fixture
     assert again.returncode == 1 and "--resume" in again.stderr  # never mixes two runs silently
 
 
-@pytest.mark.slow  # an igd batch run
 def test_hostile_manifests_stay_inside_out_dir(fixtures: Path) -> None:
     work = short_tempdir()
     try:
@@ -519,11 +515,8 @@ def test_a_second_run_of_the_same_out_dir_or_shard_is_refused_at_once(dataset: P
     single.mkdir()
     shutil.copy(fixtures / "images" / "chelsea.png", single / "one.png")
     slow = ["-bp", str(fixtures / "bit-tiny.pth"), "--max-batch", "16", "--steps", "1024", "-t", "cat", "-t", "3"]
-    # At the lowest priority (nice execs igd: the pid is igd's): it only has to hold its lock while the
-    # runs below try theirs, not take the CPU from them.
-    first = subprocess.Popen(["nice", "-n", "19", IGD, "batch", str(dataset / "images"), str(out), *slow,
-                              "--shard", "1/2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             start_new_session=True)
+    first = subprocess.Popen([IGD, "batch", str(dataset / "images"), str(out), *slow, "--shard", "1/2"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     lock = out / ".igd-batch.shard-1-of-2.lock"
     try:
         wait_until(lambda: lock.exists() and lock.read_text().strip() == str(first.pid), 120,
