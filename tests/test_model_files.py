@@ -5,7 +5,6 @@ and the message each mistake gets. Random weights built here; nothing downloaded
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torchvision import transforms
 
+from test_models import Exploit  # a pickle that runs a command if anything unpickles it
 from igd.models import ModelError, Preprocessing, load_model
 from igd.models import identify as kinds
 from igd.models.checkpoints import read_checkpoint
@@ -308,14 +308,6 @@ def test_files_are_identified_by_content(tmp_path: Path) -> None:
     assert identify(tmp_path / "e.pth").what == "a safetensors file (4 tensors)"
     objects = "a pickle of Python objects (test_model_files.SmallNet, ...), not plain tensors"
     assert identify(tmp_path / "g.pth").what == objects
-
-
-class Exploit:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):  # runs at unpickling time, if anything unpickles it
-        return (os.system, (f"touch {self.marker}",))
 
 
 def test_identifying_never_runs_a_pickle(tmp_path: Path) -> None:
