@@ -89,6 +89,24 @@ def record_hardening(what: str, count: int, outcome: str = DAEMON_OUTCOME) -> No
     _HARDENING[(what, outcome)] = _HARDENING.get((what, outcome), 0) + count
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """In a pytest-xdist worker: hand what this worker counted to the controller."""
+    out = getattr(session.config, "workeroutput", None)
+    if out is not None:
+        out["hardening"] = [[what, outcome, count] for (what, outcome), count in _HARDENING.items()]
+        out["missing_tools"] = _MISSING_TOOLS
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:  # noqa: ANN001 (pytest-xdist's hook)
+    """In the controller of a pytest-xdist run: add up what each worker counted."""
+    out = getattr(node, "workeroutput", {})
+    for what, outcome, count in out.get("hardening", []):
+        _HARDENING[(what, outcome)] = _HARDENING.get((what, outcome), 0) + count
+    for message, tests in out.get("missing_tools", {}).items():
+        _MISSING_TOOLS.setdefault(message, []).extend(tests)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if _HARDENING:
         terminalreporter.section("hardening")

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -326,33 +327,40 @@ def ray_environment(home: Path, temp: Path) -> dict[str, str]:
     return {**env, "HOME": str(home), "RAY_TMPDIR": str(temp), "RAY_USAGE_STATS_ENABLED": "0"}
 
 
-def start_ray(home: Path, temp: Path) -> tuple[str, dict[str, str]]:
-    """`ray start --head` with ``home`` as HOME: 2 CPUs, small object store, no dashboard,
-    loopback. Its address, and the environment to run `igd batch` in."""
+@contextlib.contextmanager
+def ray_cluster_in(home: Path):
+    """A Ray head of its own, started by `ray start --head --block` with ``home`` as HOME (2 CPUs,
+    small object store, no dashboard, loopback) in a process group of its own, and stopped by
+    ending that group: never `ray stop`, which ends every Ray cluster of the machine (another
+    test run's too). Yields its address and the environment to run `igd batch` in."""
     if shutil.which("ray", path=str(BIN)) is None:
         if os.environ.get("CI"):
             pytest.fail("Ray is not installed (the test extra includes it)")
         pytest.skip("Ray is not installed: pip install 'igd[ray]'")
+    temp = short_tempdir()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = ray_environment(home, temp)
-    start = subprocess.run([str(BIN / "ray"), "start", "--head", "--num-cpus=2", "--object-store-memory=150000000",
-                            "--include-dashboard=false", "--node-ip-address=127.0.0.1", f"--port={port}",
-                            f"--temp-dir={temp}", "--disable-usage-stats"],
-                           capture_output=True, text=True, timeout=300, env=env)
-    assert start.returncode == 0, start.stderr
-    return f"127.0.0.1:{port}", env
-
-
-@contextlib.contextmanager
-def ray_cluster_in(home: Path):
-    temp = short_tempdir()
-    address, env = start_ray(home, temp)
+    log = temp / "head.log"
+    with log.open("w") as sink:
+        head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2",
+                                 "--object-store-memory=150000000", "--include-dashboard=false",
+                                 "--node-ip-address=127.0.0.1", f"--port={port}", f"--temp-dir={temp}",
+                                 "--disable-usage-stats"],
+                                stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        yield address, env
+        wait_until(lambda: "Ray runtime started" in log.read_text(), 300, "the Ray head to start",
+                   process=head, log=log.read_text, interval=0.2)
+        yield f"127.0.0.1:{port}", env
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120, env=env)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(timeout=5)  # Ray takes half a minute to stop gracefully: nothing here needs it
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)  # whatever of the group outlived its head
+        head.wait()
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -416,10 +424,7 @@ def test_a_token_in_home_changes_nothing_for_a_cluster_without_auth(ray_cluster:
 
 @pytest.mark.slow
 def test_ray_works_whatever_token_home_holds(dataset: Path, fixtures: Path) -> None:
-    """(Its cluster's `ray stop` ends every Ray cluster on the machine, the module's shared one
-    too: it comes after every test that uses ``ray_cluster``.)
-
-    A local Ray run (ours without --address included) leaves ~/.ray/auth_token; `ray
+    """A local Ray run (ours without --address included) leaves ~/.ray/auth_token; `ray
     start` then turns token auth on with it, and ray.init(address=...) used to connect
     without it (InvalidAuthToken). Now: that token is sent; a token the cluster never issued
     gets one line naming the file and the fix; a token beside a cluster without token auth
@@ -437,11 +442,13 @@ def test_ray_works_whatever_token_home_holds(dataset: Path, fixtures: Path) -> N
             return igd_batch(str(single), str(dataset / out), *model_args(fixtures), "-t", "cat", "--backend", "ray",
                              "--address", address, "--workers", "1", timeout=300, env=env)
 
-        with ray_cluster_in(server_home) as (address, env):
-            same = run("ray-token-same", env)
+        with ray_cluster_in(server_home) as (address, env), ThreadPoolExecutor(2) as runs:
+            # Side by side: each is mostly waiting for Ray to start its worker.
+            same_run = runs.submit(run, "ray-token-same", env)
+            stale_run = runs.submit(run, "ray-token-stale", {**env, "HOME": str(other_home)})
+            same, stale = same_run.result(), stale_run.result()
             assert same.returncode == 0, same.stderr
             assert "1 pairs: 1 done now" in same.stdout
-            stale = run("ray-token-stale", {**env, "HOME": str(other_home)})
             assert stale.returncode == 1, stale.stderr
             last = stale.stderr.strip().splitlines()[-1]
             assert "Traceback" not in stale.stderr, stale.stderr
