@@ -1,15 +1,24 @@
-"""How accurate IG is, and how well igd's error estimate says so: every fixed rule and
-adaptive quadrature against a converged reference integral.
+"""How accurate IG is, and how well igd's error estimate says so: every fixed rule,
+adaptive quadrature and the default request against a converged reference integral, on
+the three kinds of net: piecewise-linear (EfficientNet-Lite0, LaNet), smooth (a ViT) and
+scale-invariant from the zero baseline (BiT).
 
-    python bench/accuracy.py                               # default model on 8 photos, BiT and LaNet fixtures on 4
-    python bench/accuracy.py --models effnet --photos 2 --json out.json
+    python bench/accuracy.py                               # default model on 8 photos, the others on 4
+    python bench/accuracy.py --models effnet,vit --photos 2 --json out.json --reference-cache refs/
 
 Photos: the 8 natural photos bundled with scikit-image (`pip install -e '.[bench]'`),
 each attributed to its predicted class from the zero baseline (igd's defaults). The
-reference is the trapezoid rule on 2048 even panels, graded towards the baseline inside
-the first (48 nodes per decade down to 1e-12), written here in plain torch from the
-definition (no igd code); its own error is reported two ways (its jump-model estimate and
-its distance to the 1024-panel trapezoid on every other node). For each (photo, setting):
+references, written here in plain torch from the definition (no igd code), each with its
+own distance to the same rule on every other node (``vs_half``):
+- ReLU nets (effnet, lanet): the trapezoid rule on 2048 even panels, graded towards the
+  baseline inside the first (48 nodes per decade down to 1e-12).
+- BiT: the trapezoid rule on nodes even in log alpha, 200 a decade from 1e-12 to 1 (its
+  GroupNorm makes the net scale-invariant along a zero-baseline path: the action lies at
+  alphas of 1e-7 to 1e-2, with kinks all along).
+- ViT (timm's vit_tiny_patch16_224 with random weights, seed 0: the structure, GELU,
+  softmax attention and LayerNorm, not training, makes it smooth): Gauss-Legendre on 256
+  points (its distance to 128 points is ``vs_half``).
+For each (photo, setting):
 the true relative L2 error of IG against the reference, igd's ``error_estimate``, and the
 gradient evaluations used. "GL for the same error" fits ``log error = a + b log n`` to
 the Gauss-Legendre rows of that photo and reads off the points a Gauss-Legendre rule needs
@@ -29,6 +38,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from report import accuracy_table  # the same tables as docs/benchmarks.md
@@ -38,16 +48,20 @@ from reference import assemble  # noqa: E402  (the BiT and LaNet fixtures, as th
 
 from igd.engine.adaptive import attribute_adaptive  # noqa: E402
 from igd.engine.attribution import attribute  # noqa: E402
+from igd import request as spec  # noqa: E402
 from igd.models import LoadedModel, load_model  # noqa: E402
 
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
           "hubble_deep_field.jpg", "retina.jpg", "camera.png")
 GAUSS_LEGENDRE = (16, 32, 50, 64, 128, 256)
+GAUSS_LEGENDRE_SMOOTH = (4, 8, 12, 16, 32, 50)  # the ViT: converged long before 50
 OTHER_RULES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 TOLERANCES = (0.05, 0.02, 0.01)
 ADAPTIVE_CAP = 1024
 CHUNK = 32
 GRADED_PER_DECADE = 48
+LOG_PER_DECADE = 200  # BiT's reference
+DEFAULT = "default request"  # the setting of a request that names neither steps, a tolerance nor a rule
 
 
 @dataclass
@@ -120,29 +134,72 @@ def reference_ig(model: torch.nn.Module, x: torch.Tensor, target: int, panels: i
             "vs_half": float((ig_coarse - ig).norm() / ig.norm())}
 
 
-def settings() -> list[tuple[str, str, float]]:
-    """(label, method, n_steps or tolerance) of every setting measured."""
-    rows = [(f"gausslegendre {n}", "gausslegendre", n) for n in GAUSS_LEGENDRE]
+def trapezoid_reference(model: torch.nn.Module, x: torch.Tensor, target: int, nodes: torch.Tensor) -> dict[str, object]:
+    """IG of x (1, *F) from zero by the trapezoid rule through ``nodes`` (n,), which span [0,
+    1], and its distance to the rule through every other node."""
+    weights = trapezoid(nodes)
+    every_other = torch.cat([torch.arange(0, len(nodes) - 1, 2), torch.tensor([len(nodes) - 1])]).unique()
+    coarse_weights = torch.zeros_like(nodes)
+    coarse_weights[every_other] = trapezoid(nodes[every_other])
+    fine = torch.zeros_like(x[0], dtype=torch.float64)
+    coarse = torch.zeros_like(x[0], dtype=torch.float64)
+    for start in range(0, len(nodes), CHUNK):
+        block = nodes[start : start + CHUNK]
+        points = (block.view(-1, 1, 1, 1) * x.double()).float().requires_grad_(True)
+        model(points)[:, target].sum().backward()
+        grads = points.grad.double()
+        fine += (weights[start : start + CHUNK].view(-1, 1, 1, 1) * grads).sum(0)
+        coarse += (coarse_weights[start : start + CHUNK].view(-1, 1, 1, 1) * grads).sum(0)
+    ig, ig_coarse = x[0].double() * fine, x[0].double() * coarse
+    return {"ig": ig, "points": len(nodes), "estimate": None, "vs_half": float((ig_coarse - ig).norm() / ig.norm())}
+
+
+def gauss_legendre_reference(model: torch.nn.Module, x: torch.Tensor, target: int, n: int = 256) -> dict[str, object]:
+    """IG of x (1, *F) from zero by Gauss-Legendre on ``n`` points (numpy's nodes), and its
+    distance to n/2 points: converged for a smooth net."""
+    def rule(points: int) -> torch.Tensor:
+        nodes, weights = (torch.from_numpy(v) for v in np.polynomial.legendre.leggauss(points))
+        alphas, weights = (nodes + 1) / 2, weights / 2
+        total = torch.zeros_like(x[0], dtype=torch.float64)
+        for start in range(0, points, CHUNK):
+            path = (alphas[start : start + CHUNK].view(-1, 1, 1, 1) * x.double()).float().requires_grad_(True)
+            model(path)[:, target].sum().backward()
+            total += (weights[start : start + CHUNK].view(-1, 1, 1, 1) * path.grad.double()).sum(0)
+        return x[0].double() * total
+    fine, coarse = rule(n), rule(n // 2)
+    return {"ig": fine, "points": n + n // 2, "estimate": None, "vs_half": float((coarse - fine).norm() / fine.norm())}
+
+
+def settings(family: str) -> list[tuple[str, str, float]]:
+    """(label, method, n_steps or tolerance) of every setting measured on a net of ``family``."""
+    sizes = GAUSS_LEGENDRE_SMOOTH if family == "vit" else GAUSS_LEGENDRE
+    rows = [(f"gausslegendre {n}", "gausslegendre", n) for n in sizes]
     rows += [(f"{rule} 50", rule, 50) for rule in OTHER_RULES]
     rows += [(f"adaptive {t:.0%}".replace("%", " %"), "adaptive", t) for t in TOLERANCES]
+    rows.append((DEFAULT, "adaptive", spec.DEFAULT_TOLERANCE))
     return rows
 
 
-def measure(loaded: LoadedModel, label: str, photo: Path, panels: int) -> tuple[list[Row], dict[str, object]]:
+def measure(loaded: LoadedModel, family: str, label: str, photo: Path, panels: int,
+            cache: Path | None) -> tuple[list[Row], dict[str, object]]:
     model = loaded.module
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
     x = loaded.preprocess(Image.open(photo).convert("RGB"))
     with torch.no_grad():
         target = int(model(x).argmax())
     start = time.perf_counter()
-    reference = reference_ig(model, x, target, panels)
+    reference = cached_reference(cache, f"{family}-{panels}-{photo.name}", lambda: family_reference(
+        family, model, x, target, panels))
     reference_s = time.perf_counter() - start
     truth = reference["ig"]
     rows = []
-    for setting, method, value in settings():
+    for setting, method, value in settings(family):
         start = time.perf_counter()
         if method == "adaptive":
+            cap = spec.DEFAULT_CAP if setting == DEFAULT else ADAPTIVE_CAP
             (result,) = attribute_adaptive(lambda p, _i: model(p), x, target, tolerance=value,
-                                           max_steps=ADAPTIVE_CAP, max_batch=CHUNK, modules=[model])
+                                           max_steps=cap, max_batch=CHUNK, modules=[model])
         else:
             result = attribute(model, x, target, n_steps=int(value), rule=method, max_batch=CHUNK)
         seconds = time.perf_counter() - start
@@ -155,6 +212,31 @@ def measure(loaded: LoadedModel, label: str, photo: Path, panels: int) -> tuple[
              "reference_points": reference["points"], "reference_estimate": reference["estimate"],
              "reference_vs_half": reference["vs_half"], "reference_s": reference_s}
     return rows, about
+
+
+def family_reference(family: str, model: torch.nn.Module, x: torch.Tensor, target: int,
+                     panels: int) -> dict[str, object]:
+    """The converged reference of a net of ``family`` (module docstring)."""
+    if family == "vit":
+        return gauss_legendre_reference(model, x, target)
+    if family == "bit":
+        nodes = torch.logspace(-12, 0, 12 * LOG_PER_DECADE + 1, dtype=torch.float64)
+        return trapezoid_reference(model, x, target, torch.cat([torch.zeros(1, dtype=torch.float64), nodes]))
+    return reference_ig(model, x, target, panels)
+
+
+def cached_reference(cache: Path | None, name: str, compute) -> dict[str, object]:
+    """``compute()``'s reference, kept in ``cache`` (a directory) under ``name`` when given:
+    references take most of a run (2,500 points a photo)."""
+    if cache is None:
+        return compute()
+    path = cache / f"{name}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    reference = compute()
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save(reference, path)
+    return reference
 
 
 def gauss_legendre_needed(rows: list[Row], error: float) -> float | None:
@@ -211,7 +293,7 @@ def summary(rows: list[Row]) -> list[dict[str, object]]:
     """Per (model, setting), over the photos: points, true error and estimate / true."""
     out = []
     for model in dict.fromkeys(r.model for r in rows):
-        for setting, _, _ in settings():
+        for setting in dict.fromkeys(r.setting for r in rows if r.model == model):
             mine = [r for r in rows if r.model == model and r.setting == setting]
             ratios = [r.estimate / r.true_error for r in mine]
             out.append({"model": model, "setting": setting, "photos": len(mine),
@@ -223,22 +305,32 @@ def summary(rows: list[Row]) -> list[dict[str, object]]:
     return out
 
 
-def load(name: str, fixtures: Path) -> tuple[str, LoadedModel]:
+def load(name: str, fixtures: Path, scratch: Path) -> tuple[str, LoadedModel]:
     if name == "effnet":
         return "EfficientNet-Lite0 (pretrained), 224x224", load_model()
     if name == "bit":
         return "BiT fixture (bit-tiny, 32x32)", load_model(bit_path=fixtures / "bit-tiny.pth")
     if name == "lanet":
         return "LaNet fixture (lanet-tiny, 32x32)", load_model(lanet_path=fixtures / "lanet-tiny.pth")
+    if name == "vit":
+        import timm  # test extra
+
+        torch.manual_seed(0)
+        module = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+        weights = scratch / "vit_tiny.pth"
+        torch.save(module.state_dict(), weights)
+        return ("ViT-Tiny/16 (timm, random weights), 224x224",
+                load_model(model="timm:vit_tiny_patch16_224", weights=weights, index_names=True))
     raise ValueError(f"unknown model {name!r}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="effnet,bit,lanet", help="comma-separated: effnet, bit, lanet")
+    parser.add_argument("--models", default="effnet,vit,bit,lanet", help="comma-separated: effnet, vit, bit, lanet")
     parser.add_argument("--photos", type=int, default=len(PHOTOS), help=f"how many of the {len(PHOTOS)} photos")
-    parser.add_argument("--fixture-photos", type=int, default=4, help="how many photos for the BiT and LaNet fixtures")
+    parser.add_argument("--fixture-photos", type=int, default=4, help="how many photos for the other models")
     parser.add_argument("--reference-panels", type=int, default=2048)
+    parser.add_argument("--reference-cache", type=Path, help="keep the references in this directory and reuse them")
     parser.add_argument("--json", type=Path, help="also write every row here (after each photo, so a run "
                         "stopped early keeps what it measured)")
     args = parser.parse_args()
@@ -248,16 +340,34 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         fixtures = assemble(Path(scratch) / "fixtures")
         for name in args.models.split(","):
-            label, loaded = load(name, fixtures)
+            label, loaded = load(name, fixtures, Path(scratch))
             for photo in photo_paths(args.photos if name == "effnet" else args.fixture_photos):
-                measured, facts = measure(loaded, label, photo, args.reference_panels)
+                measured, facts = measure(loaded, name, label, photo, args.reference_panels, args.reference_cache)
                 rows += measured
                 about.append(facts)
                 print(f"# {label}, {photo.name}: done", file=sys.stderr, flush=True)
                 if args.json:
                     write_json(args.json, machine, args.reference_panels, rows, about)
-    print(f"# IG accuracy against a {args.reference_panels}-panel trapezoid reference ({machine})")
+    print(f"# IG accuracy against converged references ({machine})")
     print("\n".join(accuracy_table(results(machine, args.reference_panels, rows, about))))
+
+
+def defaults(rows: list[Row]) -> list[dict[str, object]]:
+    """Per model: the default request against 50 fixed Gauss-Legendre points (the old
+    default), over the photos: points, true error (median, worst), and time (means' ratio)."""
+    out = []
+    for model in dict.fromkeys(r.model for r in rows):
+        mine = [r for r in rows if r.model == model and r.setting == DEFAULT]
+        fixed = [r for r in rows if r.model == model and r.setting == "gausslegendre 50"]
+        if not mine or not fixed:
+            continue
+        out.append({"model": model, "photos": len(mine), "points_mean": statistics.fmean(r.points for r in mine),
+                    "points_max": max(r.points for r in mine),
+                    "true_error_median": statistics.median(r.true_error for r in mine),
+                    "true_error_max": max(r.true_error for r in mine),
+                    "fixed_true_error_median": statistics.median(r.true_error for r in fixed),
+                    "time_ratio": statistics.fmean(r.seconds for r in mine) / statistics.fmean(r.seconds for r in fixed)})
+    return out
 
 
 def results(machine: str, panels: int, rows: list[Row], about: list[dict]) -> dict[str, object]:
@@ -265,7 +375,7 @@ def results(machine: str, panels: int, rows: list[Row], about: list[dict]) -> di
     compared = comparisons(rows)
     return {"machine": machine, "reference_panels": panels, "rows": [asdict(r) for r in rows],
             "references": about, "adaptive_vs_gauss_legendre": compared, "savings": savings(compared),
-            "summary": summary(rows)}
+            "summary": summary(rows), "defaults": defaults(rows)}
 
 
 def write_json(path: Path, machine: str, panels: int, rows: list[Row], about: list[dict]) -> None:

@@ -35,7 +35,7 @@ MIB = 2**20
 
 # name -> (image, wire args): the probe's kinds, and the defaults for scale.
 KINDS: dict[str, tuple[str, dict[str, Any]]] = {
-    "defaults (50 steps)": ("photo", {}),
+    "defaults (50 steps)": ("photo", {"n_steps": 50}),
     "1 step, top_k 16, insertion+deletion": ("photo", {"n_steps": 1, "top_k": 16, "metrics": ["insertion", "deletion"]}),
     "top_k 16 x 64 noisy paths + metrics + IDGI": ("photo", {"n_steps": 1, "top_k": 16, "samples": 64, "noise": 0.1,
                                                            "metrics": ["insertion", "deletion"], "idgi": True}),

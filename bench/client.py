@@ -46,7 +46,7 @@ def main() -> None:
         subprocess.run([*igctl, "status"], check=True, stdout=subprocess.DEVNULL)  # waits until ready
         commands = {
             "igctl status": [*igctl, "status"],
-            "igctl attribute (EfficientNet-Lite0, 50 steps)": [*igctl, "attribute", str(IMAGE), "-o", str(work / "out.gzip"), "--force"],
+            "igctl attribute (EfficientNet-Lite0, 50 steps)": [*igctl, "attribute", str(IMAGE), "--steps", "50", "-o", str(work / "out.gzip"), "--force"],
             'python -c "import torch"': [sys.executable, "-c", "import torch"],
             "igctl --version (no daemon round trip)": [*igctl, "--version"],
         }

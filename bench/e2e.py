@@ -92,7 +92,7 @@ def bench_model(name: str, repeats: int, work: Path, images: dict[str, Path],
         chunk = status["batching"]["max_batch_points"]
         url = f"http://127.0.0.1:{port}/model/"
         for label, image in images.items():
-            ours_cmd = [*igctl, "attribute", str(image), target, "-o", str(work / "ours.gzip"), "--force"]
+            ours_cmd = [*igctl, "attribute", str(image), target, "--steps", "50", "-o", str(work / "ours.gzip"), "--force"]
             wall(ours_cmd)  # warm-up of this input size
             predecessor_request(image, target, url, work)
             ours, preds = [], []

@@ -63,7 +63,7 @@ def measure_igd(name: str, work: Path, growth_requests: int) -> dict[str, object
         subprocess.run([*igctl, "status"], check=True, stdout=subprocess.DEVNULL)
         warm = memory(daemon.pid)
         serving_peak_known = reset_peak(daemon.pid)
-        attribute = [*igctl, "attribute", str(IMAGE), "-o", str(work / "out.gzip"), "--force"]
+        attribute = [*igctl, "attribute", str(IMAGE), "--steps", "50", "-o", str(work / "out.gzip"), "--force"]
         subprocess.run(attribute, check=True, stdout=subprocess.DEVNULL)
         row: dict[str, object] = {
             "model": name,

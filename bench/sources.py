@@ -75,7 +75,7 @@ def main() -> None:
             for _ in range(args.runs):
                 started = time.perf_counter()
                 # --max-batch: the chunk search is timed elsewhere (bench/chunks.py); here the source.
-                run = subprocess.run([IGD, "check", *flags, "--cpu", "--max-batch", "8"], capture_output=True,
+                run = subprocess.run([IGD, "check", *flags, "--cpu", "--max-batch", "8", "--steps", "50"], capture_output=True,
                                      text=True, timeout=900)
                 seconds.append(time.perf_counter() - started)
                 if run.returncode not in (0, 1) or "input from" not in run.stdout:

@@ -37,11 +37,15 @@ DEFAULT_GZIP_LEVEL = 1
 MAX_TOP = 1000
 MAX_BLUR_SIGMA = 1000.0
 ADAPTIVE = "adaptive"  # the rule of a request with a tolerance (igd.engine.adaptive)
-ADAPTIVE_START = 17  # an adaptive request's first look along the path, in points (igd.engine.adaptive: 2^k + 1)
+# The fewest points an adaptive request may be capped at: its first look (16 Gauss-Legendre
+# points) and, where that is not enough, the path's two ends (igd.engine.adaptive).
+ADAPTIVE_START = 18
+DEFAULT_TOLERANCE = 0.05  # a request that names neither steps, a tolerance nor a rule: adaptive steps to this
+DEFAULT_CAP = 256  # ... in at most this many points (tolerance_met says whether they were enough)
 MIN_TOLERANCE = 1e-4
 MAX_TARGETS = 16  # targets of one attribution (a list, or top_k)
 MAX_PATHS = 64  # baselines x samples of one attribution
-WARN_ERROR = 0.05  # igctl warns when the estimated error or the completeness gap is above
+WARN_ERROR = DEFAULT_TOLERANCE  # igctl warns when the estimated error is above
 
 
 @dataclass(frozen=True)
@@ -133,7 +137,10 @@ class RequestError(ValueError):
         return RequestFailed(BAD_REQUEST, self.message("wire"), details)
 
 
-STEPS = Option("n_steps", "--steps", int, DEFAULT_STEPS, "Path points (gradient evaluations) per image.",
+STEPS = Option("n_steps", "--steps", int, DEFAULT_STEPS,
+               "Path points (gradient evaluations) per image, placed by a fixed rule: captum's and the "
+               "predecessor's (50 when only --method is given). Without --steps, --tolerance and --method: "
+               f"adaptive steps to an estimated {DEFAULT_TOLERANCE * 100:g} % error in at most {DEFAULT_CAP} points.",
                low=1, high=MAX_STEPS)
 METHOD = Option("method", "--method", str, RULES[0], "Quadrature rule, as captum's.", choices=RULES)
 BASELINE = Option("baseline", "--baseline", str, BASELINES[0],
@@ -168,7 +175,8 @@ GZIP_LEVEL = Option("gzip_level", "--gzip-level", int, DEFAULT_GZIP_LEVEL,
                     "Compression of torch results, 0-9: 0 is fastest (still gzip), 9 smallest.", low=0, high=9)
 TOLERANCE = Option("tolerance", "--tolerance", float, None,
                    "Adaptive steps: place path points until IG's estimated relative L2 error is at most this "
-                   "(e.g. 0.02); --steps is then the cap [default cap: the daemon's --max-steps].",
+                   "(e.g. 0.02); --steps is then the cap [default cap: the daemon's --max-steps]. A request "
+                   f"with neither this nor --steps or --method is adaptive to {DEFAULT_TOLERANCE:g}.",
                    low=MIN_TOLERANCE, high=1.0)
 HEATMAP = Option("heatmap", "--heatmap", bool, False, "Also render a heatmap PNG.")
 PROGRESS = Option("progress", "--progress-json", bool, False, "Send progress events while the request runs.")
@@ -242,26 +250,40 @@ def parse_attribute(args: Mapping[str, Any], *, max_steps: int = MAX_STEPS) -> A
 
     With a ``tolerance`` the rule is ADAPTIVE and ``n_steps`` caps the points (default:
     ``max_steps``); giving a ``method`` as well is an error, since the tolerance places
-    the points itself."""
+    the points itself. A request that gives none of the three gets adaptive steps to
+    DEFAULT_TOLERANCE in at most DEFAULT_CAP points where adaptive steps apply (one straight
+    path: see _check_combination), else the fixed default rule; ``n_steps`` alone (or a
+    ``method``) asks for the fixed rule, captum's and the predecessor's."""
     tolerance = TOLERANCE.check(args.get(TOLERANCE.name))
     steps = STEPS.check(args.get(STEPS.name), high=max_steps)
     method = METHOD.check(args.get(METHOD.name))
-    if tolerance is not None:
+    given = {option.field: _checked(option, args.get(option.name)) for option in REQUEST_OPTIONS
+             if option.name not in (STEPS.name, METHOD.name, TOLERANCE.name)}
+    fixed = args.get(STEPS.name) is not None or args.get(METHOD.name) is not None
+    if tolerance is None and not fixed and max_steps >= ADAPTIVE_START and _one_straight_path(given):
+        tolerance, steps = DEFAULT_TOLERANCE, min(DEFAULT_CAP, max_steps)
+    elif tolerance is not None:
         if args.get(METHOD.name) is not None:
             raise RequestError(METHOD, "cannot be given with a tolerance, which places the points itself")
         if args.get(STEPS.name) is None:
             steps = max_steps
         if steps < ADAPTIVE_START:
             raise RequestError(STEPS, f"must be at least {ADAPTIVE_START} with a tolerance (its first look "
-                                      f"along the path), got {steps}")
+                                      f"along the path and its ends), got {steps}")
+    if tolerance is not None:
         method = ADAPTIVE
     elif method != "gausslegendre" and steps < 2:
         raise RequestError(STEPS, f"must be at least 2 for {method}, got {steps}")
-    given = {option.field: _checked(option, args.get(option.name)) for option in REQUEST_OPTIONS
-             if option.name not in (STEPS.name, METHOD.name, TOLERANCE.name)}
     request = AttributeRequest(n_steps=steps, method=method, tolerance=tolerance, **given)
     _check_combination(request, args)
     return request
+
+
+def _one_straight_path(given: Mapping[str, Any]) -> bool:
+    """Whether the options ``given`` (AttributeRequest fields) ask for one straight path per
+    image, the kind adaptive steps integrate."""
+    return (given["samples"] == 1 and len(given["baselines"]) == 1 and given["path"] == PATHS[0]
+            and given["noise"] == 0.0)
 
 
 def _checked(option: Option, value: Any) -> Any:

@@ -73,7 +73,7 @@ def test_attribute_equals_the_fixture_reference(fixtures: Path, chelsea_png: byt
     reference = np.load(fixtures / f"{family}-tiny.reference.npz")
     with Igd(f"--{family}-path", str(fixtures / f"{family}-tiny.pth"), "--max-batch", "10") as igd:
         with WireClient(str(igd.socket)) as client:
-            response = client.call("attribute", {"image": chelsea_png, "target": "cat"})
+            response = client.call("attribute", {"image": chelsea_png, "target": "cat", "n_steps": 50})
         assert igd.stop() == 0
         log = igd.log()
     assert response["ok"], response

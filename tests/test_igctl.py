@@ -73,7 +73,7 @@ def test_attribute_on_the_default_model(photos: dict[str, Path], workdir: Path) 
 def test_attribute_on_the_fixture_models(fixtures: Path, photos: dict[str, Path], workdir: Path, family: str) -> None:
     reference = np.load(fixtures / f"{family}-tiny.reference.npz")
     with Igd(f"--{family}-path", str(fixtures / f"{family}-tiny.pth"), "--max-batch", "10") as igd:
-        out = igd.igctl("attribute", str(photos["chelsea.png"]), "cat", "-o", str(workdir / "r.gzip"))
+        out = igd.igctl("attribute", str(photos["chelsea.png"]), "cat", "--steps", "50", "-o", str(workdir / "r.gzip"))
         assert out.returncode == 0, out.stderr
     result = check_result(workdir / "r.gzip", 50, (3, 32, 32), 10)
     assert result["target_class"] == 3
@@ -234,7 +234,7 @@ def test_tf32_on_a_cpu_is_reported_and_changes_nothing(fixtures: Path, photos: d
     with Igd("-lp", str(fixtures / "lanet-tiny.pth"), "--max-batch", "10", env={"IGD_PRECISION": "tf32"}) as igd:
         assert json.loads(igd.igctl("status", "--json").stdout)["precision"] == "tf32"
         assert "cpu, tf32" in igd.igctl("status").stdout.decode()
-        out = igd.igctl("attribute", str(photos["chelsea.png"]), "cat", "-o", str(workdir / "r.gzip"))
+        out = igd.igctl("attribute", str(photos["chelsea.png"]), "cat", "--steps", "50", "-o", str(workdir / "r.gzip"))
         assert out.returncode == 0, out.stderr
         assert "event=precision" in igd.log() and "none here" in igd.log()
     result = read_result(workdir / "r.gzip")

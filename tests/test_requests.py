@@ -33,7 +33,7 @@ CASES = [
     ({"tolerance": 0.0}, "must be between 0.0001 and 1, got 0"),
     ({"tolerance": 2}, "must be between 0.0001 and 1, got 2"),
     ({"tolerance": 0.05, "method": "riemann_left"}, "cannot be given with a tolerance, which places the points itself"),
-    ({"tolerance": 0.05, "n_steps": 8}, "must be at least 17 with a tolerance (its first look along the path), got 8"),
+    ({"tolerance": 0.05, "n_steps": 8}, "must be at least 18 with a tolerance (its first look along the path and its ends), got 8"),
 ]
 
 

@@ -68,6 +68,7 @@ class Attribution:
     rule: str  # the quadrature rule: one of RULES, or "adaptive" (igd.engine.adaptive)
     path_logits: Tensor  # (R, n): the target logit F_t at every path point
     error_estimate: Tensor  # (R,) float64: the estimated relative L2 error of IG (igd.engine.accuracy)
+    smooth: Tensor  # (R,) bool: whether the estimate found the integrand smooth (spectral), not kinked
     tolerance: float | None = None  # adaptive: the error asked for (then one image: R == T)
     tolerance_met: bool | None = None  # adaptive: whether error_estimate <= tolerance
     curve: Curve = STRAIGHT  # the path: the straight line, or Blur IG's (igd.engine.paths)
@@ -254,7 +255,8 @@ def attribute_points(
 
     rows = batch * width
     directional = directional.view(rows, n_steps, *inputs.shape[1:])
-    integrated, estimates = _integrate(path, alphas, weights, directional)
+    path_logits = path_logits.view(rows, n_steps)
+    integrated, estimates, smooth = _integrate(path, alphas, weights, directional, path_logits, rule)
     return Attribution(
         integrated_grads=integrated,
         directional_grads=directional,
@@ -267,35 +269,58 @@ def attribute_points(
         baselines=path.rows(path.baselines),
         targets=path.targets.reshape(-1),
         rule=rule,
-        path_logits=path_logits.view(rows, n_steps),
+        path_logits=path_logits,
         error_estimate=estimates,
+        smooth=smooth,
         curve=curve,
     )
 
 
-def _integrate(path: Path, alphas: Tensor, weights: Tensor, directional: Tensor) -> tuple[Tensor, Tensor]:
-    """IG of every row, ``sum_k w_k g_k * gamma'(a_k)`` (R, *F), and its estimated relative
-    error (R,) float64 (igd.engine.accuracy: the jumps of the integrand between neighbouring nodes),
-    from the per-step gradients (R, n, *F). On the straight line gamma' is x - b at every
-    node and IG is ``(x - b) * sum_k w_k g_k``, captum's arithmetic; on another curve the
-    derivatives (n, *F) are made once per image and serve all its targets."""
+def _integrate(path: Path, alphas: Tensor, weights: Tensor, directional: Tensor, path_logits: Tensor,
+               rule: str) -> tuple[Tensor, Tensor, Tensor]:
+    """IG of every row, ``sum_k w_k g_k * gamma'(a_k)`` (R, *F), its estimated relative
+    error (R,) float64 and whether that found the integrand smooth (R,) bool
+    (igd.engine.accuracy.error_estimate), from the per-step gradients
+    (R, n, *F) and the target logits there (R, n). On the straight line gamma' is x - b at every node and IG is
+    ``(x - b) * sum_k w_k g_k``, captum's arithmetic; on another curve the derivatives
+    (n, *F) are made once per image and serve all its targets."""
     ends, starts = path.rows(path.inputs), path.rows(path.baselines)
+    index = torch.arange(len(path.inputs), device=ends.device).repeat_interleave(path.width)
+    targets = path.targets.reshape(-1)
+    end_logits, start_logits = path.logits[index, targets], path.baseline_logits[index, targets]
+    scales = torch.maximum(end_logits.abs(), start_logits.abs()).tolist()
+    # the target logit at start, nodes and end of each row, for the Gauss-Legendre estimate
+    logits = (torch.cat([start_logits.view(-1, 1), path_logits, end_logits.view(-1, 1)], dim=1)
+              if rule == "gausslegendre" else None)
     if path.curve is STRAIGHT:
         delta = ends - starts
         integrated = delta * weighted_sum(directional, weights)
-        estimates = [accuracy.error_estimate(alphas, weights, directional[r], delta[r], integrated[r])
-                     for r in range(len(ends))]
-        return integrated, torch.tensor(estimates, dtype=torch.float64)
+        deltas = path.convergence_delta(integrated).tolist()
+        found = [accuracy.error_estimate(alphas, weights, directional[r], delta[r], integrated[r],
+                                         logits=None if logits is None else logits[r], convergence_delta=deltas[r],
+                                         logit_scale=scales[r])
+                 for r in range(len(ends))]
+        return integrated, *_estimates(found)
     integrated = torch.empty_like(ends)
-    estimates = []
+    integrands = []
     for image in range(len(path.inputs)):
         velocities = path.curve.velocities(path.inputs[image], path.baselines[image], alphas)
         for row in range(image * path.width, (image + 1) * path.width):
             integrand = directional[row] * velocities
             integrated[row] = weighted_sum(integrand.unsqueeze(0), weights)[0]
-            estimates.append(accuracy.error_estimate(alphas, weights, integrand, torch.ones_like(ends[row]),
-                                                     integrated[row]))
-    return integrated, torch.tensor(estimates, dtype=torch.float64)
+            integrands.append(integrand)
+    deltas = path.convergence_delta(integrated).tolist()
+    found = [accuracy.error_estimate(alphas, weights, integrand, torch.ones_like(ends[row]), integrated[row],
+                                     logits=None if logits is None else logits[row], convergence_delta=deltas[row],
+                                     logit_scale=scales[row])
+             for row, integrand in enumerate(integrands)]
+    return integrated, *_estimates(found)
+
+
+def _estimates(found: list[tuple[float, bool]]) -> tuple[Tensor, Tensor]:
+    """(R,) float64 estimates and (R,) bool smoothness from accuracy.error_estimate's pairs."""
+    return (torch.tensor([estimate for estimate, _ in found], dtype=torch.float64),
+            torch.tensor([smooth for _, smooth in found], dtype=torch.bool))
 
 
 def check_max_batch(max_batch: int | None) -> None:

@@ -41,6 +41,7 @@ class TargetFacts:
     convergence_delta: float  # sum(IG) - (F_t(x) - F_t(b)), both means over the paths
     completeness_gap: float  # the delta relative to the rise (igd.engine.accuracy.completeness_gap)
     error_estimate: float  # the estimated relative L2 error of the mean IG
+    integrand: str  # "smooth" where the estimate found it so on every path (spectral), else "kinked"
     metrics: dict[str, float] = field(default_factory=dict)  # {metric: area}, once measured
 
 
@@ -125,8 +126,9 @@ class Answer:
         eps = float(torch.finfo(attribution.logits.dtype).eps)
         metrics = ({metric: getattr(self.curves[t], f"{metric}_area") for metric in self.request.metrics}
                    if self.curves else {})
+        integrand = "smooth" if bool(attribution.smooth[rows].all()) else "kinked"
         return TargetFacts(target, self.model.class_names[target], delta,
-                           completeness_gap(delta, rise, scale, eps), estimate, metrics)
+                           completeness_gap(delta, rise, scale, eps), estimate, integrand, metrics)
 
     def facts(self) -> list[tuple[Fact, Any]]:
         """Each fact the answer has, with its value: a list of one per target for the

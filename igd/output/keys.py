@@ -58,6 +58,7 @@ FACTS: tuple[Fact, ...] = (
     Fact("completeness_gap", lambda a, t: t.completeness_gap, "completeness_gap", ("completeness_gap",),
          per_target=True),
     Fact("error_estimate", lambda a, t: t.error_estimate, "error_estimate", ("error_estimate",), per_target=True),
+    Fact("integrand", lambda a, t: t.integrand, "integrand", ("integrand",), per_target=True),
     *(Fact(f"{metric}_area", _metric_area(metric), f"{metric}_area", ("metrics", metric), per_target=True)
       for metric in METRICS.choices),
     Fact("baseline", lambda a, t: a.request.baseline, "baseline_name", ("baseline",)),

@@ -44,7 +44,9 @@ from igd.request import (
     ATTRIBUTE_OPTIONS,
     BASELINE,
     CLASSIFY_OPTIONS,
+    DEFAULT_CAP,
     DEFAULT_MAX_PIXELS,
+    DEFAULT_TOLERANCE,
     FORMAT,
     MAX_STEPS,
     METHOD,
@@ -209,6 +211,8 @@ class Service:
                 "defaults": {
                     "attribute": {option.name: option.default for option in ATTRIBUTE_OPTIONS},
                     "classify": {option.name: option.default for option in CLASSIFY_OPTIONS},
+                    # what an attribution that names neither n_steps, tolerance nor method gets
+                    "unnamed_rule": {"tolerance": DEFAULT_TOLERANCE, "n_steps": min(DEFAULT_CAP, self.limits.max_steps)},
                 },
                 "events": list(EVENTS),
             },
