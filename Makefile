@@ -21,13 +21,18 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
-test: install-test
-	$(BIN)/python -m pytest --durations=10
+# pytest-xdist workers, each given whole test files (a file's daemons and fixtures are started
+# once). Most tests wait on igd processes of their own, so 3 keep 2 cores busy.
+TEST_WORKERS ?= 3
+XDIST := -n $(TEST_WORKERS) --dist loadfile
 
-# The fast lane (about 3 min on 2 cores): every test but those marked slow or cuda, that is the
-# in-process tests and those against the daemons shared by the whole run (tests/conftest.py).
+test: install-test
+	$(BIN)/python -m pytest $(XDIST) --durations=10
+
+# The fast lane: every test but those marked slow or cuda, that is the in-process tests and
+# those against the daemons shared by the whole run (tests/conftest.py).
 test-fast: install-test
-	$(BIN)/python -m pytest -m "not slow and not cuda" --durations=10
+	$(BIN)/python -m pytest $(XDIST) -m "not slow and not cuda" --durations=10
 
 # Where a GPU is: the engine, checkpoints and daemon on CUDA (tests/test_cuda.py).
 test-cuda: install-test
