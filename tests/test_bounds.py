@@ -220,7 +220,8 @@ def test_sigterm_during_a_long_pass_exits_0(slow_model: Path, chelsea_png: bytes
             igd.process.send_signal(signal.SIGTERM)
             response = client.receive()
             assert igd.process.wait(60) == 0
-            assert time.monotonic() - started < 1 + 5  # the drain, one chunk, and leaving
+            # the drain (1 s), one chunk and leaving, well before the 20 s pass would end (a loaded machine's chunk is slow)
+            assert time.monotonic() - started < 12
         assert response["error"]["code"] == "shutting_down"
         message = response["error"]["message"]  # the daemon cancelled it, not its client
         assert message.startswith("the daemon is shutting down: the pass was cancelled after ") and "client" not in message
