@@ -54,8 +54,9 @@ START_POINTS = ADAPTIVE_START  # the fewest points an adaptive request may be ca
 FIRST_LOOK = START_POINTS - 2  # Gauss-Legendre nodes of the first look (and then 0 and 1: START_POINTS)
 SPLIT_FRACTION = 0.25  # of an image's intervals, bisected per round at most
 ENOUGH_MARGIN = 0.8  # a round bisects what should bring the estimate to this fraction of the tolerance
-# How far below a float32 ulp of the node's own size an interval may be bisected: the
-# midpoint must be exact in float32, so that the path points are exactly the reported alphas.
+# The narrowest interval that is bisected (float32 resolves alphas this small near the
+# baseline); a midpoint must also be a float32 strictly between its ends, so that the path
+# points are exactly the reported alphas.
 _SMALLEST = 2.0**-60
 
 

@@ -280,9 +280,9 @@ def _integrate(path: Path, alphas: Tensor, weights: Tensor, directional: Tensor,
                rule: str) -> tuple[Tensor, Tensor, Tensor]:
     """IG of every row, ``sum_k w_k g_k * gamma'(a_k)`` (R, *F), its estimated relative
     error (R,) float64 and whether that found the integrand smooth (R,) bool
-    (igd.engine.accuracy.error_estimate), from the per-step gradients
-    (R, n, *F) and the target logits there (R, n). On the straight line gamma' is x - b at every node and IG is
-    ``(x - b) * sum_k w_k g_k``, captum's arithmetic; on another curve the derivatives
+    (igd.engine.accuracy.error_estimate), from the per-step gradients (R, n, *F) and the
+    target logits there (R, n). On the straight line gamma' is x - b at every node and IG
+    is ``(x - b) * sum_k w_k g_k``, captum's arithmetic; on another curve the derivatives
     (n, *F) are made once per image and serve all its targets."""
     ends, starts = path.rows(path.inputs), path.rows(path.baselines)
     index = torch.arange(len(path.inputs), device=ends.device).repeat_interleave(path.width)
