@@ -105,11 +105,15 @@ def trapezoid(nodes: torch.Tensor) -> torch.Tensor:
 
 
 def reference_ig(model: torch.nn.Module, x: torch.Tensor, target: int, panels: int) -> dict[str, object]:
-    """IG of x (1, *F) from zero by the trapezoid rule through :func:`reference_nodes`,
-    plainly: the gradient of the target logit at each a * x, weighted. Also the rule through
+    """The ReLU nets' reference: :func:`trapezoid_reference` through :func:`reference_nodes`."""
+    return trapezoid_reference(model, x, target, reference_nodes(panels))
+
+
+def trapezoid_reference(model: torch.nn.Module, x: torch.Tensor, target: int, nodes: torch.Tensor) -> dict[str, object]:
+    """IG of x (1, *F) from zero by the trapezoid rule through ``nodes`` (n,), which span [0,
+    1], plainly: the gradient of the target logit at each a * x, weighted. Also the rule through
     every other node (its distance tells how far the reference is converged) and the rule's
     own jump-model estimate sqrt(sum_k (h_k / 2 |x * (g_{k+1} - g_k)| / sqrt 3)^2) / |IG|."""
-    nodes = reference_nodes(panels)
     weights = trapezoid(nodes)
     every_other = torch.cat([torch.arange(0, len(nodes) - 1, 2), torch.tensor([len(nodes) - 1])]).unique()
     coarse_weights = torch.zeros_like(nodes)
@@ -132,26 +136,6 @@ def reference_ig(model: torch.nn.Module, x: torch.Tensor, target: int, panels: i
     ig, ig_coarse = x[0].double() * fine, x[0].double() * coarse
     return {"ig": ig, "points": len(nodes), "estimate": math.sqrt(errors_squared) / float(ig.norm()),
             "vs_half": float((ig_coarse - ig).norm() / ig.norm())}
-
-
-def trapezoid_reference(model: torch.nn.Module, x: torch.Tensor, target: int, nodes: torch.Tensor) -> dict[str, object]:
-    """IG of x (1, *F) from zero by the trapezoid rule through ``nodes`` (n,), which span [0,
-    1], and its distance to the rule through every other node."""
-    weights = trapezoid(nodes)
-    every_other = torch.cat([torch.arange(0, len(nodes) - 1, 2), torch.tensor([len(nodes) - 1])]).unique()
-    coarse_weights = torch.zeros_like(nodes)
-    coarse_weights[every_other] = trapezoid(nodes[every_other])
-    fine = torch.zeros_like(x[0], dtype=torch.float64)
-    coarse = torch.zeros_like(x[0], dtype=torch.float64)
-    for start in range(0, len(nodes), CHUNK):
-        block = nodes[start : start + CHUNK]
-        points = (block.view(-1, 1, 1, 1) * x.double()).float().requires_grad_(True)
-        model(points)[:, target].sum().backward()
-        grads = points.grad.double()
-        fine += (weights[start : start + CHUNK].view(-1, 1, 1, 1) * grads).sum(0)
-        coarse += (coarse_weights[start : start + CHUNK].view(-1, 1, 1, 1) * grads).sum(0)
-    ig, ig_coarse = x[0].double() * fine, x[0].double() * coarse
-    return {"ig": ig, "points": len(nodes), "estimate": None, "vs_half": float((ig_coarse - ig).norm() / ig.norm())}
 
 
 def gauss_legendre_reference(model: torch.nn.Module, x: torch.Tensor, target: int, n: int = 256) -> dict[str, object]:
