@@ -35,6 +35,7 @@ from reference import assemble  # noqa: E402  (the BiT fixture, as the tests bui
 
 from igd import pipeline  # noqa: E402
 from igd.engine.attribution import engine_mode  # noqa: E402
+from igd.engine.baselines import make_paths  # noqa: E402
 from igd.models import LoadedModel, load_model  # noqa: E402
 from igd.request import parse_attribute  # noqa: E402
 from igd.worker import Classify, ComputeSettings, Worker  # noqa: E402
@@ -52,17 +53,17 @@ def child(name: str, k: int, way: str, steps: int, repeats: int, fixtures: Path)
     model = load(name, fixtures)
     worker = Worker.warmed_up(model, ComputeSettings())
     request = parse_attribute({"n_steps": steps})
-    prepared = pipeline.prepare(Image.open(IMAGE).convert("RGB"), request, model)
-    ranked = model.top_classes(worker.submit(Classify(inputs=prepared.inputs)).result(), k)
+    paths = make_paths(Image.open(IMAGE).convert("RGB"), model.preprocessing, request)
+    ranked = model.top_classes(worker.submit(Classify(inputs=paths.inputs)).result(), k)
     targets = tuple(index for index, _name, _p in ranked)
 
     def run() -> float:
         started = time.perf_counter()
         if way == "one":
-            worker.submit(pipeline.job(prepared, targets if k > 1 else targets[0], request)).result()
+            worker.submit(pipeline.job(paths, targets if k > 1 else targets[0], request)).result()
         else:
             for target in targets:
-                worker.submit(pipeline.job(prepared, target, request)).result()
+                worker.submit(pipeline.job(paths, target, request)).result()
         return time.perf_counter() - started
 
     run()  # warm-up

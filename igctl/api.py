@@ -24,6 +24,7 @@ from typing import Any, Union
 from igctl.client import Client as Connection
 from igctl.client import ClientError, NoDaemon, RequestFailed, UntrustedSocket
 from igd import request as spec
+from igd.output.styles import DEFAULT_OUTLIER_PERC, DEFAULT_SIGN, DEFAULT_STYLE
 from igd.protocol import default_socket_path
 
 __all__ = ["Client", "Attribution", "ClientError", "NoDaemon", "RequestFailed", "UntrustedSocket"]
@@ -118,6 +119,15 @@ class Attribution:
     @property
     def heatmap_png(self) -> bytes | None:
         return self.facts.get("heatmap_png")
+
+    def picture_png(self, style: str = DEFAULT_STYLE, sign: str = DEFAULT_SIGN,
+                    outlier_perc: float = DEFAULT_OUTLIER_PERC, smooth: float = 0.0) -> bytes:
+        """The result's picture drawn here from its arrays (igd.output.figure): with the
+        defaults the same PNG bytes as the daemon's ``heatmap_png``; ``style`` "regions",
+        captum's styles, ``sign``, ``outlier_perc`` and ``smooth`` as for `igctl show`."""
+        from igd.output.figure import Look, figure_png  # numpy and Pillow: only now
+
+        return figure_png(self._loaded(), Look(style, sign, outlier_perc, smooth))
 
     def keys(self) -> list[str]:
         return list(self._loaded())

@@ -11,6 +11,7 @@ and numpy and Pillow only inside `igctl show`.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 from pathlib import Path
@@ -257,14 +258,21 @@ def classify(ctx: click.Context, images: tuple[str, ...], top: int, as_json: boo
 @click.option("--heatmap", type=click.Path(path_type=Path), metavar="PNG",
               help="Render IG to this PNG (a directory when there are several results): one panel per target.")
 @click.option("--style", type=click.Choice(STYLES), default=DEFAULT_STYLE, show_default=True,
-              help="heat_map: colours alone; blended_heat_map: over the image in grey; masked_image: the image "
+              help="overlay: |attribution| in colour over the dimmed grey photo, as igd draws it; regions: XRAI's "
+                   "top 10/20/30 % of the area (a result of --regions xrai); captum's: "
+                   "heat_map: colours alone; blended_heat_map: over the image in grey; masked_image: the image "
                    "times |attribution|; alpha_scaling: the image with |attribution| as opacity.")
 @click.option("--sign", type=click.Choice(SIGNS), default=DEFAULT_SIGN, show_default=True,
               help="Which attributions: all (red negative, green positive), positive, negative, absolute_value.")
 @click.option("--outlier-perc", type=click.FloatRange(0, 100, max_open=True), default=DEFAULT_OUTLIER_PERC,
               show_default=True, help="The top percent of the attribution mass that saturates the colours.")
+@click.option("--smooth", type=click.FloatRange(0, 16), default=0.0, show_default=True, metavar="SIGMA",
+              help="overlay: blur the map by a Gaussian of SIGMA input pixels first (a lighter look; 0: none).")
+@click.option("--html", "report", type=click.Path(dir_okay=False, path_type=Path), metavar="REPORT.html",
+              help="Write a browser report of all RESULTs: a sortable, filterable row per result, its picture "
+                   "on a click (pictures in REPORT-files/ beside it).")
 def show(results: tuple[Path, ...], as_json: bool, heatmap: Path | None, style: str, sign: str,
-         outlier_perc: float) -> None:
+         outlier_perc: float, smooth: float, report: Path | None) -> None:
     """Summarise each RESULT file (torch .gzip or .npz, from igctl, igd batch or the
     predecessor): targets, prediction, accuracy, steps and what made it. No daemon is
     needed, and torch is not loaded.
@@ -274,11 +282,16 @@ def show(results: tuple[Path, ...], as_json: bool, heatmap: Path | None, style: 
       igctl show cat.gzip
       igctl show results/*.npz --json
       igctl show cat.gzip --heatmap cat.png --style heat_map --sign all
+      igctl show results/*.gzip --html report.html
     """
-    from igctl import show as shown  # numpy and Pillow: only for this command
+    from igctl import show as shown  # numpy, Pillow (and Jinja2 for --html): only for this command
+    from igd.output import report as pages
+    from igd.output.figure import Look
 
-    failed = 0
-    for path in results:
+    look = Look(style, sign, outlier_perc, smooth)
+    failed, rows = 0, []
+    for number, path in enumerate(results):
+        href = os.path.relpath(path.absolute(), report.absolute().parent) if report is not None else str(path)
         try:
             result = shown.load(path)
             facts = shown.summary(path, result)
@@ -286,21 +299,26 @@ def show(results: tuple[Path, ...], as_json: bool, heatmap: Path | None, style: 
                 target = heatmap / f"{path.name.split('.')[0]}.png" if len(results) > 1 else heatmap
                 if len(results) > 1:
                     heatmap.mkdir(parents=True, exist_ok=True)
-                write_atomically(target, shown_png(shown.picture(result, style, sign, outlier_perc)))
+                write_atomically(target, shown.picture(result, look))
                 facts["heatmap"] = str(target)
+            if report is not None:
+                pictures = pages.save_pictures(shown.picture(result, look), max(1, len(facts["targets"])), report,
+                                               f"{number:06d}.{path.name}")
+                rows.append(pages.row_of_summary(facts, href, *pictures))
         except (ValueError, OSError) as error:
             failed += 1
             click.echo(f"igctl: {path}: {error}", err=True)
+            if report is not None:
+                rows.append(pages.failed_row(href, str(error)))
             continue
-        click.echo(json.dumps(facts) if as_json else "\n".join(shown.describe(facts)))
+        if report is None or as_json:
+            click.echo(json.dumps(facts) if as_json else "\n".join(shown.describe(facts)))
+    if report is not None:
+        pages.write_report(report, rows, f"igd results: {len(rows)}")
+        click.echo(f"igctl: report written to {report} ({len(rows)} results, {failed} unreadable; pictures in "
+                   f"{pages.files_dir(report)})", err=as_json)
     if failed:
         sys.exit(EXIT_REFUSED)
-
-
-def shown_png(picture: Any) -> bytes:
-    from igd.output.rendering import png
-
-    return png(picture)
 
 
 @main.command(epilog=EXIT_STATUSES, short_help="Show whether igd is up, and what it is doing.")

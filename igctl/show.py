@@ -1,7 +1,7 @@
 """`igctl show`: what a saved result file says, and its picture, without a daemon.
 
-Reads torch and npz results without torch (igd.output.reader) and draws them with igd.output.rendering,
-the normalisation and colours igd's own heatmaps use. numpy and Pillow only.
+Reads torch and npz results without torch (igd.output.reader) and draws them with igd.output.figure,
+the picture igd's own heatmaps are. numpy and Pillow only.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import numpy as np
-from PIL import Image
 
+from igd.output.figure import Look, figure_png
 from igd.output.reader import PROVENANCE_KEYS, UnreadableResult, read_result
-from igd.output.rendering import render, side_by_side
+from igd.output.styles import REGIONS
 
 MAX_SHOWN_VALUES = 100_000
 """The most values (numbers, strings) one summary takes from a result (igd's show a few
@@ -61,8 +61,9 @@ def summary(path: Path, result: dict[str, Any]) -> dict[str, Any]:
     elif "output" in result:  # an older file: the most likely index only
         facts["prediction"] = {"index": int(np.argmax(np.asarray(result["output"])[0])), "name": None,
                                "probability": None}
-    for key in ("convergence_delta", "completeness_gap", "error_estimate", "tolerance", "tolerance_met", "path",
-                "blur_sigma", "samples", "noise", "model", "path_names", "axes", "max_batch"):
+    for key in ("convergence_delta", "completeness_gap", "error_estimate", "integrand", "tolerance", "tolerance_met",
+                "insertion_area", "deletion_area", "path", "blur_sigma", "samples", "noise", "model", "path_names",
+                "axes", "max_batch"):
         if key in result:
             facts[key] = plain(result[key])
     facts["provenance"] = {key: plain(result[key]) for key in PROVENANCE_KEYS if key in result}
@@ -97,32 +98,25 @@ def describe(facts: dict[str, Any]) -> list[str]:
                      f"{origin.get('torchvision_version', '?')}")
     else:
         lines.append("  no provenance recorded (a file from before igd recorded it, or from the predecessor)")
+    if facts.get("heatmap"):
+        lines.append(f"  heatmap written to {facts['heatmap']}")
     return [_printable(line) for line in lines]
 
 
+def picture(result: dict[str, Any], look: Look) -> bytes:
+    """The result's picture as PNG (igd.output.figure: what the daemon's --heatmap draws)."""
+    if look.style == REGIONS and "xrai" not in result:
+        raise ValueError("no XRAI regions in this result to draw (attribute with --regions xrai)")
+    return _drawn(result, look)
+
+
 @_unreadable_if_odd
-def picture(result: dict[str, Any], style: str, sign: str, outlier_perc: float) -> Image.Image:
-    """The rendering of a result's IG: one panel per target, side by side."""
-    integrated = np.asarray(result["integrated_grads"], dtype=np.float32)
-    panels = integrated.reshape(-1, *integrated.shape[-3:])  # (T, C, H, W): (1, ...) or (T, 1, ...)
-    image = _image(result)
-    return side_by_side([render(panel, image, style, sign, outlier_perc) for panel in panels])
+def _drawn(result: dict[str, Any], look: Look) -> bytes:
+    return figure_png(result, look)
 
 
 def load(path: Path) -> dict[str, Any]:
     return read_result(path)
-
-
-def _image(result: dict[str, Any]) -> np.ndarray | None:
-    """The model input as an image (H, W, 3) in [0, 1]: ``input`` with the preprocessing's
-    normalisation undone; None when the file lacks what that needs."""
-    if "input" not in result or "mean" not in result or "std" not in result:
-        return None
-    inputs = np.asarray(result["input"], dtype=np.float64)[0]  # (C, H, W)
-    mean = np.asarray(result["mean"], dtype=np.float64).reshape(-1, 1, 1)
-    std = np.asarray(result["std"], dtype=np.float64).reshape(-1, 1, 1)
-    pixels = np.clip(inputs * std + mean, 0, 1).transpose(1, 2, 0)
-    return pixels.repeat(3, axis=2) if pixels.shape[2] == 1 else pixels[..., :3]
 
 
 def _accuracy(facts: dict[str, Any]) -> str:

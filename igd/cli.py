@@ -389,6 +389,9 @@ def install_systemd(prefix: Path, igd_executable: Path | None, dry_run: bool) ->
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Parquet: the stored gradients' precision.")
 @click.option("--with-steps", is_flag=True, help="Parquet: also store the per-step gradients (large).")
+@click.option("--report", is_flag=True,
+              help="Also write OUT_DIR/report.html, a browser report updated as results land (pictures in "
+                   "OUT_DIR/report-files/).")
 @click.option("--resume", is_flag=True, help="Skip the pairs already done in OUT_DIR; do the rest.")
 @click.option("--shard", metavar="I/N", callback=_parse_shard,
               help="Process the I-th of N deterministic parts of the input (1-based).")
@@ -400,9 +403,9 @@ def install_systemd(prefix: Path, igd_executable: Path | None, dry_run: bool) ->
               help="Ray: GPUs each actor reserves (fractions share a GPU).")
 @compute_options
 @_log_level_option("warning")
-def batch(source: str, out_dir: Path, targets: tuple[str, ...], dtype: str, with_steps: bool, resume: bool,
-          shard: tuple[int, int] | None, backend: str, address: str | None, workers: int, gpus_per_worker: float,
-          compute: dict[str, Any], log_level: str, **args: Any) -> None:
+def batch(source: str, out_dir: Path, targets: tuple[str, ...], dtype: str, with_steps: bool, report: bool,
+          resume: bool, shard: tuple[int, int] | None, backend: str, address: str | None, workers: int,
+          gpus_per_worker: float, compute: dict[str, Any], log_level: str, **args: Any) -> None:
     """Attribute every image of INPUT (a directory, a glob, or a CSV / JSON-lines manifest
     with path, target and id columns) and write the results under OUT_DIR, with one line
     per image and target in OUT_DIR/status.jsonl. A bad image or target is recorded
@@ -413,6 +416,7 @@ def batch(source: str, out_dir: Path, targets: tuple[str, ...], dtype: str, with
       igd batch photos/ results/ -bp bit_model.pth -t cat -t dog
       igd batch manifest.csv results/ --format parquet --steps 100
       igd batch 'photos/**/*.jpg' results/ --shard 2/8 --resume
+      igd batch photos/ results/ --report      # then open results/report.html
     """
     model_args = {name: args.pop(name) for name in MODEL_ARGS}
     fmt = args.pop("format") or spec.FORMAT.default
@@ -428,7 +432,7 @@ def batch(source: str, out_dir: Path, targets: tuple[str, ...], dtype: str, with
     from igd.models import ModelError
 
     logs.configure(log_level)
-    options = BatchOptions(request=request, fmt=fmt, dtype=dtype, with_steps=with_steps,
+    options = BatchOptions(request=request, fmt=fmt, dtype=dtype, with_steps=with_steps, report=report,
                            compute=compute_settings(compute, queue_size=1 << 30))
     try:
         summary = run_batch(source, out_dir, targets=targets, model_args=model_args, options=options,

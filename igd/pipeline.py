@@ -25,16 +25,16 @@ from typing import Any, BinaryIO, Callable, Iterator, Protocol, TypeVar, Union
 from PIL import Image
 from torch import Tensor
 
-from igd.engine import faithfulness
+from igd.engine import faithfulness, xrai
 from igd.engine.baselines import Paths, make_paths
 from igd.engine.paths import PATH_KINDS
 from igd.imaging import ImageError, ImageHeader, ImageTooLarge, decode_image
 from igd.imaging import probe as probe_image
 from igd.models import LoadedModel, UnknownClass
 from igd.output.answer import Answer
-from igd.output.heatmap import canvas as heatmap_canvas
-from igd.output.heatmap import drawing_bytes
+from igd.output.figure import drawing_bytes
 from igd.output.provenance import now
+from igd.output.results import mean_integrated_grads
 from igd.protocol import BAD_IMAGE, BAD_REQUEST, IMAGE_TOO_LARGE, INTERNAL, OVERLOADED, SHUTTING_DOWN, UNKNOWN_TARGET
 from igd.request import TARGET, AttributeRequest, RequestError, RequestFailed, check_targets, target_count
 from igd.worker import (
@@ -98,24 +98,27 @@ class Pipeline:
         if budget is not None:
             budget.admit(needed)
         notes.update(target=targets, **request.log_fields())
-        prepared = await self._decoded(data, notes, lambda image: prepare(image, request, model))
-        return Ready(request, targets, prepared)
+        # Decoding hands the image straight to the paths: the photo is not kept.
+        paths = await self._decoded(data, notes, lambda image: make_paths(image, model.preprocessing, request))
+        return Ready(request, targets, paths)
 
     async def answer(self, ready: Ready, *, listener: JobListener | None = None,
                      notes: dict[str, Any] | None = None, created: datetime.datetime | None = None) -> Answer:
         """The answer to a :meth:`ready` request: its job is submitted at once (before this
         coroutine first waits), then its faithfulness jobs, if asked for."""
         notes = {} if notes is None else notes
-        request, prepared = ready.request, ready.prepared
-        part = await self._computed(job(prepared, ready.targets, request, listener), notes)
-        answer = Answer(part, request, self.model, prepared.image, prepared.paths.names, prepared.inputs,
+        request, paths = ready.request, ready.paths
+        part = await self._computed(job(paths, ready.targets, request, listener), notes)
+        answer = Answer(part, request, self.model, paths.names, paths.inputs,
                         self.worker.compute_facts, created or now())
-        del part, prepared, ready
+        del part, paths, ready
         if request.metrics:  # each target's images are made in the pool, the next once its pass is done
             jobs, logits = metric_jobs(answer), []
             while (metric_job := await self._off_loop(next, jobs, None)) is not None:
                 logits.append(await self._computed(metric_job, {}))
             answer = await self._off_loop(with_metrics, answer, logits)  # each target's facts: not on the loop
+        if request.regions:  # segmenting and ranking: seconds of CPU, in the pool
+            answer = await self._off_loop(with_regions, answer)
         return answer
 
     async def classify(self, data: bytes, top: int, *, budget: Budget | None = None,
@@ -137,9 +140,8 @@ class Pipeline:
 
         def written() -> dict[str, Any]:
             reported: dict[str, Any] = {"format": answer.request.format, **answer.summary()}
-            heatmap = answer.heatmap_png()
-            if heatmap is not None:
-                reported["heatmap_png"] = heatmap
+            if answer.request.heatmap:
+                reported["heatmap_png"] = answer.heatmap_png()
             answer.write_file(out)
             return reported
 
@@ -231,21 +233,6 @@ def resolve_targets(model: LoadedModel, target: Any, top_k: int | None = None) -
     return indices[0] if len(indices) == 1 else indices
 
 
-@dataclass(frozen=True)
-class Prepared:
-    """An image ready for the engine: its paths in the model's input space (igd.engine.baselines),
-    and, only if a heatmap will be drawn, the photo to draw it on (igd.output.heatmap.canvas: at
-    most MAX_SIDE pixels on its longer side)."""
-
-    paths: Paths
-    image: Image.Image | None
-
-    @property
-    def inputs(self) -> Tensor:
-        """(1, C, H, W): the image in input space."""
-        return self.paths.inputs
-
-
 def plan(data: bytes, request: AttributeRequest, target: Any, model: LoadedModel,
          max_pixels: int) -> tuple[Targets, Footprint]:
     """The classes ``target`` names (:func:`resolve_targets`) and the most memory the
@@ -261,11 +248,7 @@ class Ready:
 
     request: AttributeRequest
     targets: Targets
-    prepared: Prepared
-
-
-def prepare(image: Image.Image, request: AttributeRequest, model: LoadedModel) -> Prepared:
-    return Prepared(make_paths(image, model.preprocessing, request), heatmap_canvas(image) if request.heatmap else None)
+    paths: Paths
 
 
 @dataclass(frozen=True)
@@ -280,10 +263,11 @@ class Footprint:
     metrics: int = 0
     idgi: int = 0
     heatmap: int = 0
+    regions: int = 0
 
     @property
     def total(self) -> int:
-        return self.image + self.attribution + self.metrics + self.idgi + self.heatmap
+        return self.image + self.attribution + self.metrics + self.idgi + self.heatmap + self.regions
 
     def parts(self) -> dict[str, int]:
         """The non-zero parts, for error details and logs."""
@@ -305,7 +289,7 @@ def footprint(request: AttributeRequest, model: LoadedModel, targets: int = 1,
     of the path's start and end, the few per-path tensors, and the encoded file, which is no
     larger than what it encodes (x2). The faithfulness images of one
     target at a time (and the worker's copy); IDGI's per-row work; the heatmap's drawing
-    (igd.output.heatmap.drawing_bytes)."""
+    (igd.output.figure.drawing_bytes: the model's input, scaled up)."""
     c, h, w = model.input_shape
     plane = c * h * w * 4
     paths, steps = request.paths, request.n_steps
@@ -319,16 +303,14 @@ def footprint(request: AttributeRequest, model: LoadedModel, targets: int = 1,
     attribution = 2 * (tensors + 4 * len(model.class_names) * 4 * paths)
     metrics = 2 * 2 * (faithfulness.STEPS + 1) * plane if request.metrics else 0
     idgi = (2 * steps + targets * paths + targets) * plane if request.idgi else 0
-    heatmap = 0
-    if request.heatmap and image is not None:
-        heatmap = drawing_bytes(image.width, image.height, targets)
-    return Footprint(image.decoding_bytes() if image is not None else 0, attribution, metrics, idgi, heatmap)
+    heatmap = drawing_bytes(h, w, targets) if request.heatmap else 0
+    regions = xrai.working_bytes(h, w, c, targets) if request.regions else 0
+    return Footprint(image.decoding_bytes() if image is not None else 0, attribution, metrics, idgi, heatmap,
+                     regions)
 
 
-def job(prepared: Prepared, targets: Targets, request: AttributeRequest,
-        listener: JobListener | None = None) -> Attribute:
-    """The compute job of ``request`` on ``prepared``'s paths."""
-    paths = prepared.paths
+def job(paths: Paths, targets: Targets, request: AttributeRequest, listener: JobListener | None = None) -> Attribute:
+    """The compute job of ``request`` on ``paths`` (igd.engine.baselines)."""
     return Attribute(inputs=paths.ends, baseline=paths.starts, target=targets, n_steps=request.n_steps,
                      rule=request.method, tolerance=request.tolerance, listener=listener, top_k=request.top_k,
                      curve=paths.curve, clean=paths.inputs if request.noise else None)
@@ -353,6 +335,15 @@ def with_metrics(answer: Answer, logits: list[Tensor]) -> Answer:
     curves = tuple(faithfulness.curves(target_logits, facts.index)
                    for target_logits, facts in zip(logits, answer.targets, strict=True))
     return replace(answer, curves=curves)
+
+
+def with_regions(answer: Answer) -> Answer:
+    """``answer`` with XRAI's regions (igd.engine.xrai) of each target's IG (the mean over its
+    paths, as the file's ``xrai_attribution``): the image is segmented once for all targets."""
+    assert answer.inputs is not None
+    masks = xrai.segments(answer.inputs[0].detach().float().cpu().numpy().transpose(1, 2, 0))
+    attributions = mean_integrated_grads(answer.attribution, answer.rows)[:, 0].numpy()  # (T, C, H, W)
+    return replace(answer, regions=tuple(xrai.rank_regions(a.max(axis=0), masks) for a in attributions))
 
 
 def worker_failure(error: WorkerError) -> RequestFailed:

@@ -44,6 +44,7 @@ DEFAULT_TOLERANCE = 0.05  # a request that names neither steps, a tolerance nor 
 DEFAULT_CAP = 256  # ... in at most this many points (tolerance_met says whether they were enough)
 MIN_TOLERANCE = 1e-4
 MAX_TARGETS = 16  # targets of one attribution (a list, or top_k)
+XRAI_BASELINES = ("black", "white")  # XRAI's, where the request names none
 MAX_PATHS = 64  # baselines x samples of one attribution
 WARN_ERROR = DEFAULT_TOLERANCE  # igctl warns when the estimated error is above
 
@@ -161,6 +162,10 @@ METRICS = Option("metrics", "--metrics", str, None,
                  "Faithfulness: insertion, deletion or both (comma-separated): the target's probability as the "
                  "most attributed pixels are put in or taken out, 16 steps (docs/protocol.md).",
                  choices=("insertion", "deletion"), many=True)
+REGIONS = Option("regions", "--regions", str, None,
+                 "xrai: also rank image regions by attribution (XRAI, Kapishnikov et al. 2019, as PAIR's saliency "
+                 "package): the result's xrai map and segments. Its IG is from the black and white baselines "
+                 "unless --baseline is given.", choices=("xrai",))
 TOP_K = Option("top_k", "--top-k", int, None, "Attribute to the K most likely classes, most likely first.",
                low=1, high=MAX_TARGETS)
 SEED = Option("seed", "--seed", int, 0, "Seed of the random draws (uniform and sampled blur baselines, --noise).",
@@ -187,13 +192,13 @@ TOP = Option("top", "--top", int, 5, "How many of the most likely classes.", low
 # The options of an attribution, in the order of their flags' help. Everything else follows
 # from this table: AttributeRequest's defaults, parse_attribute, log_fields, the flags
 # (igd.flags), hello's capabilities (igd.service).
-ATTRIBUTE_OPTIONS = (STEPS, TOLERANCE, METHOD, BASELINE, SAMPLES, NOISE, PATH, IDGI, METRICS, TOP_K, SEED,
+ATTRIBUTE_OPTIONS = (STEPS, TOLERANCE, METHOD, BASELINE, SAMPLES, NOISE, PATH, IDGI, METRICS, REGIONS, TOP_K, SEED,
                      BLUR_SIGMA, FORMAT, GZIP_LEVEL, HEATMAP, PROGRESS)
 CLASSIFY_OPTIONS = (TOP, PROGRESS)
 BY_NAME = {option.name: option for option in (*ATTRIBUTE_OPTIONS, *CLASSIFY_OPTIONS, STREAM)}
 REQUEST_OPTIONS = tuple(option for option in ATTRIBUTE_OPTIONS if option is not PROGRESS)  # AttributeRequest's
 LOGGED = (STEPS, METHOD, BASELINE)  # on every attribution's log line
-LOGGED_WHEN_CHANGED = (TOLERANCE, SAMPLES, NOISE, PATH, IDGI, TOP_K, METRICS)  # there when not the default
+LOGGED_WHEN_CHANGED = (TOLERANCE, SAMPLES, NOISE, PATH, IDGI, TOP_K, METRICS, REGIONS)  # there when not the default
 
 
 def _default(option: Option) -> Any:
@@ -216,6 +221,7 @@ class AttributeRequest:
     path: str = _default(PATH)
     idgi: bool = _default(IDGI)
     metrics: tuple[str, ...] = _default(METRICS)  # of igd.engine.faithfulness.METRICS
+    regions: str | None = _default(REGIONS)  # "xrai" (igd.engine.xrai)
     top_k: int | None = _default(TOP_K)
     seed: int = _default(SEED)
     blur_sigma: float | None = _default(BLUR_SIGMA)
@@ -259,6 +265,8 @@ def parse_attribute(args: Mapping[str, Any], *, max_steps: int = MAX_STEPS) -> A
     method = METHOD.check(args.get(METHOD.name))
     given = {option.field: _checked(option, args.get(option.name)) for option in REQUEST_OPTIONS
              if option.name not in (STEPS.name, METHOD.name, TOLERANCE.name)}
+    if given["regions"] is not None and args.get(BASELINE.name) is None and given["path"] not in OWN_STARTS:
+        given["baselines"] = XRAI_BASELINES
     fixed = args.get(STEPS.name) is not None or args.get(METHOD.name) is not None
     if tolerance is None and not fixed and max_steps >= ADAPTIVE_START and _one_straight_path(given):
         tolerance, steps = DEFAULT_TOLERANCE, min(DEFAULT_CAP, max_steps)
@@ -324,6 +332,9 @@ def _check_combination(request: AttributeRequest, args: Mapping[str, Any]) -> No
     if own_start is not None and request.samples > 1 and request.noise == 0.0:
         raise RequestError(SAMPLES, f"above 1 needs --noise with --path {request.path}: every sample would be the "
                                     "same path")
+    if request.tolerance is not None and request.regions is not None and args.get(BASELINE.name) is None:
+        raise RequestError(REGIONS, "ranks IG from the black and white baselines, two paths, which adaptive steps "
+                                    "cannot integrate yet: leave out --tolerance, or give one --baseline")
     if request.tolerance is not None:
         for option, given in ((SAMPLES, request.samples > 1), (BASELINE, len(request.baselines) > 1),
                               (PATH, request.path != PATHS[0]), (NOISE, request.noise > 0)):

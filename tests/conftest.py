@@ -65,13 +65,14 @@ def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_slow_model(tmp_path_factory.mktemp("slow-model"))
 
 
-def require_tool(name: str, request: pytest.FixtureRequest | None = None) -> str:
-    """The path of a system tool a test needs. Missing: the test fails under CI (.ci/run
-    installs systemd's tools); elsewhere it is skipped and named in a warning
-    at the end of the run, so that nobody mistakes a skipped test for a passed one."""
+def require_tool(name: str, request: pytest.FixtureRequest | None = None, package: str = "systemd") -> str:
+    """The path of a system tool a test needs (from the Debian ``package``). Missing: the
+    test fails under CI (.ci/run installs systemd's tools and chromium); elsewhere it is
+    skipped and named in a warning at the end of the run, so that nobody mistakes a skipped
+    test for a passed one."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} is not installed (Debian: apt-get install systemd)"
+        message = f"{name} is not installed (Debian: apt-get install {package})"
         if os.environ.get("CI"):
             pytest.fail(message)
         test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]

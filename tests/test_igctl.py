@@ -21,6 +21,7 @@ from PIL import Image
 
 from daemon import IGCTL, IGD, SLOW_MODEL_OPTIONS, Igd, short_tempdir, steps_lasting, wait_until
 from igctl.client import EXIT_TABLE
+from igd.output.figure import CAPTION_HEIGHT
 from reference import assert_reproduces, assert_same_result, read_result
 from test_imaging import encoded
 
@@ -55,7 +56,7 @@ def test_attribute_on_the_default_model(photos: dict[str, Path], workdir: Path) 
         result = check_result(workdir / "cat.gzip", 16, (3, 224, 224), 1000)
         assert result["target_class"] == 282 and result["target_name"] == "tiger cat"
         heatmap = Image.open(workdir / "cat.png")
-        assert heatmap.format == "PNG" and heatmap.size == (451, 300)
+        assert heatmap.format == "PNG" and heatmap.size == (448, 448 + CAPTION_HEIGHT)  # the 224 x 224 crop, twice
         assert "chelsea.jpg: " in out.stdout.decode() and "-> " in out.stdout.decode()
         assert re.search(r"event=warmed_up .*chunk_source=(measured|cached)", igd.log())  # not given
         batching = json.loads(igd.igctl("status", "--json").stdout)["batching"]

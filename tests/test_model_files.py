@@ -107,35 +107,12 @@ def test_existing_bilinear_preprocessing_is_unchanged(fixtures: Path) -> None:
     # what people and provenance read, as before
     assert ours.describe() == "resize shorter side to 256, centre-crop 224x224"
     assert Preprocessing((32, 32), MEAN, STD).describe() == "resize to 32x32"
-    assert ours.source_box(image.size) == (94, 19, 356, 281)
     assert (ours.interpolation, ours.crop_pct, ours.origin) == ("bilinear", None, "built-in")
     # origin is a field for people, not part of what the preprocessing does
     assert ours == Preprocessing((224, 224), MEAN, STD, resize="crop", resize_to=256, origin="sidecar /x.json")
     # resize_to wins over crop_pct
     assert torch.equal(Preprocessing((224, 224), MEAN, STD, resize="crop", resize_to=256, crop_pct=0.5)(image),
                        ours(image))
-
-
-@pytest.mark.parametrize("config", TIMM_CONFIGS, ids=lambda c: f"{c[0][0]}x{c[0][1]}-{c[2]}-{c[3]}")
-def test_source_box_follows_crop_pct(config: tuple) -> None:
-    """The box is the part of the image the crop keeps: centred, crop_pct of the resized side."""
-    size, interpolation, crop_pct, crop_mode = config
-    preprocessing = Preprocessing(size, MEAN, STD, resize="stretch" if crop_mode == "squash" else "crop",
-                                  interpolation=interpolation, crop_pct=crop_pct)
-    for width, height in ((451, 300), (300, 451), (640, 640)):
-        left, top, right, bottom = preprocessing.source_box((width, height))
-        # centred, up to torchvision's rounding of the crop offset and of the box's corners
-        assert abs((left + right) / 2 - width / 2) <= 2 and abs((top + bottom) / 2 - height / 2) <= 2
-        if crop_mode == "squash":  # each axis on its own: the crop keeps crop_pct of each
-            assert abs((right - left) - width * size[1] / (size[1] // crop_pct)) <= 1.5
-            assert abs((bottom - top) - height * size[0] / (size[0] // crop_pct)) <= 1.5
-        elif size[0] == size[1]:  # the shorter side: crop_pct of it (more than all of it beyond 1)
-            shorter = min(width, height)
-            side = shorter * size[0] / (size[0] // crop_pct)
-            assert abs(min(right - left, bottom - top) - side) <= 1.5
-        else:  # the box has the crop's aspect ratio and lies within the image
-            assert abs((right - left) / (bottom - top) - size[1] / size[0]) < 0.02
-            assert left >= 0 and top >= 0 and right <= width and bottom <= height
 
 
 def test_describe_names_interpolation_and_crop_pct() -> None:
@@ -187,10 +164,6 @@ def test_crop_offsets_floor_as_transformers_and_round_as_torchvision() -> None:
             assert torch.equal(rounded(picture), centre(picture).unsqueeze(0))
             assert not torch.equal(by_hand, rounded(picture))  # the two rules do part here
             assert "offsets floored" in floor.describe() and "floor" not in rounded.describe()
-    # the box the model sees starts where the crop does
-    floor = Preprocessing((64, 64), MEAN, STD, resize="crop", resize_to=64, crop_offsets="floor")
-    assert floor.source_box((71, 64)) == (3, 0, 67, 64)
-    assert Preprocessing((64, 64), MEAN, STD, resize="crop", resize_to=64).source_box((71, 64)) == (4, 0, 68, 64)
     for wrong in ("ceil", "Floor", None, 0):
         with pytest.raises(ValueError, match=r"crop_offsets must be 'round' \(torchvision's and timm's centre crop\) "
                                              r"or 'floor' \(transformers'\), got"):

@@ -95,6 +95,9 @@ def test_the_python_client_gives_igctls_result(lanet: Igd, fixtures: Path, workd
             from_pil = igd.attribute(photo, target=3, n_steps=8)
         assert np.array_equal(from_pil.integrated_grads, result.integrated_grads)
         assert igd.classify(image.read_bytes(), top=2)[0]["name"] == result.prediction
+        pictured = igd.attribute(image, target="cat", n_steps=8, heatmap=True)  # drawn here = drawn by igd
+        assert pictured.heatmap_png[:8] == b"\x89PNG\r\n\x1a\n" and pictured.picture_png() == pictured.heatmap_png
+        assert pictured.picture_png(style="heat_map") != pictured.heatmap_png
         assert igd.status()["state"] == "ready"
         with pytest.raises(RequestFailed) as refused:
             igd.attribute(image, target="unicorn")

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from daemon import IGCTL, Igd
-from igd.output.rendering import normalize, render
+from igd.output.figure import CAPTION_HEIGHT, Look, captions_of, figure, result_photo
+from igd.output.rendering import CAPTUM_STYLES, mass_threshold, normalize, render
 from igd.output.styles import SIGNS, STYLES
 
 
@@ -81,15 +82,17 @@ def test_show_summarises_and_renders_torch_and_npz_results(lanet: Igd, fixtures:
         facts = json.loads(subprocess.run([IGCTL, "show", str(workdir / name), "--json"], capture_output=True,
                                           text=True, timeout=60).stdout)
         assert facts["targets"] == [{"index": 3, "name": "cat"}] and facts["provenance"]["model_family"] == "lanet"
-        for style in STYLES:
+        for style in (style for style in STYLES if style != "regions"):  # regions: tests/test_xrai.py
             out = workdir / f"{name}.{style}.png"
             drawn = subprocess.run([IGCTL, "show", str(workdir / name), "--heatmap", str(out), "--style", style],
                                    capture_output=True, text=True, timeout=60)
             assert drawn.returncode == 0, drawn.stderr
-            assert Image.open(out).size == (32, 32)
+            assert f"heatmap written to {out}" in drawn.stdout
+            assert Image.open(out).size == (448, 448 + CAPTION_HEIGHT)  # 32 x 32 scaled by 14, and its caption
     two = subprocess.run([IGCTL, "show", str(workdir / "two.gzip"), "--heatmap", str(workdir / "two.png"), "--json"],
                          capture_output=True, text=True, timeout=60)
-    assert len(json.loads(two.stdout)["targets"]) == 2 and Image.open(workdir / "two.png").size == (64, 32)
+    assert len(json.loads(two.stdout)["targets"]) == 2 and json.loads(two.stdout)["heatmap"] == str(workdir / "two.png")
+    assert Image.open(workdir / "two.png").size == (2 * 448, 448 + CAPTION_HEIGHT)
     broken = workdir / "broken.gzip"
     broken.write_bytes(b"\x1f\x8b not really")
     refused = subprocess.run([IGCTL, "show", str(broken)], capture_output=True, text=True, timeout=60)
@@ -106,3 +109,90 @@ def test_show_loads_no_torch(lanet: Igd, fixtures: Path, workdir: Path) -> None:
             "print('torch' in sys.modules)")
     shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0 and shown.stdout.strip().endswith("False"), shown.stderr
+
+
+# --- The default picture ------------------------------------------------------------------------
+
+LANET_MEAN, LANET_STD = [0.49139968, 0.48215827, 0.44653124], [0.24703233, 0.24348505, 0.26158768]
+
+
+def lanet_result(fixtures: Path) -> dict:
+    """The LaNet fixture's reference IG on chelsea as a result dict (from the original code)."""
+    reference = np.load(fixtures / "lanet-tiny.reference.npz")
+    return {"integrated_grads": reference["integrated_grads"], "input": reference["input"], "mean": LANET_MEAN,
+            "std": LANET_STD, "output": reference["logits"].reshape(1, -1), "target_class": 3, "target_name": "cat",
+            "error_estimate": 0.0412}
+
+
+def chroma(pixels: np.ndarray) -> np.ndarray:
+    """How far from grey each RGB pixel (..., 3) is: its largest channel minus its smallest."""
+    return pixels.max(axis=-1).astype(int) - pixels.min(axis=-1).astype(int)
+
+
+def test_the_default_picture_shows_where_the_attribution_is(fixtures: Path) -> None:
+    """Where the top 2 % of the attribution mass lies the picture is strongly coloured; where
+    there is (almost) none it is the grey photo; the model's 32 x 32 input is drawn 448 px
+    wide, under a caption that names the target, its probability and the estimated error."""
+    result = lanet_result(fixtures)
+    picture = np.asarray(figure(result))
+    assert picture.shape == (448 + CAPTION_HEIGHT, 448, 3)
+    drawn = picture[CAPTION_HEIGHT:]
+    magnitude = np.abs(np.asarray(result["integrated_grads"][0]).sum(axis=0))  # (32, 32)
+    top = magnitude >= mass_threshold(magnitude, 98)  # the saturated 2 % of the mass
+    faint = magnitude <= 0.01 * magnitude.max()
+    assert top.sum() >= 3 and faint.sum() >= 30
+    centres = drawn[7::14, 7::14]  # the middle of each input pixel's 14 x 14 block
+    assert chroma(centres[top]).min() >= 60, chroma(centres[top])
+    assert np.median(chroma(centres[faint])) <= 12
+    grey = np.asarray(Image.fromarray(np.round(result_photo(result) * 255).astype(np.uint8)).convert("L"))
+    brightness = centres[faint].mean(axis=-1)
+    assert np.corrcoef(brightness, grey[faint])[0, 1] > 0.8  # the photo shows through where nothing is
+    band = picture[:CAPTION_HEIGHT]
+    assert (band.mean(axis=-1) > 150).sum() > 100  # text drawn in the caption band
+    probability = float(np.exp(result["output"][0, 3]) / np.exp(result["output"][0]).sum())
+    assert captions_of(result, 1) == [f"cat   p {probability:.2f}   error 4.1 %"]
+
+
+def test_pictures_of_several_targets_have_a_caption_each(fixtures: Path) -> None:
+    one = lanet_result(fixtures)
+    two = {**one, "integrated_grads": np.stack([one["integrated_grads"], -one["integrated_grads"]]),
+           "target_class": [3, 5], "target_name": ["cat", "dog"], "error_estimate": np.array([0.02, np.inf])}
+    captions = captions_of(two, 2)
+    assert captions[0].startswith("cat   p ") and captions[1].startswith("dog   p ")
+    assert captions[1].endswith("error unbounded")
+    picture = np.asarray(figure(two))
+    assert picture.shape == (448 + CAPTION_HEIGHT, 896, 3)
+    assert np.array_equal(picture[:, :448], np.asarray(figure({**one, "error_estimate": 0.02})))
+    for left in (0, 448):
+        assert (picture[:CAPTION_HEIGHT, left:left + 448].mean(axis=-1) > 150).sum() > 100
+
+
+def test_smoothing_and_captums_styles_stay_available(fixtures: Path) -> None:
+    result = lanet_result(fixtures)
+    plain, smooth = np.asarray(figure(result)), np.asarray(figure(result, Look(smooth=1.5)))
+    assert plain.shape == smooth.shape and not np.array_equal(plain, smooth)
+    # smoothing spreads the map: fewer pixels saturate at the top of the colour map
+    assert (chroma(smooth[CAPTION_HEIGHT:]) > 60).sum() != (chroma(plain[CAPTION_HEIGHT:]) > 60).sum()
+    for style in CAPTUM_STYLES:
+        captum = np.asarray(figure(result, Look(style=style, sign="all")))
+        assert captum.shape == plain.shape
+        drawn = captum[CAPTION_HEIGHT:]
+        expected = np.asarray(render(result["integrated_grads"][0], result_photo(result), style, "all").convert("RGB"))
+        if style != "alpha_scaling":  # drawn over white
+            assert np.array_equal(drawn[7::14, 7::14], expected)
+
+
+@pytest.mark.parametrize("targets", [("cat",), ("--top-k", "2")], ids=["one target", "two targets"])
+def test_the_daemon_and_show_draw_the_same_picture(lanet: Igd, fixtures: Path, workdir: Path,
+                                                   targets: tuple[str, ...]) -> None:
+    name = "-".join(targets).strip("-")
+    result, sent, redrawn = workdir / f"{name}.gzip", workdir / f"{name}.daemon.png", workdir / f"{name}.show.png"
+    run = lanet.igctl("attribute", str(fixtures / "images" / "chelsea.png"), *targets, "--steps", "6", "-o",
+                      str(result), "--heatmap", str(sent))
+    assert run.returncode == 0, run.stderr.decode()
+    assert f"heatmap {sent}" in run.stdout.decode()  # igctl says where it wrote it
+    shown = subprocess.run([IGCTL, "show", str(result), "--heatmap", str(redrawn)], capture_output=True, text=True,
+                           timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert sent.read_bytes() == redrawn.read_bytes()
+    assert Image.open(sent).width == 448 * (2 if "--top-k" in targets else 1)

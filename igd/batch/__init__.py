@@ -9,6 +9,7 @@ from typing import Any
 from igd.batch.backends import run_local, run_ray
 from igd.batch.inputs import InputError, Pair, discover, in_shard
 from igd.batch.lock import OutDirLock
+from igd.batch.report import BatchReport
 from igd.batch.outputs import (ParquetShards, ResultFiles, StatusLog, drop_incomplete_parquet, pending,
                                remove_stale_temporaries, shard_outputs)
 from igd.batch.runner import BatchOptions
@@ -83,10 +84,17 @@ def _run(
             raise InputError(f"{status.path} exists: continue with --resume, or use a fresh OUT_DIR")
         todo = pairs
     counts = {"ok": 0, "failed": 0}
+    report = BatchReport(out_dir, shard, f"igd batch: {out_dir.name}") if options.report else None
+    if report is not None:
+        report.start(resume)
 
     def sink(rows: list[dict[str, Any]]) -> None:
+        if report is not None:
+            report.take(rows)  # the pictures out of the rows
         due = writer.write(rows)
         status.append(due)
+        if report is not None:
+            report.add(due)
         for row in due:
             counts["ok" if row["ok"] else "failed"] += 1
 
@@ -99,4 +107,7 @@ def _run(
     last = writer.close()
     status.append(last)
     counts["ok"] += len(last)
+    if report is not None:
+        report.add(last)
+        report.close()
     return Summary(len(pairs), len(pairs) - len(todo), counts["ok"], counts["failed"], removed)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import datetime
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,7 @@ class BatchOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_image_bytes: int = DEFAULT_MAX_FRAME_BYTES  # larger input files are refused, as igd serve does
     compute: ComputeSettings = field(default_factory=lambda: ComputeSettings(queue_size=1 << 30))
+    report: bool = False  # also draw each result's picture for OUT_DIR/report.html (igd.batch.report)
 
 
 class BatchAttributor:
@@ -101,6 +103,10 @@ class BatchAttributor:
         """The row of a pair answered: its facts (igd.output.keys), and the result file's
         bytes, or for parquet its arrays."""
         row = {**base_row(pair), "ok": True, **answer.row()}
+        if self.options.report:  # plain values only: rows may cross a Ray cluster
+            row[PICTURE] = answer.heatmap_png()
+            row[PANELS] = len(answer.targets)
+            row[PROVENANCE] = json.dumps({k: v for k, v in answer.provenance.items() if isinstance(v, (str, int, float))})
         if self.options.fmt != "parquet":
             row["data"] = answer.file_bytes()
         else:
@@ -108,9 +114,13 @@ class BatchAttributor:
         return row
 
 
+# A row's report fields (igd.batch.report takes them out before the row is written).
+PICTURE, PANELS, PROVENANCE = "report_picture_png", "report_panels", "report_provenance"
+
+
 def _arrays(answer: Answer, options: BatchOptions) -> dict[str, Any]:
     """The parquet columns of one result's arrays (igd.output.keys.PARQUET_ARRAYS), flat:
-    ``integrated_grads``, ``idgi`` if asked for, and with --with-steps the per-step
+    ``integrated_grads``, ``idgi`` and ``xrai`` if asked for, and with --with-steps the per-step
     gradients and step sizes (float32); ``shape`` is IG's as in the result file, without
     the predecessor layout's leading 1: (C, H, W), or (T, 1, C, H, W) with several targets
     or paths."""

@@ -164,36 +164,6 @@ class Preprocessing:
         """RGB image -> (1, C, H, W) model input."""
         return self.normalize(self.to_pixels(image))
 
-    def source_box(self, size: tuple[int, int]) -> tuple[int, int, int, int]:
-        """The region (left, top, right, bottom) of an image of ``size`` (width, height)
-        that the model sees: all of it when stretching, the centre crop otherwise. With
-        ``crop_pct`` > 1 the crop is larger than the resized image (torchvision pads it with
-        zeros), and the box reaches beyond the image."""
-        width, height = size
-        crop_h, crop_w = self.input_size
-        scale_size = self._scale_size()
-        if self.resize == "stretch":
-            if scale_size is None:
-                return (0, 0, width, height)
-            # squash: each axis scaled on its own, then the centre crop
-            scale_y, scale_x = scale_size[0] / height, scale_size[1] / width
-            left = self._offset(scale_size[1] - crop_w) / scale_x
-            top = self._offset(scale_size[0] - crop_h) / scale_y
-            return (round(left), round(top), round(left + crop_w / scale_x), round(top + crop_h / scale_y))
-        if scale_size is not None:
-            # timm's ResizeKeepRatio: one ratio for both axes, sizes rounded
-            ratio = min(height / scale_size[0], width / scale_size[1])
-            resized_h, resized_w = round(height / ratio), round(width / ratio)
-            scale = 1 / ratio
-        else:
-            shorter = self._shorter()
-            scale = shorter / min(width, height)
-            # torchvision: Resize keeps the aspect ratio (truncating); the crop's offsets follow crop_offsets.
-            resized_w, resized_h = (shorter, int(shorter * height / width)) if width <= height else (int(shorter * width / height), shorter)
-        left = self._offset(resized_w - crop_w) / scale
-        top = self._offset(resized_h - crop_h) / scale
-        return (round(left), round(top), round(left + crop_w / scale), round(top + crop_h / scale))
-
     def describe(self) -> str:
         """One line for people, e.g. ``resize shorter side to 235 (bicubic), centre-crop 224x224
         (crop_pct 0.95)``; the interpolation is named when it is not bilinear, the crop's

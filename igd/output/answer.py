@@ -16,19 +16,21 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, BinaryIO
 
+import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from igd.engine.accuracy import completeness_gap
 from igd.engine.attribution import Attribution, AttributionSlice
 from igd.engine.faithfulness import Curves
 from igd.engine.paths import STRAIGHT
+from igd.engine.xrai import Regions
 from igd.models import LoadedModel
-from igd.output.heatmap import heatmap_grid_png
+from igd.output.figure import figure_png
 from igd.output.keys import FACTS, Fact, json_safe, nested_set
 from igd.output.provenance import ComputeFacts, now, provenance
-from igd.output.results import Result, encode, file_arrays, idgi_of, predecessor_layout, write_result
+from igd.output.results import (Result, encode, file_arrays, idgi_of, mean_integrated_grads, predecessor_layout,
+                                write_result)
 from igd.request import AttributeRequest
 
 
@@ -53,12 +55,12 @@ class Answer:
     part: AttributionSlice
     request: AttributeRequest
     model: LoadedModel
-    image: Image.Image | None  # for the heatmap
     path_names: tuple[str, ...] = ()
     inputs: Tensor | None = None  # (1, C, H, W): the image in input space
     compute: ComputeFacts = ComputeFacts()  # how the worker computed it
     created: datetime.datetime = field(default_factory=now)  # when the request arrived
     curves: tuple[Curves, ...] = ()  # the faithfulness curves of each target, once measured
+    regions: tuple[Regions, ...] = ()  # XRAI's regions of each target, once ranked
 
     @cached_property
     def provenance(self) -> dict[str, Any]:
@@ -159,6 +161,10 @@ class Answer:
             result["metric_fractions"] = self.curves[0].fractions.float()
             for metric in request.metrics:
                 result[f"{metric}_curve"] = torch.stack([getattr(c, metric) for c in self.curves]).float()
+        if self.regions:
+            result["xrai"] = torch.from_numpy(np.stack([regions.map for regions in self.regions]))
+            result["xrai_segments"] = torch.from_numpy(np.stack([regions.ranks for regions in self.regions]))
+            result["xrai_attribution"] = mean_integrated_grads(attribution, self.rows)[:, 0]
         for fact, value in self.facts():
             if fact.file is not None:
                 result[fact.file] = _file_value(value) if self.combined and fact.per_target else value
@@ -204,12 +210,16 @@ class Answer:
         write_result(self.result(defer_intermediates=True), self.request.format, self.request.gzip_level, out,
                      consume=True)
 
-    def heatmap_png(self) -> bytes | None:
-        """The heatmap over the image: one panel per target, side by side, of the mean IG."""
-        if self.image is None:
-            return None
-        return heatmap_grid_png(self.mean_attributions(), self.image, self.model.preprocessing,
-                                [t.name for t in self.targets] if self.combined else None)
+    def heatmap_png(self) -> bytes:
+        """The result's picture (igd.output.figure): drawn from the values its file holds, so
+        `igctl show --heatmap` of the file draws the same bytes."""
+        shown: dict[str, Any] = {fact.file: value for fact, value in self.facts()
+                                 if fact.file in ("target_class", "target_name", "error_estimate")}
+        assert self.inputs is not None
+        shown.update(integrated_grads=mean_integrated_grads(self.attribution, self.rows),
+                     input=self.inputs.detach().float().cpu(), output=self.logits.detach().float().cpu().view(1, -1),
+                     mean=self.provenance["mean"], std=self.provenance["std"])
+        return figure_png(shown)
 
 
 def _file_value(values: list[Any]) -> Any:

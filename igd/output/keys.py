@@ -80,6 +80,7 @@ FACTS: tuple[Fact, ...] = (
 # The result file's arrays with a leading target axis (igd.output.results.file_arrays), and
 # the per-target facts: the predecessor's layout (one target, one path) drops that axis.
 TARGET_AXIS = frozenset({"integrated_grads", "integrated_directional_grads", "path_logits", "idgi",
+                         "xrai", "xrai_segments", "xrai_attribution",
                          *(f"{metric}_curve" for metric in METRICS.choices),
                          *(fact.file for fact in FACTS if fact.per_target and fact.file)})
 # Keys that describe the axes of a result with several targets or paths; not in the predecessor's layout.
@@ -87,7 +88,7 @@ COMBINED_ONLY = frozenset({"axes", "path_names"})
 
 # `igd batch --format parquet`: column -> the result file's array it holds (flat), and the
 # ones only stored with --with-steps.
-PARQUET_ARRAYS = {"integrated_grads": "integrated_grads", "idgi": "idgi"}
+PARQUET_ARRAYS = {"integrated_grads": "integrated_grads", "idgi": "idgi", "xrai": "xrai"}
 PARQUET_STEP_ARRAYS = {"directional_grads": "integrated_directional_grads", "step_sizes": "step_sizes"}
 
 

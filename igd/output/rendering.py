@@ -1,4 +1,5 @@
-"""Attribution pictures, in the styles captum's ``visualize_image_attr`` made familiar.
+"""Attribution maps in the styles captum's ``visualize_image_attr`` made familiar (igd.output.figure
+draws them, and its own default, into the picture of a result).
 
 Normalisation (as captum's): the attribution is summed over channels; ``sign`` keeps all
 of it, its positive part, its negative part or its absolute value; the scale is the value
@@ -18,9 +19,10 @@ import io
 import numpy as np
 from PIL import Image
 
-from igd.output.styles import DEFAULT_OUTLIER_PERC, DEFAULT_SIGN, DEFAULT_STYLE, SIGNS, STYLES
+from igd.output.styles import DEFAULT_OUTLIER_PERC, DEFAULT_SIGN, OVERLAY, REGIONS, SIGNS, STYLES
 
 BLEND = 0.5  # the heat map's weight over the grey image
+CAPTUM_STYLES = tuple(style for style in STYLES if style not in (OVERLAY, REGIONS))
 
 _WHITE = np.array([1.0, 1.0, 1.0])
 _ENDS = {"positive": np.array([0.0, 0.5, 0.0]), "negative": np.array([0.8, 0.0, 0.0]),
@@ -66,12 +68,12 @@ def colorize(level: np.ndarray, sign: str = DEFAULT_SIGN) -> np.ndarray:
     return _WHITE - amount * (_WHITE - _ENDS[sign])
 
 
-def render(attribution: np.ndarray, image: np.ndarray | None = None, style: str = DEFAULT_STYLE,
+def render(attribution: np.ndarray, image: np.ndarray | None = None, style: str = "blended_heat_map",
            sign: str = DEFAULT_SIGN, outlier_perc: float = DEFAULT_OUTLIER_PERC) -> Image.Image:
     """The picture of an attribution (C, H, W) over ``image`` (H, W, 3) in [0, 1] (needed
-    by every style but ``heat_map``)."""
-    if style not in STYLES:
-        raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
+    by every style but ``heat_map``), in one of captum's styles."""
+    if style not in CAPTUM_STYLES:
+        raise ValueError(f"style must be one of {', '.join(CAPTUM_STYLES)}, got {style!r}")
     level = normalize(attribution, sign, outlier_perc)
     if style == "heat_map":
         return _image(colorize(level, sign))

@@ -120,9 +120,8 @@ def file_arrays(
         picked = torch.stack([tensor[row] for row in rows]) if path_axis else _rows_view(tensor, first)
         return _own(picked)
 
-    integrated = torch.stack([attribution.integrated_grads[row].mean(dim=0, keepdim=True) for row in rows])
     result: Result = {
-        "integrated_grads": _own(integrated),
+        "integrated_grads": mean_integrated_grads(attribution, rows),
         "integrated_directional_grads": stacked(attribution.directional_grads),
         "step_sizes": _own(attribution.step_sizes.view(-1, 1)),
         "intermediates": _intermediates(attribution, per_path, defer_intermediates),
@@ -233,6 +232,11 @@ def _path_filler(attribution: Attribution, index: int) -> Callable[[Tensor], Non
             out[block] = attribution.intermediates_of(index, block)
 
     return fill
+
+
+def mean_integrated_grads(attribution: Attribution, rows: list[list[int]]) -> Tensor:
+    """(T, 1, C, H, W): each target's IG, the mean over its paths (the file's ``integrated_grads``)."""
+    return _own(torch.stack([attribution.integrated_grads[row].mean(dim=0, keepdim=True) for row in rows]))
 
 
 def _own(tensor: Tensor) -> Tensor:
