@@ -64,9 +64,26 @@ def test_hello_status_classify(bit_daemon: Igd, chelsea_png: bytes) -> None:
 
         status = client.call("status")["result"]
         assert status["device"] == "cpu" and status["uptime_s"] > 0
-        assert status["requests"]["served"] >= 2 and status["queue_depth"] == 0
+        assert status["requests"]["served"] >= 1 and status["requests"]["queries"] >= 1 and status["queue_depth"] == 0
         assert status["memory"]["rss_bytes"] > 10_000_000
         assert "batch_sizes" in status["batching"]
+
+
+def test_polls_are_neither_served_requests_nor_info_lines(bit_daemon: Igd, chelsea_png: bytes) -> None:
+    """`igctl status --wait` polls several times a second: hello and status are counted as
+    queries and logged at debug level; served counts the work (classify, attribute)."""
+    with WireClient(str(bit_daemon.socket)) as client:
+        before = client.call("status")["result"]["requests"]
+        for _ in range(4):
+            assert client.call("hello")["ok"] and client.call("status")["ok"]
+        polled = client.call("status")["result"]["requests"]
+        assert polled["served"] == before["served"] and polled["queries"] == before["queries"] + 9
+        assert client.call("classify", {"image": chelsea_png, "top": 1})["ok"]
+        after = client.call("status")["result"]["requests"]
+        assert after["served"] == before["served"] + 1 and after["served_by_op"]["classify"] >= 1
+    lines = bit_daemon.log().splitlines()
+    assert any("event=request" in line and "op=classify" in line for line in lines)
+    assert not any("event=request" in line and ("op=status" in line or "op=hello" in line) for line in lines)
 
 
 @pytest.mark.parametrize("family", ["bit", "lanet"])

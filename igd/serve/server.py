@@ -9,6 +9,7 @@ the connection kept. A client that vanishes has its queued work cancelled.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import select
 import signal
@@ -353,11 +354,14 @@ class Server:
             events.answered = True
             reservation.settle(sum(map(len, frame)) if isinstance(frame, list) else len(frame))  # until it is written out, the frame is what this request holds
             delivered = await connection.send(frame)
+            compute = op in protocol.COMPUTE_OPS
             if outcome == "ok" and delivered:
-                service.served[op] += 1
+                (service.served if compute else service.queries)[op] += 1
             elif outcome != "ok":
                 service.failed[outcome] += 1
-            log("request", op=op, id=request_id, outcome=outcome if delivered else f"{outcome}_undelivered",
+            # hello and status answered: debug, or `igctl status --wait`'s polls would flood the log
+            log("request", level=logging.INFO if compute or outcome != "ok" else logging.DEBUG, op=op,
+                id=request_id, outcome=outcome if delivered else f"{outcome}_undelivered",
                 ms=round((time.perf_counter() - started) * 1000, 1), **connection.peer, **notes)
         except asyncio.CancelledError:
             log("request", op=op, id=request_id, outcome="cancelled", **connection.peer, **notes)

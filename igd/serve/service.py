@@ -124,7 +124,8 @@ class Service:
         self.started = time.monotonic() if started is None else started  # the process's start
         self.phase = "starting"  # what start-up is doing, for people: "loading the model", ...
         self.phase_started = time.monotonic()
-        self.served: collections.Counter[str] = collections.Counter()
+        self.served: collections.Counter[str] = collections.Counter()  # classify and attribute answered
+        self.queries: collections.Counter[str] = collections.Counter()  # hello and status answered
         self.failed: collections.Counter[str] = collections.Counter()
         self.in_flight = 0
         self.connections = 0
@@ -232,6 +233,7 @@ class Service:
                 "served": sum(self.served.values()),
                 "failed": sum(self.failed.values()),
                 "served_by_op": dict(self.served),
+                "queries": sum(self.queries.values()),
                 "failed_by_code": dict(self.failed),
                 "in_flight": self.in_flight,
                 "pending": self.pending,
