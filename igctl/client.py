@@ -74,6 +74,11 @@ def trusted_server_uids() -> set[int]:
     return uids
 
 
+class OutputClosed(Exception):
+    """What igctl writes to (its stdout) was closed by the reader, e.g. ``igctl ... | head``:
+    not the daemon's doing. Raised from event handlers; igctl then ends quietly."""
+
+
 class ConnectionLost(ClientError):
     """The connection ended; ``sent`` says whether the request had been fully sent
     (if not, the daemon never saw it and it is safe to retry on a new connection)."""
@@ -182,7 +187,10 @@ class Client:
                 if kind == protocol.RESPONSE and body.get("id") in (request_id, None):
                     break
                 if kind == protocol.EVENT and on_event is not None and body.get("id") == request_id:
-                    on_event(body)
+                    try:
+                        on_event(body)
+                    except BrokenPipeError:  # igctl's own output, not the socket
+                        raise OutputClosed() from None
         except TimeoutError:
             raise ClientError(f"no answer from igd within {self._sock.gettimeout():g} s (--timeout)") from None
         except (EOFError, ConnectionError) as error:

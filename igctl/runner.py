@@ -13,15 +13,17 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import signal
 import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import click
 
-from igctl.client import EXIT_DAEMON_FAILED, EXIT_OK, EXIT_REFUSED, Client, ClientError, ConnectionLost, RequestFailed
+from igctl.client import (EXIT_DAEMON_FAILED, EXIT_OK, EXIT_REFUSED, Client, ClientError, ConnectionLost, OutputClosed,
+                          RequestFailed)
 from igctl.naming import STDIO
 from igctl.records import attribute_record
 from igctl.session import Failure, Session
@@ -149,17 +151,37 @@ def run_all(
 
     outcomes: list[Outcome] = []
     with Progress(len(items)) as advance, concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        for outcome in pool.map(run, items):
-            outcomes.append(outcome)
-            if as_json:
-                click.echo(json.dumps(outcome.record))
-            if not outcome.record["ok"]:
-                error = outcome.record["error"]
-                label = f"{error['code']}: " if error["code"] not in ("client", "io") else ""
-                click.echo(f"igctl: {outcome.record['image']}: {label}{error['message']}", err=True)
-            advance()
+        try:
+            for outcome in pool.map(run, items):
+                outcomes.append(outcome)
+                if as_json:
+                    echo_out(json.dumps(outcome.record))
+                if not outcome.record["ok"]:
+                    error = outcome.record["error"]
+                    label = f"{error['code']}: " if error["code"] not in ("client", "io") else ""
+                    click.echo(f"igctl: {outcome.record['image']}: {label}{error['message']}", err=True)
+                advance()
+        except OutputClosed:
+            pool.shutdown(wait=False, cancel_futures=True)  # nobody reads the rest: start no more
+            raise
     session.close()
     return outcomes
+
+
+def echo_out(line: str) -> None:
+    """``line`` on stdout; OutputClosed when its reader has gone (``| head``)."""
+    try:
+        click.echo(line)
+    except BrokenPipeError:
+        raise OutputClosed() from None
+
+
+def closed_stdout() -> NoReturn:
+    """End igctl quietly, as a program killed by SIGPIPE does (``igctl ... | head``): no
+    message, status 141 (128 + SIGPIPE), nothing more written to the closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # what Python would flush at exit goes nowhere
+    sys.exit(128 + signal.SIGPIPE)
 
 
 def finish(outcomes: list[Outcome]) -> None:

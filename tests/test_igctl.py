@@ -467,6 +467,23 @@ def test_progress_events_as_json_and_as_a_bar(slow: Igd, photos: dict[str, Path]
     assert quiet.returncode == 0 and quiet.stderr == b""  # not a terminal: no bar, no events
 
 
+def test_a_reader_that_stops_reading_ends_igctl_quietly(lanet: Igd, photos: dict[str, Path], workdir: Path) -> None:
+    """`igctl attribute --progress-json | head -2`: igctl's stdout closes while events still
+    come; it ends as a program killed by SIGPIPE does (status 141, nothing on stderr), blames
+    nobody, leaves no partial file, and the daemon goes on serving."""
+    command = [IGCTL, "--socket", str(lanet.socket), "attribute", str(photos["chelsea.png"]), "cat", "--steps", "200",
+               "--progress-json", "-o", str(workdir / "r.gzip")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    first = [process.stdout.readline() for _ in range(2)]  # what `head -2` reads
+    process.stdout.close()
+    assert process.wait(60) == 141, process.stderr.read()
+    assert all(line.startswith(b"{") for line in first) and process.stderr.read() == b""
+    assert not any(workdir.iterdir())  # neither the result nor its temporary
+    again = lanet.igctl("attribute", str(photos["chelsea.png"]), "cat", "--steps", "8", "-o", str(workdir / "r.gzip"))
+    assert again.returncode == 0, again.stderr
+
+
 def test_usage_hints(lanet: Igd, photos: dict[str, Path], workdir: Path) -> None:
     typo = lanet.igctl("attribute", str(photos["chelsea.png"]), str(workdir / "nope.jpg"))
     assert typo.returncode == 2 and b"Did you mean to pass several images?" in typo.stderr
