@@ -137,7 +137,8 @@ def test_integrated_gradients_equal_captums(saved: dict[str, Path], chelsea: Pat
 def test_targets_by_id2label_name(saved: dict[str, Path]) -> None:
     loaded: LoadedModel = load_model(model=f"hf:{saved['vit']}")  # the hf: prefix says the same
     assert [loaded.class_index(n) for n in ("tabby", "Golden Retriever", "teapot", "2")] == [0, 2, 1, 2]
-    with pytest.raises(UnknownClass, match="did you mean 'golden retriever'"):
+    with pytest.raises(UnknownClass, match=r"\(3 classes: 'tabby', 'teapot', 'golden retriever'\); "
+                                           "did you mean 'golden retriever'"):
         loaded.class_index("retriever")
     assert loaded.name == "vit" and "ViTForImageClassification" in loaded.description
 

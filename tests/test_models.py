@@ -322,6 +322,8 @@ def test_one_source_only_and_devices(fixtures: Path) -> None:
         load_model(bit_path=fixtures / "bit-tiny.pth", lanet_path=fixtures / "lanet-tiny.pth")
     with pytest.raises(ModelError, match="neither a model file nor a torchvision"):
         load_model(model="no-such-net")
+    with pytest.raises(ModelError, match="; did you mean resnet18"):
+        load_model(model="resnet-18")
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ModelError, match="unknown device"):

@@ -22,6 +22,7 @@ where a model is expected are answered with the flag that takes them.
 
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 from dataclasses import dataclass
@@ -261,10 +262,10 @@ def load_torchvision(name: str, weights: Path | None) -> nn.Module:
             )
         if Path(name).suffix and not Path(name).exists():
             raise ModelError(f"{name}: no such file")
-        raise ModelError(
-            f"{name!r} is neither a model file nor a torchvision classification architecture "
-            f"(e.g. {', '.join(torchvision_names()[:6])}, ...)"
-        )
+        close = difflib.get_close_matches(name.casefold(), torchvision_names(), n=1, cutoff=0.75)
+        hint = (f"; did you mean {close[0]}?" if close
+                else f" (e.g. {', '.join(torchvision_names()[:6])}, ...)")
+        raise ModelError(f"{name!r} is neither a model file nor a torchvision classification architecture{hint}")
     if weights is None:
         raise ModelError(f"--model {name} needs --weights FILE: a state dict for it (nothing is downloaded)")
     state = strip_prefix(tensor_dict(read_checkpoint(weights), weights, "a state dict"))

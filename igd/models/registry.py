@@ -43,6 +43,9 @@ EFFICIENTNET_PREPROCESSING = Preprocessing(
 )
 
 
+LISTED_CLASSES = 20  # a model with at most this many classes names them all when a target is not one
+
+
 class UnknownClass(ValueError):
     """A target that names no class of the model."""
 
@@ -98,9 +101,10 @@ class LoadedModel:
                 return index
         if wanted.isascii() and wanted.isdecimal() and len(wanted) <= 9:
             return self.class_index(int(wanted))
+        listed = f": {', '.join(repr(c) for c in self.class_names)}" if count <= LISTED_CLASSES else ""
         close = similar_names(wanted, self.class_names)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise UnknownClass(f"{shown(target)} is not a class of {self.name} ({count} classes){hint}")
+        raise UnknownClass(f"{shown(target)} is not a class of {self.name} ({count} classes{listed}){hint}")
 
     def summary(self) -> dict[str, object]:
         """Facts for `igd check`, the `hello` and `status` ops, and logs."""
