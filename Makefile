@@ -56,6 +56,7 @@ bench: install-test
 	$(BIN)/python bench/accuracy.py --json docs/benchmarks/accuracy.json
 	$(BIN)/python bench/batch.py --json docs/benchmarks/batch.json
 	$(BIN)/python bench/targets.py --json docs/benchmarks/targets.json
+	$(BIN)/python bench/xrai.py --json docs/benchmarks/xrai.json
 	$(BIN)/python bench/soak.py --json docs/benchmarks/soak.json
 	$(BIN)/python bench/report.py
 

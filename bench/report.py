@@ -210,6 +210,12 @@ def batch_table(data: dict) -> list[str]:
     return lines + [f"| {r['backend']} | {r['seconds']:.1f} | {r['images_per_s']:.2f} |" for r in data["rows"]]
 
 
+def xrai_table(data: dict) -> list[str]:
+    from xrai import table  # bench/xrai.py's own table
+
+    return table(data)
+
+
 def soak_table(data: dict) -> list[str]:
     mib = lambda v: f"{v / 2**20:.0f}"  # noqa: E731
     return [
@@ -344,6 +350,11 @@ def main() -> None:
          "target (what captum and tools without multi-target passes do), through igd's worker with the chunk the "
          "daemon uses (measured at warm-up or cached), compute only, 50 Gauss-Legendre steps, medians of 3, each way "
          "in a fresh process. The second table compares the two ways to take k input gradients from one forward."),
+        ("XRAI regions (`bench/xrai.py`)", load("xrai"), xrai_table,
+         "`--regions xrai` beside the attribution, on EfficientNet-Lite0's 224 x 224 input of the fixture photos with "
+         "a real IG: igd's segmentation and greedy ranking (igd/engine/xrai.py) against PAIR's saliency package's "
+         "GetMask given the same base attribution (its own segmentation and ranking), medians; the maps are compared "
+         "bit for bit."),
         ("Soak (`bench/soak.py`)", load("soak"), soak_table,
          "16 clients, valid and invalid requests mixed, on the default model."),
         ("Whole datasets (`bench/batch.py`)", load("batch"), batch_table,
