@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from daemon import IGCTL, Igd
-from igd.output.figure import CAPTION_HEIGHT, Look, captions_of, figure, result_photo
+from igd.output.figure import CAPTION_HEIGHT, MAX_LONG_SIDE, Look, captions_of, figure, result_photo, scale_factor
 from igd.output.rendering import CAPTUM_STYLES, mass_threshold, normalize, render
 from igd.output.styles import SIGNS, STYLES
 
@@ -151,6 +151,11 @@ def test_the_default_picture_shows_where_the_attribution_is(fixtures: Path) -> N
     assert (band.mean(axis=-1) > 150).sum() > 100  # text drawn in the caption band
     probability = float(np.exp(result["output"][0, 3]) / np.exp(result["output"][0]).sum())
     assert captions_of(result, 1) == [f"cat   p {probability:.2f}   error 4.1 %"]
+
+
+def test_pictures_are_large_enough_to_read_and_never_huge() -> None:
+    assert [scale_factor(32, 32), scale_factor(224, 224), scale_factor(300, 451), scale_factor(5000, 5000)] == [14, 2, 2, 1]
+    assert scale_factor(1, 1000) * 1000 <= MAX_LONG_SIDE  # odd proportions: the longer side bounds it
 
 
 def test_pictures_of_several_targets_have_a_caption_each(fixtures: Path) -> None:

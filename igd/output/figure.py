@@ -27,6 +27,7 @@ from igd.output.rendering import normalize, png, render, side_by_side
 from igd.output.styles import DEFAULT_OUTLIER_PERC, DEFAULT_SIGN, DEFAULT_STYLE, OVERLAY, REGION_AREAS, REGIONS
 
 MIN_SHORT_SIDE = 448  # the picture's shorter side, at least (the input scaled by a whole factor)
+MAX_LONG_SIDE = 4096  # ... unless that would make its longer side larger than this
 CAPTION_HEIGHT = 26  # pixels above each panel
 FONT_SIZE = 15
 DIM = 0.55  # brightness of the grey photo under the colours
@@ -76,8 +77,10 @@ def figure(result: Mapping[str, Any], look: Look = Look()) -> Image.Image:
 
 
 def scale_factor(height: int, width: int) -> int:
-    """The whole factor that brings the shorter side to at least MIN_SHORT_SIDE."""
-    return max(1, math.ceil(MIN_SHORT_SIDE / max(1, min(height, width))))
+    """The whole factor that brings the shorter side to at least MIN_SHORT_SIDE, as long as
+    the longer one stays within MAX_LONG_SIDE (an input of odd proportions is drawn smaller)."""
+    wanted = math.ceil(MIN_SHORT_SIDE / max(1, min(height, width)))
+    return max(1, min(wanted, MAX_LONG_SIDE // max(1, height, width)))
 
 
 def drawing_bytes(height: int, width: int, panels: int) -> int:
