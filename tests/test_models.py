@@ -379,3 +379,24 @@ def test_loaded_models_fold_standardisation_without_changing_results(fixtures: P
         torch.testing.assert_close(model.module(x), plain(x), rtol=1e-6, atol=1e-6)
     with pytest.raises(RuntimeError, match="folded for inference"):
         model.module.train()(x)
+
+
+def test_serving_a_checkpoint_never_imports_torchvision(fixtures: Path) -> None:
+    """Importing torchvision costs seconds of CPU (its ops import torch._dynamo): the daemon,
+    a fixture checkpoint's loading, preprocessing and a straight-line attribution do without
+    it (the geometry is Pillow's, equal to torchvision's: tests/test_model_files.py)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import igd.serve.daemon, igd.cli\n"
+            "from PIL import Image\n"
+            "from igd.engine.attribution import attribute\n"
+            "from igd.models import load_model\n"
+            f"model = load_model(lanet_path={str(fixtures / 'lanet-tiny.pth')!r})\n"
+            f"x = model.preprocess(Image.open({str(fixtures / 'images' / 'chelsea.png')!r}).convert('RGB'))\n"
+            "attribute(model.module, x, 3, n_steps=4)\n"
+            "print('torchvision' in sys.modules, 'torch._dynamo' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["False", "False"]

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 from torch import Tensor
-from torchvision.transforms import functional as TF
 
 from igd.models import Preprocessing
 from igd.engine.paths import Curve, make_curve
@@ -135,4 +134,6 @@ def gaussian_blur(pixels: Tensor, sigma: float) -> Tensor:
         return pixels.clone()
     largest = 2 * (min(pixels.shape[-2:]) // 2) - 1  # reflect padding needs kernel < 2 * side
     kernel = min(2 * math.ceil(3 * sigma) + 1, max(largest, 1))
-    return TF.gaussian_blur(pixels, [kernel, kernel], [sigma, sigma])
+    from torchvision.transforms import functional  # only for a blur: importing torchvision takes seconds
+
+    return functional.gaussian_blur(pixels, [kernel, kernel], [sigma, sigma])

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision
 from torch import nn
 
 from igd.models.checkpoints import ModelError, load_strict, read_checkpoint, strip_prefix, tensor_dict
@@ -249,6 +248,8 @@ def load_file(path: Path) -> ModelParts:
 
 def torchvision_names() -> list[str]:
     """Classification architectures torchvision can build."""
+    import torchvision  # only for these: importing it takes seconds
+
     return torchvision.models.list_models(module=torchvision.models)
 
 
@@ -269,6 +270,8 @@ def load_torchvision(name: str, weights: Path | None) -> nn.Module:
     if weights is None:
         raise ModelError(f"--model {name} needs --weights FILE: a state dict for it (nothing is downloaded)")
     state = strip_prefix(tensor_dict(read_checkpoint(weights), weights, "a state dict"))
+    import torchvision  # only for a torchvision architecture: importing it takes seconds
+
     probe = torchvision.models.get_model(name, weights=None)
     head = [key for key, value in probe.state_dict().items() if key.endswith(".weight") and value.dim() == 2]
     classes = state[head[-1]].shape[0] if head and head[-1] in state else 1000

@@ -7,30 +7,31 @@ maps pixels to the model's input space. Keeping them apart lets pixel-space base
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torchvision import transforms
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as F
 
 # ImageNet-trained networks commonly resize the shorter side to 256 and crop 224.
 CROP_RATIO = 0.875
 ResizePolicy = Literal["stretch", "crop"]
 # The resamplers igd offers, by the names timm uses (HF's PIL ``resample`` codes map onto them).
-# On a PIL image torchvision resizes with PIL itself, antialiased as PIL always is: exactly
-# what timm's transforms (and HF's PIL-based processors) do.
+# Resizing is Pillow's, antialiased as Pillow always is: what torchvision's transforms do on a
+# PIL image (and so timm's), and HF's PIL-based processors. The geometry below is
+# torchvision's Resize / CenterCrop / ToTensor on PIL images, step for step, in plain Pillow:
+# importing torchvision costs every igd process 1.3-1.9 s of CPU (its ops import
+# torch._dynamo), for nothing else on this path. tests/test_model_files.py holds it equal,
+# bit for bit, to torchvision's transforms, timm's and the HF processors.
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
-_MODES = {
-    "nearest": InterpolationMode.NEAREST,
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-    "lanczos": InterpolationMode.LANCZOS,
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
 }
 MAX_CROP_PCT = 2.0  # timm's largest is 1.15 (VOLO); 87.5 or 256 here is a unit mistake
 # Where a centre crop starts: "round" is torchvision's CenterCrop (round((size - crop) / 2),
@@ -93,10 +94,6 @@ class Preprocessing:
         if not isinstance(self.origin, str) or not self.origin:
             raise ValueError(f"origin must be a non-empty string, got {self.origin!r}")
 
-    @property
-    def _mode(self) -> InterpolationMode:
-        return _MODES[self.interpolation]
-
     def _shorter(self) -> int:
         """``crop``: the side the image's shorter side is resized to."""
         height, width = self.input_size
@@ -118,25 +115,46 @@ class Preprocessing:
         """Where a centre crop starts on an axis ``margin`` pixels longer than the crop."""
         return margin // 2 if self.crop_offsets == "floor" else round(margin / 2)
 
-    @functools.cached_property
-    def _geometry(self) -> transforms.Compose:
+    def _geometry(self, image: Image.Image) -> Image.Image:
+        """The image resized and cropped to ``input_size`` (the class docstring's rules)."""
         height, width = self.input_size
+        resample = _RESAMPLE[self.interpolation]
         scale_size = self._scale_size()
-        crop = _FloorCrop(height, width) if self.crop_offsets == "floor" else transforms.CenterCrop((height, width))
         if self.resize == "stretch":
             if scale_size is None:
-                steps = [transforms.Resize((height, width), interpolation=self._mode)]
-            else:
-                steps = [transforms.Resize(scale_size, interpolation=self._mode), crop]
-        elif scale_size is None:
-            steps = [transforms.Resize(self._shorter(), interpolation=self._mode), crop]
-        else:
-            steps = [_KeepRatio(scale_size, self._mode), crop]
-        return transforms.Compose([*steps, transforms.ToTensor()])
+                return _resized(image, height, width, resample)
+            return self._centre_crop(_resized(image, *scale_size, resample))
+        if scale_size is None:  # the shorter side to _shorter(), the longer truncated as torchvision's Resize
+            shorter = self._shorter()
+            long_side = int(shorter * max(image.size) / min(image.size))
+            size = (shorter, long_side) if image.width <= image.height else (long_side, shorter)
+            return self._centre_crop(_resized(image, size[1], size[0], resample))
+        # timm's ResizeKeepRatio (eval, longest=0): one ratio for both sides, each rounded
+        ratio = min(image.height / scale_size[0], image.width / scale_size[1])
+        return self._centre_crop(_resized(image, round(image.height / ratio), round(image.width / ratio), resample))
+
+    def _centre_crop(self, image: Image.Image) -> Image.Image:
+        """The centre (H, W) of ``image``, its start by ``crop_offsets``; where the crop is
+        larger than the image, the outside is zeros, as torchvision's CenterCrop pads
+        ((crop - size) // 2 before) and transformers' crop at floor offsets."""
+        height, width = self.input_size
+        left = self._start(image.width - width)
+        top = self._start(image.height - height)
+        return image.crop((left, top, left + width, top + height))  # Pillow fills outside the image with 0
+
+    def _start(self, margin: int) -> int:
+        """Where a centre crop starts on an axis ``margin`` pixels longer than the crop (negative:
+        shorter, and padded)."""
+        if margin < 0 and self.crop_offsets == "round":
+            return -(-margin // 2)
+        return self._offset(margin)
 
     def to_pixels(self, image: Image.Image) -> Tensor:
         """RGB image -> (1, 3, H, W) float32 in [0, 1], resized as the model expects."""
-        return self._geometry(self._within_reason(image)).unsqueeze(0)
+        pixels = np.array(self._geometry(self._within_reason(image)), dtype=np.uint8, copy=True)
+        if pixels.ndim == 2:  # one channel
+            pixels = pixels[:, :, None]
+        return torch.from_numpy(pixels).permute(2, 0, 1).contiguous().float().div(255).unsqueeze(0)
 
     def _within_reason(self, image: Image.Image) -> Image.Image:
         """For ``crop``, cut an image of extreme aspect ratio (say 1 x 100000) to its
@@ -183,33 +201,5 @@ class Preprocessing:
         return f"resize shorter side to {self._shorter()}{how}, centre-crop {height}x{width}{pct}"
 
 
-class _FloorCrop:
-    """Centre crop (height, width) of a PIL image at offsets floor((size - crop) / 2), as
-    transformers does; a crop larger than the image is padded with zeros, as CenterCrop pads."""
-
-    def __init__(self, height: int, width: int) -> None:
-        self.height, self.width = height, width
-
-    def __call__(self, image: Image.Image) -> Image.Image:
-        left, top = (image.width - self.width) // 2, (image.height - self.height) // 2
-        return image.crop((left, top, left + self.width, top + self.height))
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(height={self.height}, width={self.width})"
-
-
-class _KeepRatio:
-    """timm's ``ResizeKeepRatio`` (eval, ``longest=0``): scale the image, keeping its aspect
-    ratio, by the smaller of the two ratios to ``size`` (H, W), rounding each side."""
-
-    def __init__(self, size: tuple[int, int], mode: InterpolationMode) -> None:
-        self.size = size
-        self.mode = mode
-
-    def __call__(self, image: Image.Image) -> Image.Image:
-        width, height = image.size
-        ratio = min(height / self.size[0], width / self.size[1])
-        return F.resize(image, [round(height / ratio), round(width / ratio)], self.mode)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(size={self.size}, interpolation={self.mode.value})"
+def _resized(image: Image.Image, height: int, width: int, resample: Image.Resampling) -> Image.Image:
+    return image.resize((width, height), resample)

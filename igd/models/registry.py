@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from torchvision.models import EfficientNet_B0_Weights
 
 from igd.models import bit, efficientnet_lite, huggingface, lanet  # huggingface imports transformers only to load
 from igd.models.checkpoints import ModelError, load_strict, read_checkpoint, strip_prefix, tensor_dict
@@ -345,6 +344,8 @@ def _class_names(
         if count == 10 and parts.family in ("bit", "lanet"):
             return CIFAR10_CLASSES, "the predecessor's CIFAR-10 list"
         if count == 1000:
+            from torchvision.models import EfficientNet_B0_Weights  # only here: importing torchvision takes seconds
+
             return tuple(EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"]), "torchvision's ImageNet-1k categories"
         if index_names:
             return tuple(f"class_{i}" for i in range(count)), "index names (--index-names)"

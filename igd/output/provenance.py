@@ -10,15 +10,19 @@ weights file, byte for byte, whatever the model was called.
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torchvision
 
 from igd import __version__
 from igd.models import LoadedModel
 from igd.request import OWN_STARTS, AttributeRequest
+
+# From the installed package's metadata: importing torchvision takes seconds, and a daemon
+# of most models never needs it.
+_TORCHVISION_VERSION = importlib.metadata.version("torchvision")
 
 
 
@@ -58,7 +62,7 @@ def provenance(model: LoadedModel, request: AttributeRequest, compute: ComputeFa
         "device_type": model.device.type,
         "igd_version": __version__,
         "torch_version": str(torch.__version__),  # a str subclass that weights_only loading refuses
-        "torchvision_version": str(torchvision.__version__),
+        "torchvision_version": _TORCHVISION_VERSION,
         "created": created.astimezone(datetime.timezone.utc).isoformat(timespec="milliseconds"),
     }
     # The blur baseline's one sigma (a path that makes its own start records its own keys: igd.engine.paths).
