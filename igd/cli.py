@@ -445,5 +445,7 @@ def batch(source: str, out_dir: Path, targets: tuple[str, ...], dtype: str, with
         raise click.ClickException(f"{error.name} is needed for this: pip install 'igd[{extra}]'") from None
     click.echo(f"{summary.pairs} pairs: {summary.ok} done now, {summary.skipped} done before, {summary.failed} failed "
                f"(see {out_dir}/status*.jsonl)")
+    if summary.report is not None:
+        click.echo(f"report written to {summary.report}")
     if summary.failed:
         raise SystemExit(1)

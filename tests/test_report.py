@@ -161,6 +161,7 @@ def test_igd_batch_keeps_a_report(browser, fixtures: Path, tmp_path: Path) -> No
     run = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert run.returncode == 1, run.stderr  # the broken image failed
     page = out / "report.html"
+    assert f"report written to {page}" in run.stdout
     assert 'http-equiv="refresh"' not in page.read_text()  # finished: no more reloading
     rows = opened(browser, page)
     assert len(rows) == 3 and len(browser.find_elements(By.CSS_SELECTOR, "tr.failed")) == 1

@@ -26,6 +26,7 @@ class Summary:
     ok: int
     failed: int
     temporaries_removed: int = 0  # left in OUT_DIR by a run killed while writing
+    report: Path | None = None  # OUT_DIR's report.html, with --report
 
 
 def run_batch(
@@ -110,4 +111,5 @@ def _run(
     if report is not None:
         report.add(last)
         report.close()
-    return Summary(len(pairs), len(pairs) - len(todo), counts["ok"], counts["failed"], removed)
+    return Summary(len(pairs), len(pairs) - len(todo), counts["ok"], counts["failed"], removed,
+                   report.path if report is not None else None)
