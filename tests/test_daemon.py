@@ -424,6 +424,7 @@ def test_a_client_that_stops_reading_is_dropped(fixtures: Path, chelsea_png: byt
         hog.close()
 
 
+@pytest.mark.slow  # a daemon of its own, stopped while it starts
 def test_sigterm_during_start_up_exits_cleanly(tmp_path: Path) -> None:
     directory = short_tempdir()
     path = directory / "igd.sock"

@@ -143,6 +143,7 @@ def test_targets_by_id2label_name(saved: dict[str, Path]) -> None:
     assert loaded.name == "vit" and "ViTForImageClassification" in loaded.description
 
 
+@pytest.mark.slow  # a daemon of its own
 def test_served_and_asked_by_igctl(saved: dict[str, Path], chelsea: Path, tmp_path: Path) -> None:
     directory = saved["convnext"]
     with Igd("--model", str(directory), "--max-batch", "8") as igd:
@@ -158,6 +159,7 @@ def test_served_and_asked_by_igctl(saved: dict[str, Path], chelsea: Path, tmp_pa
     assert status["model"]["preprocessing"] == "resize shorter side to 73 (bicubic), centre-crop 64x64 (offsets floored)"
 
 
+@pytest.mark.slow  # igd batch processes of its own
 def test_igd_batch_over_a_folder(saved: dict[str, Path], chelsea: Path, tmp_path: Path) -> None:
     directory = saved["vit"]
     images = tmp_path / "images"

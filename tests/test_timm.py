@@ -161,6 +161,7 @@ def test_squash_configs_stretch_as_timm_does(tmp_path: Path, chelsea: Image.Imag
         assert config["crop_mode"] == "squash" and config["input_size"] == (3, 384, 384), name
 
 
+@pytest.mark.slow  # a daemon of its own
 def test_a_daemon_serves_a_timm_model_and_attributes_timms_input(tmp_path: Path, fixtures: Path,
                                                                  chelsea: Image.Image) -> None:
     saved = Saved("resnet18", tmp_path)

@@ -63,6 +63,7 @@ def test_a_ranking_of_overlapping_regions_by_hand() -> None:
     assert set(np.unique(regions.ranks)) == {1, 2, 3}
 
 
+@pytest.mark.slow  # the full-size default model, two segmentations at 224 x 224
 def test_the_default_models_regions_equal_the_packages() -> None:
     """EfficientNet-Lite0's 224 x 224 input: the package's full segmentation, a real IG."""
     from igd.engine.attribution import attribute
