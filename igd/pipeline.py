@@ -105,7 +105,7 @@ class Pipeline:
     async def answer(self, ready: Ready, *, listener: JobListener | None = None,
                      notes: dict[str, Any] | None = None, created: datetime.datetime | None = None) -> Answer:
         """The answer to a :meth:`ready` request: its job is submitted at once (before this
-        coroutine first waits), then its faithfulness jobs, if asked for."""
+        coroutine first waits), then its faithfulness jobs and XRAI's regions, if asked for."""
         notes = {} if notes is None else notes
         request, paths = ready.request, ready.paths
         part = await self._computed(job(paths, ready.targets, request, listener), notes)
@@ -255,7 +255,7 @@ class Ready:
 class Footprint:
     """The most memory one request holds at once, known before anything runs, by part
     (bytes): decoding its image, the attribution (path points, per-step gradients, the
-    result's copies and its encoded file), the faithfulness images, IDGI and the heatmap.
+    result's copies and its encoded file), the faithfulness images, IDGI, the heatmap and XRAI's regions.
     The parts are added: a bound, not a forecast."""
 
     image: int = 0
@@ -289,7 +289,8 @@ def footprint(request: AttributeRequest, model: LoadedModel, targets: int = 1,
     of the path's start and end, the few per-path tensors, and the encoded file, which is no
     larger than what it encodes (x2). The faithfulness images of one
     target at a time (and the worker's copy); IDGI's per-row work; the heatmap's drawing
-    (igd.output.figure.drawing_bytes: the model's input, scaled up)."""
+    (igd.output.figure.drawing_bytes: the model's input, scaled up); XRAI's masks and maps
+    (igd.engine.xrai.working_bytes)."""
     c, h, w = model.input_shape
     plane = c * h * w * 4
     paths, steps = request.paths, request.n_steps
