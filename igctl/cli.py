@@ -20,11 +20,10 @@ from typing import Any
 import click
 
 from igctl import __version__
-from igctl.client import (EXIT_OK, EXIT_REFUSED, EXIT_STARTING, EXIT_TABLE, Client, ClientError, ConnectionLost,
-                          OutputClosed)
+from igctl.client import EXIT_OK, EXIT_REFUSED, EXIT_STARTING, EXIT_TABLE, Client, ClientError, ConnectionLost
 from igctl.naming import STDIO, image_label, images_and_target, output_paths, preflight, target_class
 from igctl.records import accuracy_warning, describe, ranking, status_lines
-from igctl.runner import Outcome, attribute_one, closed_stdout, echo_out, failure, finish, read_image, run_all
+from igctl.runner import Outcome, attribute_one, echo_out, failure, finish, read_image, run_all
 from igctl.session import (
     DEFAULT_TIMEOUT,
     SOCKET_PATH,
@@ -185,10 +184,7 @@ def attribute(
                 return attribute_one(client, image, request_args, out, heatmap_out, on_event)
         return attribute_one(client, image, request_args, out, heatmap_out, None)
 
-    try:
-        outcomes = run_all(session, images, one, jobs, as_json)
-    except OutputClosed:
-        closed_stdout()
+    outcomes = run_all(session, images, one, jobs, as_json)
     for outcome in outcomes:
         if outcome.record["ok"]:
             if not as_json and not to_stdout:

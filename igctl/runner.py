@@ -125,7 +125,8 @@ def read_image(image: str, limit: int) -> bytes:
 def run_all(
     session: Session, items: list[str], work: Callable[[Client, str], Outcome], jobs: int, as_json: bool
 ) -> list[Outcome]:
-    """Run ``work`` over ``items`` on ``jobs`` connections; report each as it finishes."""
+    """Run ``work`` over ``items`` on ``jobs`` connections; report each as it finishes. Once
+    stdout is closed (OutputClosed from ``work`` or a record), igctl ends quietly (closed_stdout)."""
     local = threading.local()
 
     def connected() -> Client:
@@ -163,7 +164,7 @@ def run_all(
                 advance()
         except OutputClosed:
             pool.shutdown(wait=False, cancel_futures=True)  # nobody reads the rest: start no more
-            raise
+            closed_stdout()
     session.close()
     return outcomes
 
