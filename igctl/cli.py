@@ -295,14 +295,15 @@ def show(results: tuple[Path, ...], as_json: bool, heatmap: Path | None, style: 
         try:
             result = shown.load(path)
             facts = shown.summary(path, result)
+            picture = shown.picture(result, look) if heatmap is not None or report is not None else b""
             if heatmap is not None:
                 target = heatmap / f"{path.name.split('.')[0]}.png" if len(results) > 1 else heatmap
                 if len(results) > 1:
                     heatmap.mkdir(parents=True, exist_ok=True)
-                write_atomically(target, shown.picture(result, look))
+                write_atomically(target, picture)
                 facts["heatmap"] = str(target)
             if report is not None:
-                pictures = pages.save_pictures(shown.picture(result, look), max(1, len(facts["targets"])), report,
+                pictures = pages.save_pictures(picture, max(1, len(facts["targets"])), report,
                                                f"{number:06d}.{path.name}")
                 rows.append(pages.row_of_summary(facts, href, *pictures))
         except (ValueError, OSError) as error:

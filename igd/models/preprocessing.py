@@ -111,9 +111,6 @@ class Preprocessing:
             return None
         return (math.floor(height / self.crop_pct), math.floor(width / self.crop_pct))
 
-    def _offset(self, margin: int) -> int:
-        """Where a centre crop starts on an axis ``margin`` pixels longer than the crop."""
-        return margin // 2 if self.crop_offsets == "floor" else round(margin / 2)
 
     def _geometry(self, image: Image.Image) -> Image.Image:
         """The image resized and cropped to ``input_size`` (the class docstring's rules)."""
@@ -145,9 +142,9 @@ class Preprocessing:
     def _start(self, margin: int) -> int:
         """Where a centre crop starts on an axis ``margin`` pixels longer than the crop (negative:
         shorter, and padded)."""
-        if margin < 0 and self.crop_offsets == "round":
-            return -(-margin // 2)
-        return self._offset(margin)
+        if self.crop_offsets == "floor":
+            return margin // 2
+        return round(margin / 2) if margin >= 0 else -(-margin // 2)
 
     def to_pixels(self, image: Image.Image) -> Tensor:
         """RGB image -> (1, 3, H, W) float32 in [0, 1], resized as the model expects."""

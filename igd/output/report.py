@@ -24,10 +24,11 @@ from typing import Any, Iterable, Mapping
 from PIL import Image
 
 from igd.output.files import write_atomically
+from igd.request import WARN_ERROR
 
 PAGE_SIZE = 100
 THUMBNAIL_WIDTH = 128
-INACCURATE_ABOVE = 0.05  # an estimated error above this marks a row "inaccurate" (igctl warns above it too)
+INACCURATE_ABOVE = WARN_ERROR  # an estimated error above this marks a row "inaccurate", as igctl warns
 FILES_SUFFIX = "-files"  # REPORT.html's pictures are in REPORT-files/
 
 
